@@ -1,0 +1,185 @@
+"""`fastattn.attention`: argument validation and the implementation registry.
+
+Every implementation computes the same function (see `attention`'s docstring); they differ in
+speed and in the inputs they can take. A named implementation that cannot take the inputs
+raises NotImplementedError; `implementation=None` picks the best one for the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fastattn._xla_attention import xla_attention
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
+
+MAX_PALLAS_HEAD_DIM = 256
+_PALLAS_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+class _Call(NamedTuple):
+    """A validated call, in the form every implementation takes."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    q_segment_ids: jax.Array | None
+    kv_segment_ids: jax.Array | None
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    softcap: float | None
+    scale: float | None
+    block_sizes: BlockSizes | None
+
+
+def _pallas(c: _Call):
+    if c.q.shape[-1] > MAX_PALLAS_HEAD_DIM:
+        raise NotImplementedError(
+            f"implementation='pallas' takes head_dim <= {MAX_PALLAS_HEAD_DIM}, got "
+            f"{c.q.shape[-1]}; use implementation='xla'")
+    if not any(c.q.dtype == d for d in _PALLAS_DTYPES):
+        raise NotImplementedError(
+            f"implementation='pallas' takes bfloat16, float16 or float32, got {c.q.dtype}; "
+            "use implementation='xla' or 'reference'")
+    return flash_attention(
+        c.q, c.k, c.v, c.q_segment_ids, c.kv_segment_ids, causal=c.causal, window=c.window,
+        softcap=c.softcap, scale=c.scale, block_sizes=c.block_sizes,
+        interpret=jax.default_backend() != "gpu")
+
+
+def _pallas_mosaic(c: _Call):
+    raise NotImplementedError(
+        "implementation='pallas_mosaic' (the Hopper wgmma/TMA kernel) is not built yet; "
+        "use implementation='pallas' or None")
+
+
+def _xla(c: _Call):
+    left, right = c.window if c.window is not None else (None, None)
+    return xla_attention(
+        c.q, c.k, c.v, q_segment_ids=c.q_segment_ids, kv_segment_ids=c.kv_segment_ids,
+        causal=c.causal, window_left=left, window_right=right, softcap=c.softcap, scale=c.scale)
+
+
+def _reference(c: _Call):
+    return flash_attention_reference(
+        c.q, c.k, c.v, c.q_segment_ids, c.kv_segment_ids, causal=c.causal, window=c.window,
+        softcap=c.softcap, scale=c.scale)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[_Call], tuple[jax.Array, jax.Array]]] = {
+    "pallas": _pallas,
+    "pallas_mosaic": _pallas_mosaic,
+    "xla": _xla,
+    "reference": _reference,
+}
+
+
+def default_implementation(q: jax.Array) -> str:
+    """Pallas kernels on a GPU where they take the inputs; the chunked XLA path elsewhere."""
+    pallas_ok = q.shape[-1] <= MAX_PALLAS_HEAD_DIM and any(q.dtype == d for d in _PALLAS_DTYPES)
+    return "pallas" if jax.default_backend() == "gpu" and pallas_ok else "xla"
+
+
+def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, softcap=None,
+              scale=None, return_lse=False, implementation=None, block_sizes=None):
+    """Multi-head attention  softmax(q k^T * scale) v  with GQA/MQA and masks.
+
+    Shapes: q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0. Query head n reads kv head
+    n // (N // K) (GQA; K = 1 is MQA). Any T, S >= 1.
+
+    causal: bottom-right aligned, as FlashAttention >= 2.1: query i sees keys j <= i + S - T.
+        With T = 2, S = 4:      keys 0 1 2 3
+                        query 0      x x x .
+                        query 1      x x x x
+    segment_ids: (q_segment_ids [B, T], kv_segment_ids [B, S]) integers; a query attends only
+        to keys of its own segment (packed sequences).
+    sliding_window: (left, right), inclusive, each an int >= 0 or None (unbounded): query i
+        sees keys  i + S - T - left <= j <= i + S - T + right.
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma 2), applied after `scale`.
+    scale: multiplies q.k; None means 1 / sqrt(H).
+    return_lse: also return lse [B, N, T] float32, the natural-log log-sum-exp of each row.
+    implementation: None (best for the backend), "pallas", "pallas_mosaic", "xla" (chunked,
+        memory-efficient pure JAX), "reference" (naive, for tests).
+    block_sizes: tiles of the Pallas kernels (speed only); None picks them per shape.
+
+    A row that sees no key returns 0 (never NaN) and its lse is -inf. Differentiable in q, k, v.
+    Returns out [B, T, N, H] in q's dtype (and lse when asked).
+    """
+    call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
+                     implementation, block_sizes)
+    name = implementation if implementation is not None else default_implementation(q)
+    out, lse = IMPLEMENTATIONS[name](call)
+    return (out, lse) if return_lse else out
+
+
+def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, implementation,
+              block_sizes) -> _Call:
+    """Checks every argument before any work starts; ValueError names the argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be a 4-D array, got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {name}.dtype={x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    B, T, N, H = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    _, S, K, Hk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on the batch size")
+    if Hk != H:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on head_dim")
+    if min(T, S, N, K, H) < 1:
+        raise ValueError(f"every dimension must be >= 1, got {q.shape=} and {k.shape=}")
+    if N % K:
+        raise ValueError(f"query heads must be a multiple of kv heads, got N={N} and K={K} "
+                         f"({q.shape=}, {k.shape=})")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got causal={causal!r}")
+
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
+            raise ValueError("segment_ids must be a pair (q_segment_ids [B, T], "
+                             f"kv_segment_ids [B, S]), got {type(segment_ids).__name__}")
+        q_seg, kv_seg = segment_ids
+        for name, ids, want in (("q_segment_ids", q_seg, (B, T)), ("kv_segment_ids", kv_seg, (B, S))):
+            if getattr(ids, "shape", None) != want:
+                raise ValueError(f"segment_ids: {name} must have shape {want}, got "
+                                 f"{getattr(ids, 'shape', None)}")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids: {name} must be integers, got dtype {ids.dtype}")
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+    window = None
+    if sliding_window is not None:
+        if not (isinstance(sliding_window, (tuple, list)) and len(sliding_window) == 2):
+            raise ValueError(f"sliding_window must be (left, right), got {sliding_window!r}")
+        for side, bound in zip(("left", "right"), sliding_window):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                      or bound < 0):
+                raise ValueError(f"sliding_window {side} bound must be an int >= 0 or None, "
+                                 f"got {bound!r}")
+        window = tuple(sliding_window)
+
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+                or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+        softcap = float(softcap)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        scale = float(scale)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {sorted(IMPLEMENTATIONS)}, "
+                         f"got {implementation!r}")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes!r}")
+    return _Call(q, k, v, q_seg, kv_seg, causal, window, softcap, scale, block_sizes)
