@@ -152,10 +152,10 @@ def _dot(a, b, *, contract: tuple[int, int]):
 
 def _scores(s_raw, st: _Static):
     """Raw q.k (f32) -> scores in the log2 domain (exp2 is the fast path on GPUs)."""
+    if st.softcap is None:
+        return s_raw * (st.scale * LOG2E)  # one multiply per score
     s = s_raw * st.scale
-    if st.softcap is not None:
-        s = st.softcap * jnp.tanh(s / st.softcap)
-    return s * LOG2E
+    return st.softcap * jnp.tanh(s / st.softcap) * LOG2E
 
 
 def _softcap_grad(s_log2, st: _Static):
@@ -221,23 +221,46 @@ def _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, mask: MaskSpec):
         d_hi=None if mask.lo is None else -off - mask.lo, has_segments=mask.has_segments)
 
 
-def _loop(lo, hi, body, carry, masked):
-    return lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
+def _visit_tiles(body, carry, ranges, *, tiles_fit: bool):
+    """Runs `body` over the tiles of `ranges` (from _tile_ranges): unmasked ones first.
+
+    tiles_fit (static) says whether a whole tile fits in the other axis at all; when it does
+    not, there are no unmasked tiles, and their loop is not even traced (an unmasked load
+    of a tile longer than the array does not trace).
+    """
+    lo, full_lo, full_hi, hi = ranges
+    if tiles_fit:
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
-def _load_rows(ref, start, size, limit, head_dim, *, other=0.0):
-    """Loads rows [start, start+size) of a [rows, Hp] ref; rows >= limit and padded head
-    columns read as `other` and are never touched in memory."""
-    rows = start + jnp.arange(size)
-    mask = rows[:, None] < limit
+def _head_index(head):
+    # A traced scalar, not a Python int: interpret mode's load rule rejects a plain int index.
+    return () if head is None else (jnp.int32(head),)
+
+
+def _load_rows(ref, start, size, limit, head_dim, *, head=None):
+    """Loads rows [start, start+size) of a [rows, Hp] ref (or of head `head` of a
+    [rows, G, Hp] ref). Rows >= limit and padded head columns read as 0 and are never touched
+    in memory; limit=None for tiles known to lie inside the array (unmasked, faster loads).
+    One indexer only: the Triton lowering takes no chained `.at`."""
+    mask = None
+    if limit is not None:
+        mask = (start + jnp.arange(size))[:, None] < limit
     if ref.shape[-1] != head_dim:
-        mask &= jnp.arange(ref.shape[-1])[None, :] < head_dim
-    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=other)
+        cols = jnp.arange(ref.shape[-1])[None, :] < head_dim
+        mask = cols if mask is None else mask & cols
+    index = (pl.ds(start, size),) + _head_index(head) + (slice(None),)
+    if mask is None:
+        return ref[index]
+    return plgpu.load(ref.at[index], mask=mask, other=0.0)
 
 
-def _load_vec(ref, start, size, limit, *, other):
+def _load_vec(ref, start, size, limit, *, other, head=None):
     rows = start + jnp.arange(size)
-    return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=other)
+    index = _head_index(head) + (pl.ds(start, size),)
+    return plgpu.load(ref.at[index], mask=rows < limit, other=other)
 
 
 def _store_rows(ref, value, start, size, limit, head_dim):
@@ -269,14 +292,16 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
     block_q, block_k = bs.block_q, bs.block_k
     q_start = _q_block_index(pl.program_id(0), num_q_blocks, st.mask) * block_q
     rows = q_start + jnp.arange(block_q)
-    q = _load_rows(q_ref, q_start * 0, block_q, q_len - q_start, head_dim)
+    q = _load_rows(q_ref, 0, block_q, q_len - q_start, head_dim)
     q_seg = _load_vec(q_seg_ref, 0, block_q, q_len - q_start, other=0) if st.mask.has_segments else None
 
     def body(kb, carry, *, masked):
         acc, m, l = carry
         k_start = kb * block_k
-        k = _load_rows(k_ref, k_start, block_k, kv_len, head_dim)
-        v = _load_rows(v_ref, k_start, block_k, kv_len, head_dim)
+        # Unmasked tiles lie inside [0, S) by construction (_tile_ranges).
+        k_limit = kv_len if masked else None
+        k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
+        v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
         s = _scores(_dot(q, k, contract=(1, 1)), st)  # [block_q, block_k]
         if masked:
             cols = k_start + jnp.arange(block_k)
@@ -295,13 +320,11 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract=(1, 0))
         return acc, m_new, l
 
-    lo, full_lo, full_hi, hi = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
     carry = (jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
              jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    carry = _loop(full_lo, full_hi, body, carry, masked=False)
-    carry = _loop(lo, full_lo, body, carry, masked=True)
-    acc, m, l = _loop(full_hi, hi, body, carry, masked=True)
+    ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
+    acc, m, l = _visit_tiles(body, carry, ranges, tiles_fit=kv_len >= block_k)
 
     seen = l > 0  # false only for rows that see no key at all
     out = acc / jnp.where(seen, l, 1.0)[:, None]
@@ -362,10 +385,11 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
     def body(qb, carry, *, g, masked):
         dk, dv = carry
         q_start = qb * block_q
-        q = _load_rows(q_ref.at[:, g, :], q_start, block_q, q_len, head_dim)
-        do = _load_rows(do_ref.at[:, g, :], q_start, block_q, q_len, head_dim)
-        lse = _load_vec(lse_ref.at[g], q_start, block_q, q_len, other=0.0) * LOG2E
-        delta = _load_vec(delta_ref.at[g], q_start, block_q, q_len, other=0.0)
+        q_limit = q_len if masked else None  # unmasked tiles lie inside [0, T)
+        q = _load_rows(q_ref, q_start, block_q, q_limit, head_dim, head=g)
+        do = _load_rows(do_ref, q_start, block_q, q_limit, head_dim, head=g)
+        lse = _load_vec(lse_ref, q_start, block_q, q_len, other=0.0, head=g) * LOG2E
+        delta = _load_vec(delta_ref, q_start, block_q, q_len, other=0.0, head=g)
         s_t = _scores(_dot(k, q, contract=(1, 1)), st)  # [block_k, block_q], transposed S
         if masked:
             rows = q_start + jnp.arange(block_q)
@@ -390,14 +414,12 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
         dk = dk + _dot(ds_t.astype(q.dtype), q, contract=(1, 0))
         return dk, dv
 
-    lo, full_lo, full_hi, hi = _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, st.mask)
+    ranges = _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, st.mask)
     Hp = k_ref.shape[-1]
     carry = (jnp.zeros((block_k, Hp), jnp.float32), jnp.zeros((block_k, Hp), jnp.float32))
     for g in range(group):  # the G query heads that share this kv head
-        step = functools.partial(body, g=g)
-        carry = _loop(full_lo, full_hi, step, carry, masked=False)
-        carry = _loop(lo, full_lo, step, carry, masked=True)
-        carry = _loop(full_hi, hi, step, carry, masked=True)
+        carry = _visit_tiles(functools.partial(body, g=g), carry, ranges,
+                             tiles_fit=q_len >= block_q)
     dk, dv = carry
     _store_rows(dk_ref, dk * st.scale, 0, block_k, kv_len - k_start, head_dim)
     _store_rows(dv_ref, dv, 0, block_k, kv_len - k_start, head_dim)
@@ -421,8 +443,9 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
 
     def body(kb, dq, *, masked):
         k_start = kb * block_k
-        k = _load_rows(k_ref, k_start, block_k, kv_len, head_dim)
-        v = _load_rows(v_ref, k_start, block_k, kv_len, head_dim)
+        k_limit = kv_len if masked else None  # unmasked tiles lie inside [0, S)
+        k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
+        v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
         s = _scores(_dot(q, k, contract=(1, 1)), st)  # [block_q, block_k]
         if masked:
             cols = k_start + jnp.arange(block_k)
@@ -444,11 +467,9 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
             ds = jnp.where(vis, ds, 0.0)
         return dq + _dot(ds.astype(k.dtype), k, contract=(1, 0))
 
-    lo, full_lo, full_hi, hi = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
+    ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
     dq = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)
-    dq = _loop(full_lo, full_hi, body, dq, masked=False)
-    dq = _loop(lo, full_lo, body, dq, masked=True)
-    dq = _loop(full_hi, hi, body, dq, masked=True)
+    dq = _visit_tiles(body, dq, ranges, tiles_fit=kv_len >= block_k)
     _store_rows(dq_ref, dq * st.scale, 0, block_q, limit, head_dim)
 
 

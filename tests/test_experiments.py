@@ -1,0 +1,26 @@
+"""Every experiment script has a tiny variant that CI runs (STYLE.md 10)."""
+
+import json
+
+from experiments import bench_attention, demo
+
+
+def test_demo_tiny_all_implementations_agree(capsys):
+    rows = demo.main(["--tiny"])
+    assert [impl for impl, *_ in rows] == ["reference", "xla", "pallas"]
+    for impl, err, fwd_ms, bwd_ms in rows:
+        assert err < 2e-2, impl  # bf16 inputs against the f32 reference
+        assert fwd_ms > 0 and bwd_ms > 0
+    assert "all implementations agree" in capsys.readouterr().out
+
+
+def test_bench_attention_tiny_writes_json(tmp_path):
+    out = tmp_path / "attention.json"
+    bench_attention.main(["--tiny", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"device", "jax", "date", "rows"} <= result.keys()
+    rows = {(r["config"], r["impl"]): r for r in result["rows"]}
+    for phase in ("fwd", "fwd+bwd"):
+        ours = rows[(f"{phase}|b1 s256 h2 d64 causal", "fastattn_pallas")]
+        assert ours["ms"] > 0 and ours["tflops"] > 0
+        assert ours["rel_err"] < 2e-2
