@@ -97,7 +97,7 @@ def main(argv=None):
         sweep_forward(FWD_SHAPES, rows)
     if args.only in ("bwd", "all"):
         sweep_backward(BWD_SHAPES, rows, fastattn.BlockSizes.default_for(
-            q_len=4096, kv_len=4096, head_dim=128))
+            q_len=4096, kv_len=4096, head_dim=128, causal=True))
     for phase in ("fwd", "fwd+bwd"):
         for shape in sorted({tuple(r["shape"]) for r in rows if r["phase"] == phase}):
             mine = [r for r in rows if r["phase"] == phase and tuple(r["shape"]) == shape]

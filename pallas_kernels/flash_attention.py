@@ -82,12 +82,15 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{field.name}={value} must be >= 1")
 
     @classmethod
-    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int) -> "BlockSizes":
-        """The per-shape rule: H100-tuned tiles, shrunk to the sequence lengths."""
+    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool) -> "BlockSizes":
+        """The per-shape rule, from the H100 sweep in BENCHMARKS.md (experiments/tune_flash.py),
+        with tiles shrunk to the sequence lengths."""
         if head_dim <= 64:
-            base = cls(block_q=128, block_k=64, num_warps=4, num_stages=3)
+            base = (cls(block_q=128, block_k=64, num_warps=4, num_stages=3) if causal else
+                    cls(block_q=128, block_k=128, num_warps=4, num_stages=3))
         elif head_dim <= 128:
-            base = cls(block_q=128, block_k=64, num_warps=8, num_stages=3)
+            base = (cls(block_q=128, block_k=128, num_warps=8, num_stages=3) if causal else
+                    cls(block_q=256, block_k=64, num_warps=8, num_stages=3))
         else:  # large head dims: keep the register tile small
             base = cls(
                 block_q=64, block_k=32, num_warps=8, num_stages=2,
@@ -126,6 +129,20 @@ class MaskSpec:
         if causal:
             right = 0 if right is None else min(right, 0)
         return cls(lo=None if left is None else -left, hi=right, has_segments=has_segments)
+
+    # The two predicates below say when a masked tile must zero operand rows before a
+    # contraction. Zeroing costs a cross-warp reduction per tile, so it is done only where
+    # some key is seen by no query at all, or some query sees no key at all: only there can
+    # NaN in unread memory meet a 0 probability (0 * NaN = NaN). Everywhere else every
+    # loaded key is legitimately seen by some query, exactly as in the reference.
+
+    def some_key_unseen(self, q_len: int, kv_len: int) -> bool:
+        # Query 0's window starts at (S - T) + lo; keys before it are seen by nobody.
+        return self.has_segments or (self.lo is not None and kv_len - q_len + self.lo > 0)
+
+    def some_row_empty(self, q_len: int, kv_len: int) -> bool:
+        # Query 0 sees keys up to (S - T) + hi; if that is negative it sees none.
+        return self.has_segments or (self.hi is not None and kv_len - q_len + self.hi < 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +327,8 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
             vis = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
                            q_seg=q_seg, kv_seg=kv_seg)
             s = jnp.where(vis, s, -jnp.inf)
-            v = jnp.where(_any(vis, 0)[:, None], v, 0)
+            if st.mask.some_key_unseen(q_len, kv_len):
+                v = jnp.where(_any(vis, 0)[:, None], v, 0)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -399,9 +417,10 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
                              q_seg=q_seg, kv_seg=kv_seg).T
             lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows that see nothing: P is 0 anyway
             p_t = jnp.where(vis_t, jnp.exp2(s_t - lse[None, :]), 0.0)
-            live = _any(vis_t, 0)[:, None]  # query rows of this tile that see some key here
-            q = jnp.where(live, q, 0)
-            do = jnp.where(live, do, 0)
+            if st.mask.some_row_empty(q_len, kv_len):
+                live = _any(vis_t, 0)[:, None]  # query rows of this tile that see a key here
+                q = jnp.where(live, q, 0)
+                do = jnp.where(live, do, 0)
         else:
             p_t = jnp.exp2(s_t - lse[None, :])
         dv = dv + _dot(p_t.astype(do.dtype), do, contract=(1, 0))
@@ -454,9 +473,10 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
             vis = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
                            q_seg=q_seg, kv_seg=kv_seg)
             p = jnp.where(vis, jnp.exp2(s - lse[:, None]), 0.0)
-            live = _any(vis, 0)[:, None]  # keys of this tile that some row sees
-            k = jnp.where(live, k, 0)
-            v = jnp.where(live, v, 0)
+            if st.mask.some_key_unseen(q_len, kv_len):
+                live = _any(vis, 0)[:, None]  # keys of this tile that some row sees
+                k = jnp.where(live, k, 0)
+                v = jnp.where(live, v, 0)
         else:
             p = jnp.exp2(s - lse[:, None])
         dp = _dot(do, v, contract=(1, 1))
@@ -585,7 +605,8 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal=
     B, T, N, H = q.shape
     S = k.shape[1]
     if block_sizes is None:
-        block_sizes = BlockSizes.default_for(q_len=T, kv_len=S, head_dim=H)
+        block_sizes = BlockSizes.default_for(q_len=T, kv_len=S, head_dim=H,
+                                             causal=causal or window is not None)
     else:
         block_sizes = block_sizes.fit(q_len=T, kv_len=S)
     has_segments = q_segment_ids is not None
