@@ -67,13 +67,13 @@ def sweep_backward(shapes, rows, forward: fastattn.BlockSizes):
                 num_stages_dkv=dkv_s, block_q_dq=dq_q, block_k_dq=dq_k, num_warps_dq=dq_w,
                 num_stages_dq=dq_s)
 
-            def loss(q, k, v, bs=bs):
+            def loss(q, k, v, do, bs=bs):  # do is an argument: a captured array would be
                 out = fastattn.attention(q, k, v, causal=causal, implementation="pallas",
-                                         block_sizes=bs)
+                                         block_sizes=bs)  # constant-folded by XLA
                 return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
             fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            _record(rows, "fwd+bwd", (B, T, N, H, causal), bs, fn, (q, k, v),
+            _record(rows, "fwd+bwd", (B, T, N, H, causal), bs, fn, (q, k, v, do),
                     3.5 * _flops(B, T, N, H, causal))
 
 

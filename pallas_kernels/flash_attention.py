@@ -65,11 +65,11 @@ class BlockSizes:
     block_q_dkv: int = 64
     block_k_dkv: int = 128
     num_warps_dkv: int = 8
-    num_stages_dkv: int = 2
+    num_stages_dkv: int = 3
     block_q_dq: int = 128
     block_k_dq: int = 64
     num_warps_dq: int = 8
-    num_stages_dq: int = 2
+    num_stages_dq: int = 3
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -173,6 +173,19 @@ def _scores(s_raw, st: _Static):
         return s_raw * (st.scale * LOG2E)  # one multiply per score
     s = s_raw * st.scale
     return st.softcap * jnp.tanh(s / st.softcap) * LOG2E
+
+
+def _exp2(x, st: _Static):
+    """2**x for f32 x. On the GPU one `ex2.approx.ftz.f32` (libdevice's exp2f, which
+    jnp.exp2 lowers to, adds denormal handling that a softmax does not need: results below
+    2**-126 flush to 0). The softmax is exp-bound at H <= 64, so the instruction count matters.
+    Interpret mode (CPU) uses jnp.exp2."""
+    if st.interpret:
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
 
 
 def _softcap_grad(s_log2, st: _Static):
@@ -332,8 +345,8 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_shift)
-        p = jnp.exp2(s - m_shift[:, None])
+        alpha = _exp2(m - m_shift, st)
+        p = _exp2(s - m_shift[:, None], st)
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract=(1, 0))
         return acc, m_new, l
@@ -416,13 +429,13 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
             vis_t = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
                              q_seg=q_seg, kv_seg=kv_seg).T
             lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows that see nothing: P is 0 anyway
-            p_t = jnp.where(vis_t, jnp.exp2(s_t - lse[None, :]), 0.0)
+            p_t = jnp.where(vis_t, _exp2(s_t - lse[None, :], st), 0.0)
             if st.mask.some_row_empty(q_len, kv_len):
                 live = _any(vis_t, 0)[:, None]  # query rows of this tile that see a key here
                 q = jnp.where(live, q, 0)
                 do = jnp.where(live, do, 0)
         else:
-            p_t = jnp.exp2(s_t - lse[None, :])
+            p_t = _exp2(s_t - lse[None, :], st)
         dv = dv + _dot(p_t.astype(do.dtype), do, contract=(1, 0))
         dp_t = _dot(v, do, contract=(1, 1))  # [block_k, block_q]
         ds_t = p_t * (dp_t - delta[None, :])
@@ -472,13 +485,13 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
                       if st.mask.has_segments else None)
             vis = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
                            q_seg=q_seg, kv_seg=kv_seg)
-            p = jnp.where(vis, jnp.exp2(s - lse[:, None]), 0.0)
+            p = jnp.where(vis, _exp2(s - lse[:, None], st), 0.0)
             if st.mask.some_key_unseen(q_len, kv_len):
                 live = _any(vis, 0)[:, None]  # keys of this tile that some row sees
                 k = jnp.where(live, k, 0)
                 v = jnp.where(live, v, 0)
         else:
-            p = jnp.exp2(s - lse[:, None])
+            p = _exp2(s - lse[:, None], st)
         dp = _dot(do, v, contract=(1, 1))
         ds = p * (dp - delta[:, None])
         if st.softcap is not None:
