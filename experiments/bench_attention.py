@@ -17,6 +17,7 @@ fastattn_pallas). Writes JSON {device, jax, date, rows: [{config, impl, ms,
 tflops, rel_err?, error?, skipped?}]} to --out. The reference for rel_err is
 cudnn, or xla where cudnn did not run (e.g. --tiny on CPU).
 """
+
 import argparse
 import datetime
 import inspect
@@ -36,180 +37,197 @@ ERR_FLAG = 2e-2
 
 
 def time_fn(fn, *args, min_time=0.3, min_iters=10, samples=7):
-  """Median per-call ms of `fn(*args)`.
+    """Median per-call ms of `fn(*args)`.
 
-  Calls are issued back to back (JAX dispatches asynchronously, so the GPU never waits on
-  Python) and the clock stops when the last result is ready; per-call time = batch time /
-  calls. The median over `samples` batches is reported. Timing each call up to
-  block_until_ready instead would add the dispatch and sync latency (tens of us) to every
-  kernel and understate sub-millisecond ones.
-  """
-  jax.block_until_ready(fn(*args))  # compile
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  est = max(time.perf_counter() - t0, 1e-6)
-  calls = min(max(1, math.ceil(min_time / samples / est)), 1000)
-  times = []
-  for _ in range(max(samples, min_iters // calls)):
-    t = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / calls)
-  return 1e3 * statistics.median(times)
+    Calls are issued back to back (JAX dispatches asynchronously, so the GPU never waits on
+    Python) and the clock stops when the last result is ready; per-call time = batch time /
+    calls. The median over `samples` batches is reported. Timing each call up to
+    block_until_ready instead would add the dispatch and sync latency (tens of us) to every
+    kernel and understate sub-millisecond ones.
+    """
+    jax.block_until_ready(fn(*args))  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    est = max(time.perf_counter() - t0, 1e-6)
+    calls = min(max(1, math.ceil(min_time / samples / est)), 1000)
+    times = []
+    for _ in range(max(samples, min_iters // calls)):
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / calls)
+    return 1e3 * statistics.median(times)
 
 
 def make_configs(tiny):
-  """(name, mode, B, T, N, H, causal); mode is 'fwd' or 'fwd+bwd'."""
-  if tiny:
-    return [(f"{m}|b1 s256 h2 d64 causal", m, 1, 256, 2, 64, True) for m in ("fwd", "fwd+bwd")]
-  out = []
-  for mode in ("fwd", "fwd+bwd"):
-    for n, h in ((16, 128), (32, 64)):
-      if mode == "fwd+bwd" and h != 128:
-        continue
-      for t in (1024, 4096, 16384):
-        b = 16384 // t
-        for causal in (True, False):
-          name = f"{mode}|b{b} s{t} h{n} d{h} {'causal' if causal else 'full'}"
-          out.append((name, mode, b, t, n, h, causal))
-  return out
+    """(name, mode, B, T, N, H, causal); mode is 'fwd' or 'fwd+bwd'."""
+    if tiny:
+        return [(f"{m}|b1 s256 h2 d64 causal", m, 1, 256, 2, 64, True) for m in ("fwd", "fwd+bwd")]
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        for n, h in ((16, 128), (32, 64)):
+            if mode == "fwd+bwd" and h != 128:
+                continue
+            for t in (1024, 4096, 16384):
+                b = 16384 // t
+                for causal in (True, False):
+                    name = f"{mode}|b{b} s{t} h{n} d{h} {'causal' if causal else 'full'}"
+                    out.append((name, mode, b, t, n, h, causal))
+    return out
 
 
 def make_attn(impl, causal, head_dim, block_sizes):
-  """Returns attn(q, k, v) -> [B, T, N, H] for one implementation."""
-  if impl in ("cudnn", "xla"):
-    return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation=impl)
-  if impl == "jax_pallas_mha":
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-    params = inspect.signature(pallas_attention.mha).parameters
-    kw = {"segment_ids": None, "causal": causal, "sm_scale": 1.0 / math.sqrt(head_dim)}
-    kw = {k: v for k, v in kw.items() if k in params}
-    return lambda q, k, v: pallas_attention.mha(q, k, v, **kw)
-  import fastattn
-  if impl == "fastattn":
-    return lambda q, k, v: fastattn.attention(q, k, v, causal=causal)
-  kw = {"implementation": "pallas"}
-  if block_sizes is not None:
-    from pallas_kernels.flash_attention import BlockSizes
-    kw["block_sizes"] = BlockSizes(**block_sizes)
-  return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, **kw)
+    """Returns attn(q, k, v) -> [B, T, N, H] for one implementation."""
+    if impl in ("cudnn", "xla"):
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=impl
+        )
+    if impl == "jax_pallas_mha":
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+        params = inspect.signature(pallas_attention.mha).parameters
+        kw = {"segment_ids": None, "causal": causal, "sm_scale": 1.0 / math.sqrt(head_dim)}
+        kw = {k: v for k, v in kw.items() if k in params}
+        return lambda q, k, v: pallas_attention.mha(q, k, v, **kw)
+    import fastattn
+
+    if impl == "fastattn":
+        return lambda q, k, v: fastattn.attention(q, k, v, causal=causal)
+    kw = {"implementation": "pallas"}
+    if block_sizes is not None:
+        from pallas_kernels.flash_attention import BlockSizes
+
+        kw["block_sizes"] = BlockSizes(**block_sizes)
+    return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, **kw)
 
 
 def make_step(attn, mode, do):
-  """Jitted op to time: the forward, or value-and-grad of sum(out * do)."""
-  if mode == "fwd":
-    return jax.jit(attn)
-  def loss(q, k, v):
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    """Jitted op to time: the forward, or value-and-grad of sum(out * do)."""
+    if mode == "fwd":
+        return jax.jit(attn)
+
+    def loss(q, k, v):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
 def rel_err(a, b):
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def run_config(cfg, impls, block_sizes, timing):
-  name, mode, b, t, n, h, causal = cfg
-  kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
-  shape = (b, t, n, h)
-  q, k, v, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv, kd))
-  flops = 4 * b * n * t * t * h * (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
-  on_gpu = jax.default_backend() == "gpu"
-  rows, ref = [], None
-  for impl in impls:
-    row = {"config": name, "impl": impl, "ms": None, "tflops": None}
-    rows.append(row)
-    if impl in GPU_ONLY and not on_gpu:
-      row["skipped"] = f"backend is {jax.default_backend()}, not gpu"
-    elif impl == "xla" and t * t * b * n * 4 > XLA_SCORES_LIMIT:
-      row["skipped"] = "f32 scores > 16 GB (OOM)"
-    if "skipped" in row:
-      print(f"{name:34s} {impl:16s} skipped: {row['skipped']}", flush=True)
-      continue
-    try:
-      step = make_step(make_attn(impl, causal, h, block_sizes), mode, do)
-      out = step(q, k, v)
-      check = out if mode == "fwd" else out[1][0]  # output, or dq
-      check = jax.block_until_ready(check)
-      if ref is None and impl in ("cudnn", "xla"):
-        ref = check
-      elif ref is not None:
-        row["rel_err"] = rel_err(check, ref)
-      del out
-      row["ms"] = time_fn(step, q, k, v, **timing)
-      row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-      err = f"  rel_err {row['rel_err']:.2e}" if "rel_err" in row else ""
-      print(f"{name:34s} {impl:16s} {row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s{err}",
-            flush=True)
-    except Exception as e:  # one failing impl must not stop the sweep
-      msg = (str(e).strip().splitlines() or [""])[0]
-      row["error"] = f"{type(e).__name__}: {msg}"
-      print(f"{name:34s} {impl:16s} ERROR {row['error']}", flush=True)
-  return rows
+    name, mode, b, t, n, h, causal = cfg
+    kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
+    shape = (b, t, n, h)
+    q, k, v, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv, kd))
+    flops = 4 * b * n * t * t * h * (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
+    on_gpu = jax.default_backend() == "gpu"
+    rows, ref = [], None
+    for impl in impls:
+        row = {"config": name, "impl": impl, "ms": None, "tflops": None}
+        rows.append(row)
+        if impl in GPU_ONLY and not on_gpu:
+            row["skipped"] = f"backend is {jax.default_backend()}, not gpu"
+        elif impl == "xla" and t * t * b * n * 4 > XLA_SCORES_LIMIT:
+            row["skipped"] = "f32 scores > 16 GB (OOM)"
+        if "skipped" in row:
+            print(f"{name:34s} {impl:16s} skipped: {row['skipped']}", flush=True)
+            continue
+        try:
+            step = make_step(make_attn(impl, causal, h, block_sizes), mode, do)
+            out = step(q, k, v)
+            check = out if mode == "fwd" else out[1][0]  # output, or dq
+            check = jax.block_until_ready(check)
+            if ref is None and impl in ("cudnn", "xla"):
+                ref = check
+            elif ref is not None:
+                row["rel_err"] = rel_err(check, ref)
+            del out
+            row["ms"] = time_fn(step, q, k, v, **timing)
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            err = f"  rel_err {row['rel_err']:.2e}" if "rel_err" in row else ""
+            print(
+                f"{name:34s} {impl:16s} {row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s{err}",
+                flush=True,
+            )
+        except Exception as e:  # one failing impl must not stop the sweep
+            msg = (str(e).strip().splitlines() or [""])[0]
+            row["error"] = f"{type(e).__name__}: {msg}"
+            print(f"{name:34s} {impl:16s} ERROR {row['error']}", flush=True)
+    return rows
 
 
 def print_table(rows, impls):
-  configs = list(dict.fromkeys(r["config"] for r in rows))
-  by = {(r["config"], r["impl"]): r for r in rows}
-  cols = impls + ["ours/cudnn", "ours/jax_pallas_mha"]
-  width = max(len(c) for c in configs) + 2
-  print("\nTFLOP/s  (! = rel_err > %.0e, err = failed, skip = not run)" % ERR_FLAG)
-  print("config".ljust(width) + "".join(c.rjust(max(len(c), 8) + 2) for c in cols))
-  for c in configs:
-    cells = []
-    for impl in impls:
-      r = by.get((c, impl), {})
-      if r.get("tflops") is not None:
-        cells.append((f"{r['tflops']:.1f}" if r["tflops"] >= 10 else f"{r['tflops']:.3g}") + ("!" if r.get("rel_err", 0) > ERR_FLAG else ""))
-      else:
-        cells.append("err" if "error" in r else "skip")
-    ours = [by.get((c, i), {}).get("tflops") for i in ("fastattn", "fastattn_pallas")]
-    ours = max([x for x in ours if x is not None], default=None)
-    for peer in ("cudnn", "jax_pallas_mha"):
-      p = by.get((c, peer), {}).get("tflops")
-      cells.append(f"{ours / p:.2f}" if ours and p else "-")
-    print(c.ljust(width) + "".join(x.rjust(max(len(h), 8) + 2) for x, h in zip(cells, cols)))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["config"], r["impl"]): r for r in rows}
+    cols = impls + ["ours/cudnn", "ours/jax_pallas_mha"]
+    width = max(len(c) for c in configs) + 2
+    print("\nTFLOP/s  (! = rel_err > %.0e, err = failed, skip = not run)" % ERR_FLAG)
+    print("config".ljust(width) + "".join(c.rjust(max(len(c), 8) + 2) for c in cols))
+    for c in configs:
+        cells = []
+        for impl in impls:
+            r = by.get((c, impl), {})
+            if r.get("tflops") is not None:
+                cells.append(
+                    (f"{r['tflops']:.1f}" if r["tflops"] >= 10 else f"{r['tflops']:.3g}")
+                    + ("!" if r.get("rel_err", 0) > ERR_FLAG else "")
+                )
+            else:
+                cells.append("err" if "error" in r else "skip")
+        ours = [by.get((c, i), {}).get("tflops") for i in ("fastattn", "fastattn_pallas")]
+        ours = max([x for x in ours if x is not None], default=None)
+        for peer in ("cudnn", "jax_pallas_mha"):
+            p = by.get((c, peer), {}).get("tflops")
+            cells.append(f"{ours / p:.2f}" if ours and p else "-")
+        print(c.ljust(width) + "".join(x.rjust(max(len(h), 8) + 2) for x, h in zip(cells, cols)))
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--only", choices=["fwd", "bwd", "all"], default="all")
-  p.add_argument("--configs", default="", help="keep configs whose name contains this")
-  p.add_argument("--out", default="benchmarks/attention.json")
-  p.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
-  p.add_argument("--tiny", action="store_true", help="one small config, CPU-friendly")
-  p.add_argument("--block-sizes", default=None, help="JSON dict -> BlockSizes for fastattn_pallas")
-  args = p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["fwd", "bwd", "all"], default="all")
+    p.add_argument("--configs", default="", help="keep configs whose name contains this")
+    p.add_argument("--out", default="benchmarks/attention.json")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
+    p.add_argument("--tiny", action="store_true", help="one small config, CPU-friendly")
+    p.add_argument(
+        "--block-sizes", default=None, help="JSON dict -> BlockSizes for fastattn_pallas"
+    )
+    args = p.parse_args(argv)
 
-  impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-  unknown = set(impls) - set(IMPLS)
-  if unknown:
-    p.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
-  impls = [i for i in IMPLS if i in impls]  # references (cudnn, xla) first
-  block_sizes = json.loads(args.block_sizes) if args.block_sizes else None
-  modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "all": ["fwd", "fwd+bwd"]}[args.only]
-  configs = [c for c in make_configs(args.tiny) if c[1] in modes and args.configs in c[0]]
-  timing = {"min_time": 0.0, "min_iters": 3} if args.tiny else {}
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        p.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
+    impls = [i for i in IMPLS if i in impls]  # references (cudnn, xla) first
+    block_sizes = json.loads(args.block_sizes) if args.block_sizes else None
+    modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "all": ["fwd", "fwd+bwd"]}[args.only]
+    configs = [c for c in make_configs(args.tiny) if c[1] in modes and args.configs in c[0]]
+    timing = {"min_time": 0.0, "min_iters": 3} if args.tiny else {}
 
-  print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  impls {impls}")
-  rows = []
-  for cfg in configs:
-    rows += run_config(cfg, impls, block_sizes, timing)
-  print_table(rows, impls)
+    print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  impls {impls}")
+    rows = []
+    for cfg in configs:
+        rows += run_config(cfg, impls, block_sizes, timing)
+    print_table(rows, impls)
 
-  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "rows": rows}
-  if block_sizes is not None:
-    result["block_sizes"] = block_sizes
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
-  return result
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
+    if block_sizes is not None:
+        result["block_sizes"] = block_sizes
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -687,6 +687,9 @@ def flash_attention_reference(q, k, v, q_segment_ids=None, kv_segment_ids=None, 
     total = jnp.sum(e, axis=-1, keepdims=True)
     p = e / jnp.where(total > 0, total, 1.0)
     out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=lax.Precision.HIGHEST)
+    # Rows that see nothing are 0 by selection, which also stops their output cotangent
+    # (NaN or not) from reaching dV through autodiff.
+    out = jnp.where(live_q[..., None], out.reshape(B, T, K, N // K, H), 0.0)
     total = total[..., 0]
     lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + row_max[..., 0],
                     -jnp.inf)

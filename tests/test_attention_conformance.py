@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
 
 from tests.attention_cases import (
     LONELY_KV_SEGMENT, LONELY_Q_SEGMENT, Case, cotangents, make_inputs, reference_results,
@@ -127,6 +127,38 @@ def test_nan_in_unseen_keys_does_not_leak(impl, case):
     dirty = value_and_grads(_call(impl, case, q, k_bad, v_bad, seg), q, k_bad, v_bad, do, dlse)
     for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(dirty)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nan_in_queries_that_see_no_key_does_not_leak(impl):
+    case = Case(1, 40, 12, 2, 1, 32, causal=True)  # T > S: rows 0..27 see no key
+    q, k, v, seg = make_inputs(case)
+    do, dlse = cotangents(case)
+    empty = (jnp.arange(case.T) + case.S - case.T < 0)[None, :, None, None]
+    q_bad = jnp.where(empty, jnp.nan, q)
+    do_bad = jnp.where(empty, jnp.nan, do)
+    (out, lse), (dq, dk, dv) = value_and_grads(_call(impl, case, q, k, v, seg), q, k, v, do, dlse)
+    (out2, lse2), (dq2, dk2, dv2) = value_and_grads(
+        _call(impl, case, q_bad, k, v, seg), q_bad, k, v, do_bad, dlse)
+    for a, b in ((out, out2), (lse, lse2), (dk, dk2), (dv, dv2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The empty rows' own query gradient is 0 whatever their (poisoned) inputs were.
+    np.testing.assert_array_equal(np.asarray(dq2)[:, : case.T - case.S], 0)
+
+
+def test_pallas_backward_matches_its_reference_switch():
+    """backward="reference" (the debugging switch) differentiates the reference instead."""
+    case = Case(1, 45, 61, 4, 2, 32, causal=True, softcap=3.0)
+    q, k, v, _ = make_inputs(case)
+    do, dlse = cotangents(case)
+    grads = {}
+    for backward in ("pallas", "reference"):
+        fn = lambda q_, k_, v_, backward=backward: flash_attention(
+            q_, k_, v_, causal=True, softcap=3.0, block_sizes=SMALL_TILES, interpret=True,
+            backward=backward)
+        grads[backward] = value_and_grads(fn, q, k, v, do, dlse)[1]
+    for a, b in zip(grads["pallas"], grads["reference"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
