@@ -212,6 +212,24 @@ def _any(x, axis):
     return jnp.max(x.astype(jnp.int32), axis=axis) > 0
 
 
+def _key_tile(q, k_ref, v_ref, kv_seg_ref, k_start, block_k, *, rows, q_seg, masked,
+              st: _Static, q_len, kv_len, head_dim):
+    """The key tile at k_start as seen by query tile q [block_q, Hp] (query indices `rows`):
+    K, V, log2-domain scores [block_q, block_k], and on masked tiles the visibility mask
+    (None on interior tiles, which lie inside [0, S) by construction of _tile_ranges)."""
+    k_limit = kv_len if masked else None
+    k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
+    v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
+    s = _scores(_dot(q, k, contract=(1, 1)), st)
+    if not masked:
+        return k, v, s, None
+    kv_seg = (_load_vec(kv_seg_ref, k_start, block_k, kv_len, other=0)
+              if st.mask.has_segments else None)
+    vis = _visible(rows, k_start + jnp.arange(block_k), q_len=q_len, kv_len=kv_len,
+                   mask=st.mask, q_seg=q_seg, kv_seg=kv_seg)
+    return k, v, s, vis
+
+
 def _tile_ranges(start, size, *, n_this, n_other, blk_other, d_lo, d_hi, has_segments):
     """Which tiles of the other axis a tile [start, start+size) of this axis must visit.
 
@@ -327,18 +345,10 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
 
     def body(kb, carry, *, masked):
         acc, m, l = carry
-        k_start = kb * block_k
-        # Unmasked tiles lie inside [0, S) by construction (_tile_ranges).
-        k_limit = kv_len if masked else None
-        k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
-        v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
-        s = _scores(_dot(q, k, contract=(1, 1)), st)  # [block_q, block_k]
+        _, v, s, vis = _key_tile(q, k_ref, v_ref, kv_seg_ref, kb * block_k, block_k, rows=rows,
+                                 q_seg=q_seg, masked=masked, st=st, q_len=q_len,
+                                 kv_len=kv_len, head_dim=head_dim)
         if masked:
-            cols = k_start + jnp.arange(block_k)
-            kv_seg = (_load_vec(kv_seg_ref, k_start, block_k, kv_len, other=0)
-                      if st.mask.has_segments else None)
-            vis = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
-                           q_seg=q_seg, kv_seg=kv_seg)
             s = jnp.where(vis, s, -jnp.inf)
             if st.mask.some_key_unseen(q_len, kv_len):
                 v = jnp.where(_any(vis, 0)[:, None], v, 0)
@@ -474,17 +484,10 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
     q_seg = _load_vec(q_seg_ref, 0, block_q, limit, other=0) if st.mask.has_segments else None
 
     def body(kb, dq, *, masked):
-        k_start = kb * block_k
-        k_limit = kv_len if masked else None  # unmasked tiles lie inside [0, S)
-        k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
-        v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
-        s = _scores(_dot(q, k, contract=(1, 1)), st)  # [block_q, block_k]
+        k, v, s, vis = _key_tile(q, k_ref, v_ref, kv_seg_ref, kb * block_k, block_k, rows=rows,
+                                 q_seg=q_seg, masked=masked, st=st, q_len=q_len,
+                                 kv_len=kv_len, head_dim=head_dim)
         if masked:
-            cols = k_start + jnp.arange(block_k)
-            kv_seg = (_load_vec(kv_seg_ref, k_start, block_k, kv_len, other=0)
-                      if st.mask.has_segments else None)
-            vis = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
-                           q_seg=q_seg, kv_seg=kv_seg)
             p = jnp.where(vis, _exp2(s - lse[:, None], st), 0.0)
             if st.mask.some_key_unseen(q_len, kv_len):
                 live = _any(vis, 0)[:, None]  # keys of this tile that some row sees
