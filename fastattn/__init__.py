@@ -4,5 +4,12 @@
 from fastattn._attention import IMPLEMENTATIONS, attention, default_implementation
 from pallas_kernels.flash_attention import BlockSizes
 
-__all__ = ["IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation"]
+# Decoding (q_len = 1, split-KV)
+from fastattn._decode import DECODE_IMPLEMENTATIONS, decode_attention
+from pallas_kernels.decode_attention import DecodeBlockSizes
+
+__all__ = [
+    "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
+    "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "decode_attention",
+]
 __version__ = "0.1.0"

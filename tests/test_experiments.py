@@ -24,3 +24,12 @@ def test_bench_attention_tiny_writes_json(tmp_path):
         ours = rows[(f"{phase}|b1 s256 h2 d64 causal", "fastattn_pallas")]
         assert ours["ms"] > 0 and ours["tflops"] > 0
         assert ours["rel_err"] < 2e-2
+
+
+def test_bench_decode_tiny_writes_json(tmp_path):
+    from experiments import bench_decode
+
+    result = bench_decode.main(["--tiny", "--out", str(tmp_path / "decode.json")])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["fastattn_decode"]["gbps"] > 0 and rows["copy_ceiling"]["gbps"] > 0
+    assert rows["xla"]["rel_err"] < 2e-2  # xla against our kernel, bf16

@@ -1,0 +1,105 @@
+"""Decode benchmark: how close to the HBM copy ceiling does our split-KV decode read the cache?
+
+Question: for one new token per sequence (q_len = 1; 32 query heads on 8 KV heads, H = 128,
+bf16) at the TARGETS shapes, what K+V bandwidth does `fastattn.decode_attention` reach, next
+to cuDNN and XLA (`jax.nn.dot_product_attention` with T = 1), JAX's shipped Pallas
+`decode_attention.gqa`, and a device copy measured in the same run?
+Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/decode.json]
+           [--tiny]   (a small CPU variant for CI)
+Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
+{device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
+Paged decode and mixed ragged steps join this script with the paged kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+import fastattn
+from experiments.bench_attention import time_fn
+
+CONFIGS = [(1, 131072), (1, 32768), (16, 4096), (64, 4096), (64, 1024), (256, 1024)]  # (B, S)
+N, K, H = 32, 8, 128
+
+
+def _impls(on_gpu):
+    def ours(q, k, v, lengths):
+        return fastattn.decode_attention(q, k, v, lengths, implementation="pallas")
+
+    def dpa(impl):
+        return lambda q, k, v, lengths: jax.nn.dot_product_attention(
+            q[:, None], k, v, implementation=impl)[:, 0]
+
+    def jax_pallas_gqa(q, k, v, lengths):
+        from jax.experimental.pallas.ops.gpu import decode_attention as jdecode
+        return jdecode.gqa(q, k, v, kv_seq_len=lengths)
+
+    impls = {"fastattn_decode": ours, "xla": dpa("xla")}
+    if on_gpu:
+        impls.update(cudnn=dpa("cudnn"), jax_pallas_gqa=jax_pallas_gqa)
+    return impls
+
+
+def run(configs, out_path):
+    on_gpu = jax.default_backend() == "gpu"
+    rows = []
+    for B, S in configs:
+        name = f"b{B} kv{S} hq{N} hkv{K} d{H}"
+        keys = jax.random.split(jax.random.key(B * S), 3)
+        q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (B, S, K, H), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (B, S, K, H), jnp.bfloat16)
+        lengths = jnp.full((B,), S, jnp.int32)
+        kv_bytes = 2 * k.size * k.dtype.itemsize
+        copy = jax.jit(lambda x: x * jnp.asarray(1, x.dtype))  # reads and writes every byte
+        ms = time_fn(copy, k)
+        rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
+                         gbps=2 * k.size * k.dtype.itemsize / ms / 1e6))
+        ref = None
+        for impl, fn in _impls(on_gpu).items():
+            row = dict(config=name, impl=impl)
+            try:
+                fn = jax.jit(fn)
+                out = jax.block_until_ready(fn(q, k, v, lengths)).astype(jnp.float32)
+                if ref is None:
+                    ref = out
+                else:
+                    row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                row["ms"] = time_fn(fn, q, k, v, lengths)
+                row["gbps"] = kv_bytes / row["ms"] / 1e6
+            except Exception as e:  # one failing peer must not stop the run
+                row["error"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            print(name, impl, {k_: v_ for k_, v_ in row.items() if k_ not in ("config", "impl")},
+                  flush=True)
+    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=datetime.date.today().isoformat(), rows=rows)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    print(f"\nGB/s of K+V read  ({result['device']}, jax {result['jax']})")
+    print(f"{'config':<32}" + "".join(f"{i:>17}" for i in impls))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        cells = {r["impl"]: r.get("gbps") for r in rows if r["config"] == name}
+        print(f"{name:<32}" + "".join(f"{cells[i]:>17.0f}" if cells.get(i) else f"{'err':>17}"
+                                      for i in impls))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/decode.json")
+    parser.add_argument("--tiny", action="store_true", help="one small shape (CPU, CI)")
+    args = parser.parse_args(argv)
+    return run([(2, 256)] if args.tiny else CONFIGS, args.out)
+
+
+if __name__ == "__main__":
+    main()

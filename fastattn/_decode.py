@@ -1,0 +1,77 @@
+"""`fastattn.decode_attention`: validation and implementations of q_len = 1 attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastattn._attention import _check_scalar_options
+from pallas_kernels.decode_attention import (
+    DecodeBlockSizes, decode_attention as _pallas_decode, decode_attention_reference)
+
+DECODE_IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def decode_attention(q, k, v, lengths, *, softcap=None, sliding_window=None, scale=None,
+                     return_lse=False, implementation=None, block_sizes=None):
+    """One new token per sequence attending to its cache: split-KV flash decoding.
+
+    q [B, N, H]; k, v [B, S, K, H] with N % K == 0 (query head n reads kv head n // (N // K));
+    lengths [B] int: keys j < lengths[b] are valid, the query sits at position lengths[b] - 1.
+    Slots at or past a sequence's length are never read (they may hold anything).
+    sliding_window: (left, right) as in `fastattn.attention`; the query sees keys
+        lengths[b] - 1 - left .. lengths[b] - 1 (there are no later keys, so right is moot).
+    softcap, scale: as in `fastattn.attention`.
+    implementation: None (Pallas on a GPU, XLA elsewhere), "pallas" (Triton kernel; interpret
+        mode on a CPU), "xla" (plain jnp: at q_len = 1 the scores are only [B, N, S]).
+    block_sizes: `DecodeBlockSizes` (tiles and the number of KV splits; speed only).
+    Returns out [B, N, H] in q's dtype (and lse [B, N] f32 when asked). lengths[b] = 0 gives
+    out 0 and lse -inf.
+    """
+    _validate(q, k, v, lengths, implementation, block_sizes)
+    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    window_left = None if window is None else window[0]
+    name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    if name == "pallas":
+        out, lse = _pallas_decode(q, k, v, lengths, softcap=softcap, window_left=window_left,
+                                  scale=scale, block_sizes=block_sizes,
+                                  interpret=jax.default_backend() != "gpu")
+    else:
+        out, lse = decode_attention_reference(q, k, v, lengths, softcap=softcap,
+                                              window_left=window_left, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def _validate(q, k, v, lengths, implementation, block_sizes):
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must be [B, N, H], got q.shape={getattr(q, 'shape', None)}")
+    for name, x in (("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [B, S, K, H], got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    B, N, H = q.shape
+    _, S, K, Hk = k.shape
+    if k.shape[0] != B or Hk != H:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on batch size or head_dim")
+    if N % K:
+        raise ValueError(f"query heads must be a multiple of kv heads, got N={N} and K={K}")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k, v must share a floating dtype, got {q.dtype=}, {k.dtype=}, "
+                         f"{v.dtype=}")
+    if getattr(lengths, "shape", None) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array of shape ({B},), got "
+                         f"{getattr(lengths, 'shape', None)} {getattr(lengths, 'dtype', None)}")
+    if not isinstance(lengths, jax.core.Tracer):  # concrete: check the values on the host
+        host = np.asarray(lengths)
+        bad = np.flatnonzero((host < 0) | (host > S))
+        if bad.size:
+            raise ValueError(f"lengths[{bad[0]}]={host[bad[0]]} is outside [0, S={S}] "
+                             "(JAX would clamp the reads silently)")
+    if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {DECODE_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
+        raise ValueError(f"block_sizes must be a DecodeBlockSizes or None, got {block_sizes!r}")

@@ -1,0 +1,216 @@
+"""Split-KV flash decoding (Flash-Decoding) as a Pallas kernel, Triton backend.
+
+One new query token per sequence attends to its sequence's cached keys:
+
+    q [B, N, H]   k, v [B, S, K, H]   lengths [B]   (keys j < lengths[b] are valid)
+
+At q_len = 1 a program per (sequence, kv head) would leave most of the GPU idle, so the
+KV length is split into `num_splits` partitions that run in parallel; each returns a partial
+output and its log-sum-exp, and one combine step rescales them (Dao et al., "Flash-Decoding
+for long-context inference", 2023):
+
+    keys  0 ............................................. S
+          | split 0 | split 1 | split 2 | split 3 |   (each split: tiles of block_k keys)
+            o0,lse0   o1,lse1   o2,lse2   (empty: lse = -inf, ignored by the combine)
+
+    out = sum_j exp(lse_j - lse) * o_j,   lse = log sum_j exp(lse_j)
+
+All G = N / K query heads of one kv head are one [G, H] tile, so K and V are read once.
+Keys at or past a sequence's length are never loaded (masked loads), so whatever the cache
+holds there (stale or NaN) cannot leak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention import LOG2E
+
+GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeBlockSizes:
+    """Tiles and Triton knobs of the decode kernel. Changes speed, never numbers.
+
+    num_splits: KV partitions per (sequence, kv head); None lets `default_for` choose.
+    """
+
+    block_k: int = 128
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"DecodeBlockSizes.block_k={self.block_k} must be a power of two >= 16")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"DecodeBlockSizes.num_splits={self.num_splits} must be >= 1")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeBlockSizes.num_stages={self.num_stages} must be >= 1")
+
+    def resolve(self, *, batch: int, kv_heads: int, kv_len: int) -> "DecodeBlockSizes":
+        """Fills in num_splits: enough programs to fill the GPU about twice, but no split
+        shorter than one tile."""
+        block_k = min(self.block_k, max(16, pl.next_power_of_2(kv_len)))
+        if self.num_splits is not None:
+            splits = self.num_splits
+        else:
+            wanted = math.ceil(2 * GPU_SMS / (batch * kv_heads))
+            splits = max(1, min(wanted, pl.cdiv(kv_len, block_k)))
+        return dataclasses.replace(self, block_k=block_k, num_splits=splits)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softcap, window_left,
+                   chunk, block_k, head_dim, interpret):
+    # q_ref [Gp, Hp]; k_ref, v_ref [S, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
+    split = pl.program_id(0)
+    length = jnp.sum(len_ref[...])  # a [1] block read as a scalar
+    hp = q_ref.shape[-1]
+    head_ok = jnp.arange(hp)[None, :] < head_dim
+    q = plgpu.load(q_ref, mask=head_ok, other=0.0) if hp != head_dim else q_ref[...]
+    begin = split * chunk
+    end = jnp.minimum(begin + chunk, length)
+    first = begin  # first key this query may see, tile-aligned
+    if window_left is not None:
+        lowest = length - 1 - window_left
+        first = jnp.maximum(begin, jax.lax.div(jnp.maximum(lowest, 0), block_k) * block_k)
+    else:
+        lowest = 0
+    n_tiles = jax.lax.div(jnp.maximum(end - first, 0) + block_k - 1, block_k)
+
+    def body(t, carry):
+        acc, m, l = carry
+        k_start = first + t * block_k
+        cols = k_start + jnp.arange(block_k)
+        valid = (cols < end) & (cols >= lowest)
+        mask = valid[:, None] & head_ok if hp != head_dim else valid[:, None]
+        k = plgpu.load(k_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        s = jnp.where(valid[None, :], s * LOG2E, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_shift)
+        p = jnp.exp2(s - m_shift[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    gp = q_ref.shape[0]
+    acc, m, l = jax.lax.fori_loop(
+        0, n_tiles, body, (jnp.zeros((gp, hp), jnp.float32),
+                           jnp.full((gp,), -jnp.inf, jnp.float32), jnp.zeros((gp,), jnp.float32)))
+    seen = l > 0  # false for an empty partition
+    o_ref[...] = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+
+
+def combine_splits(o_parts, lse_parts):
+    """Merges partial results along axis -2 of o / -1 of lse: o [..., J, H], lse [..., J].
+
+    Partitions with lse = -inf (they saw no key) get weight 0; if all are empty the result
+    is o = 0, lse = -inf.
+    """
+    top = jnp.max(lse_parts, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isneginf(top), 0.0, top)
+    w = jnp.where(jnp.isneginf(lse_parts), 0.0, jnp.exp(lse_parts - top))  # [..., J]
+    total = jnp.sum(w, axis=-1)
+    out = jnp.einsum("...j,...jh->...h", w, o_parts) / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top[..., 0], -jnp.inf)
+    return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("softcap", "window_left", "scale", "block_sizes",
+                                             "interpret"))
+def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=None,
+                     block_sizes=None, interpret=False):
+    """Split-KV decode attention; returns (out [B, N, H] in q.dtype, lse [B, N] f32).
+
+    Inputs are trusted (`fastattn.decode_attention` validates them). The query of sequence b
+    sits at position lengths[b] - 1 and sees keys max(0, lengths[b] - 1 - window_left) ..
+    lengths[b] - 1 (all valid keys when window_left is None). lengths[b] = 0 gives 0, -inf.
+    """
+    B, N, H = q.shape
+    _, S, K, _ = k.shape
+    G = N // K
+    Gp = max(16, pl.next_power_of_2(G))  # the smallest tile Triton's matrix units take
+    Hp = pl.next_power_of_2(H)
+    bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=S)
+    chunk = pl.cdiv(pl.cdiv(S, bs.num_splits), bs.block_k) * bs.block_k  # tile-aligned splits
+    splits = pl.cdiv(S, chunk)
+    q_tiles = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    kernel = functools.partial(
+        _decode_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+        softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, head_dim=H,
+        interpret=interpret)
+    o_parts, lse_parts = pl.pallas_call(
+        kernel,
+        grid=(splits, B, K),
+        in_specs=[
+            pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, 1), lambda j, b, h: (b, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, K, splits, Gp, Hp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1))
+    # [B, K, J, Gp, Hp] -> [B, K, Gp, J, H]: drop the padded heads and head dims, then combine.
+    o_parts = jnp.swapaxes(o_parts[:, :, :, :G, :H], 2, 3)
+    lse_parts = jnp.swapaxes(lse_parts[:, :, :, :G], 2, 3)
+    out, lse = combine_splits(o_parts, lse_parts)
+    return out.reshape(B, N, H).astype(q.dtype), lse.reshape(B, N)
+
+
+def decode_attention_reference(q, k, v, lengths, *, softcap=None, window_left=None, scale=None,
+                               compute_dtype=None):
+    """Naive decode attention; shares no code with the kernel. Computes in compute_dtype
+    (None: f32, or f64 when given f64; the inputs' own dtype measures what that precision
+    alone costs, the tolerance policy's yardstick)."""
+    B, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    acc = compute_dtype or (jnp.float64 if q.dtype == jnp.float64 else jnp.float32)
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    j = jnp.arange(S)[None, :]
+    allowed = j < lengths[:, None]  # [B, S]
+    if window_left is not None:
+        allowed &= j >= lengths[:, None] - 1 - window_left
+    keep = allowed[:, :, None, None]
+    k = jnp.where(keep, k.astype(acc), 0.0)  # unread slots may hold anything, NaN included
+    v = jnp.where(keep, v.astype(acc), 0.0)
+    qg = q.astype(acc).reshape(B, K, N // K, H)
+    s = jnp.einsum("bkgh,bskh->bkgs", qg, k, precision=jax.lax.Precision.HIGHEST) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    mask = allowed[:, None, None, :]
+    s = jnp.where(mask, s, -jnp.inf)
+    top = jnp.max(s, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    e = jnp.where(mask, jnp.exp(s - top), 0.0)
+    total = jnp.sum(e, axis=-1)
+    out = jnp.einsum("bkgs,bskh->bkgh", e, v, precision=jax.lax.Precision.HIGHEST)
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top[..., 0], -jnp.inf)
+    lse_dtype = jnp.float64 if acc == jnp.float64 else jnp.float32
+    return out.reshape(B, N, H).astype(q.dtype), lse.reshape(B, N).astype(lse_dtype)
