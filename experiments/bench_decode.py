@@ -93,12 +93,46 @@ def run(configs, out_path):
     return result
 
 
+SWEEP = [  # block_k, num_warps, num_stages
+    (64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2), (256, 8, 2),
+    (256, 8, 3), (64, 4, 4),
+]
+
+
+def sweep(configs):
+    """Times our kernel under each candidate tile (and 2x / 0.5x the default splits)."""
+    for B, S in configs:
+        keys = jax.random.split(jax.random.key(1), 3)
+        q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
+        k, v = (jax.random.normal(kk, (B, S, K, H), jnp.bfloat16) for kk in keys[1:])
+        lengths = jnp.full((B,), S, jnp.int32)
+        kv_bytes = 2 * k.size * k.dtype.itemsize
+        results = []
+        for block_k, warps, stages in SWEEP:
+            default = fastattn.DecodeBlockSizes(block_k=block_k).resolve(
+                batch=B, kv_heads=K, kv_len=S).num_splits
+            for splits in sorted({default, 2 * default, max(1, default // 2)}):
+                bs = fastattn.DecodeBlockSizes(block_k=block_k, num_warps=warps,
+                                               num_stages=stages, num_splits=splits)
+                fn = jax.jit(lambda q, k, v, n, bs=bs: fastattn.decode_attention(
+                    q, k, v, n, implementation="pallas", block_sizes=bs))
+                ms = time_fn(fn, q, k, v, lengths, min_time=0.1)
+                results.append((kv_bytes / ms / 1e6, block_k, warps, stages, splits))
+        print(f"b{B} kv{S}: best GB/s (block_k, warps, stages, splits):")
+        for row in sorted(results, reverse=True)[:5]:
+            print(f"   {row[0]:7.0f}  {row[1:]}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/decode.json")
     parser.add_argument("--tiny", action="store_true", help="one small shape (CPU, CI)")
+    parser.add_argument("--sweep", action="store_true", help="tile sweep of our kernel only")
     args = parser.parse_args(argv)
-    return run([(2, 256)] if args.tiny else CONFIGS, args.out)
+    configs = [(2, 256)] if args.tiny else CONFIGS
+    if args.sweep:
+        return sweep(configs)
+    return run(configs, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import LOG2E
+from pallas_kernels._common import LOG2E, dot, exp2
 
 GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 
@@ -96,18 +96,16 @@ def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softc
         mask = valid[:, None] & head_ok if hp != head_dim else valid[:, None]
         k = plgpu.load(k_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale
+        s = dot(q, k, contract=(1, 1)) * scale  # [Gp, block_k]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         s = jnp.where(valid[None, :], s * LOG2E, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - m_shift)
-        p = jnp.exp2(s - m_shift[:, None])
+        alpha = exp2(m - m_shift, interpret=interpret)
+        p = exp2(s - m_shift[:, None], interpret=interpret)
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
         return acc, m_new, l
 
     gp = q_ref.shape[0]

@@ -41,8 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-
+from pallas_kernels._common import LOG2E, dot, exp2
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -160,32 +159,12 @@ class _Static:
 # ----------------------------------------------------------------------------- shared kernel math
 
 
-def _dot(a, b, *, contract: tuple[int, int]):
-    """2-D matmul with f32 accumulation; `contract` names the contracted axis of a and of b."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-
-
 def _scores(s_raw, st: _Static):
     """Raw q.k (f32) -> scores in the log2 domain (exp2 is the fast path on GPUs)."""
     if st.softcap is None:
         return s_raw * (st.scale * LOG2E)  # one multiply per score
     s = s_raw * st.scale
     return st.softcap * jnp.tanh(s / st.softcap) * LOG2E
-
-
-def _exp2(x, st: _Static):
-    """2**x for f32 x. On the GPU one `ex2.approx.ftz.f32` (libdevice's exp2f, which
-    jnp.exp2 lowers to, adds denormal handling that a softmax does not need: results below
-    2**-126 flush to 0). The softmax is exp-bound at H <= 64, so the instruction count matters.
-    Interpret mode (CPU) uses jnp.exp2."""
-    if st.interpret:
-        return jnp.exp2(x)
-    [y] = plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-    return y
 
 
 def _softcap_grad(s_log2, st: _Static):
@@ -220,7 +199,7 @@ def _key_tile(q, k_ref, v_ref, kv_seg_ref, k_start, block_k, *, rows, q_seg, mas
     k_limit = kv_len if masked else None
     k = _load_rows(k_ref, k_start, block_k, k_limit, head_dim)
     v = _load_rows(v_ref, k_start, block_k, k_limit, head_dim)
-    s = _scores(_dot(q, k, contract=(1, 1)), st)
+    s = _scores(dot(q, k, contract=(1, 1)), st)
     if not masked:
         return k, v, s, None
     kv_seg = (_load_vec(kv_seg_ref, k_start, block_k, kv_len, other=0)
@@ -355,10 +334,10 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = _exp2(m - m_shift, st)
-        p = _exp2(s - m_shift[:, None], st)
+        alpha = exp2(m - m_shift, interpret=st.interpret)
+        p = exp2(s - m_shift[:, None], interpret=st.interpret)
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract=(1, 0))
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
         return acc, m_new, l
 
     carry = (jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
@@ -431,7 +410,7 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
         do = _load_rows(do_ref, q_start, block_q, q_limit, head_dim, head=g)
         lse = _load_vec(lse_ref, q_start, block_q, q_len, other=0.0, head=g) * LOG2E
         delta = _load_vec(delta_ref, q_start, block_q, q_len, other=0.0, head=g)
-        s_t = _scores(_dot(k, q, contract=(1, 1)), st)  # [block_k, block_q], transposed S
+        s_t = _scores(dot(k, q, contract=(1, 1)), st)  # [block_k, block_q], transposed S
         if masked:
             rows = q_start + jnp.arange(block_q)
             q_seg = (_load_vec(q_seg_ref, q_start, block_q, q_len, other=0)
@@ -439,21 +418,21 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
             vis_t = _visible(rows, cols, q_len=q_len, kv_len=kv_len, mask=st.mask,
                              q_seg=q_seg, kv_seg=kv_seg).T
             lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows that see nothing: P is 0 anyway
-            p_t = jnp.where(vis_t, _exp2(s_t - lse[None, :], st), 0.0)
+            p_t = jnp.where(vis_t, exp2(s_t - lse[None, :], interpret=st.interpret), 0.0)
             if st.mask.some_row_empty(q_len, kv_len):
                 live = _any(vis_t, 0)[:, None]  # query rows of this tile that see a key here
                 q = jnp.where(live, q, 0)
                 do = jnp.where(live, do, 0)
         else:
-            p_t = _exp2(s_t - lse[None, :], st)
-        dv = dv + _dot(p_t.astype(do.dtype), do, contract=(1, 0))
-        dp_t = _dot(v, do, contract=(1, 1))  # [block_k, block_q]
+            p_t = exp2(s_t - lse[None, :], interpret=st.interpret)
+        dv = dv + dot(p_t.astype(do.dtype), do, contract=(1, 0))
+        dp_t = dot(v, do, contract=(1, 1))  # [block_k, block_q]
         ds_t = p_t * (dp_t - delta[None, :])
         if st.softcap is not None:
             ds_t = ds_t * _softcap_grad(s_t, st)
         if masked:
             ds_t = jnp.where(vis_t, ds_t, 0.0)
-        dk = dk + _dot(ds_t.astype(q.dtype), q, contract=(1, 0))
+        dk = dk + dot(ds_t.astype(q.dtype), q, contract=(1, 0))
         return dk, dv
 
     ranges = _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, st.mask)
@@ -488,20 +467,20 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
                                  q_seg=q_seg, masked=masked, st=st, q_len=q_len,
                                  kv_len=kv_len, head_dim=head_dim)
         if masked:
-            p = jnp.where(vis, _exp2(s - lse[:, None], st), 0.0)
+            p = jnp.where(vis, exp2(s - lse[:, None], interpret=st.interpret), 0.0)
             if st.mask.some_key_unseen(q_len, kv_len):
                 live = _any(vis, 0)[:, None]  # keys of this tile that some row sees
                 k = jnp.where(live, k, 0)
                 v = jnp.where(live, v, 0)
         else:
-            p = _exp2(s - lse[:, None], st)
-        dp = _dot(do, v, contract=(1, 1))
+            p = exp2(s - lse[:, None], interpret=st.interpret)
+        dp = dot(do, v, contract=(1, 1))
         ds = p * (dp - delta[:, None])
         if st.softcap is not None:
             ds = ds * _softcap_grad(s, st)
         if masked:
             ds = jnp.where(vis, ds, 0.0)
-        return dq + _dot(ds.astype(k.dtype), k, contract=(1, 0))
+        return dq + dot(ds.astype(k.dtype), k, contract=(1, 0))
 
     ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
     dq = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)

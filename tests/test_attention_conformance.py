@@ -10,7 +10,7 @@ import fastattn
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 
 from tests.attention_cases import (
-    LONELY_KV_SEGMENT, LONELY_Q_SEGMENT, Case, cotangents, make_inputs, reference_results,
+    LONELY_KV_SEGMENT, Case, cotangents, make_inputs, reference_results,
     value_and_grads)
 from tests.tolerance import assert_within_policy
 
