@@ -71,17 +71,13 @@ class DecodeBlockSizes:
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softcap, window_left,
-                   chunk, block_k, group, head_dim, interpret):
-    # q_ref [Gp, Hp] over G real heads; k_ref, v_ref [S, Hp]; len_ref [1]
-    # o_ref [Gp, Hp] (the final output, or this split's f32 partial); lse_ref [Gp] f32
+                   chunk, block_k, head_dim, interpret):
+    # q_ref [Gp, Hp]; k_ref, v_ref [S, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
     split = pl.program_id(0)
     length = jnp.sum(len_ref[...])  # a [1] block read as a scalar
-    gp, hp = q_ref.shape
+    hp = q_ref.shape[-1]
     head_ok = jnp.arange(hp)[None, :] < head_dim
-    # Padded heads and head dims are masked in every load and store, so no host-side pad
-    # or slice kernel runs around this one (at ~0.1 ms per decode step each would cost %).
-    tile_ok = (jnp.arange(gp)[:, None] < group) & head_ok
-    q = plgpu.load(q_ref, mask=tile_ok, other=0.0)
+    q = plgpu.load(q_ref, mask=head_ok, other=0.0) if hp != head_dim else q_ref[...]
     begin = split * chunk
     end = jnp.minimum(begin + chunk, length)
     first = begin  # first key this query may see, tile-aligned
@@ -112,14 +108,13 @@ def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softc
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
         return acc, m_new, l
 
+    gp = q_ref.shape[0]
     acc, m, l = jax.lax.fori_loop(
         0, n_tiles, body, (jnp.zeros((gp, hp), jnp.float32),
                            jnp.full((gp,), -jnp.inf, jnp.float32), jnp.zeros((gp,), jnp.float32)))
     seen = l > 0  # false for an empty partition
-    out = acc / jnp.where(seen, l, 1.0)[:, None]
-    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=tile_ok)
-    lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
-    plgpu.store(lse_ref, lse, mask=jnp.arange(gp) < group)
+    o_ref[...] = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
 
 
 def combine_splits(o_parts, lse_parts):
@@ -155,22 +150,12 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
     bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=S)
     chunk = pl.cdiv(pl.cdiv(S, bs.num_splits), bs.block_k) * bs.block_k  # tile-aligned splits
     splits = pl.cdiv(S, chunk)
-    single = splits == 1  # one partition: the kernel writes the final output itself
+    q_tiles = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(
         _decode_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
-        softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, group=G,
-        head_dim=H, interpret=interpret)
-    if single:
-        out_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)),
-                     pl.BlockSpec((None, None, Gp), lambda j, b, h: (b, h, 0))]
-        out_shape = [jax.ShapeDtypeStruct((B, K, G, H), q.dtype),
-                     jax.ShapeDtypeStruct((B, K, G), jnp.float32)]
-    else:
-        out_specs = [pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
-                     pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0))]
-        out_shape = [jax.ShapeDtypeStruct((B, K, splits, G, H), jnp.float32),
-                     jax.ShapeDtypeStruct((B, K, splits, G), jnp.float32)]
-    out, lse = pl.pallas_call(
+        softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, head_dim=H,
+        interpret=interpret)
+    o_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(splits, B, K),
         in_specs=[
@@ -179,14 +164,20 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
             pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, 1), lambda j, b, h: (b, 0)),
         ],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, K, splits, Gp, Hp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(q.reshape(B, K, G, H), k, v, lengths.astype(jnp.int32).reshape(B, 1))
-    if not single:  # [B, K, J, G, H] -> [B, K, G, J, H], then merge the J partials
-        out, lse = combine_splits(jnp.swapaxes(out, 2, 3), jnp.swapaxes(lse, 2, 3))
+    )(q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1))
+    # [B, K, J, Gp, Hp] -> [B, K, Gp, J, H]: drop the padded heads and head dims, then combine.
+    o_parts = jnp.swapaxes(o_parts[:, :, :, :G, :H], 2, 3)
+    lse_parts = jnp.swapaxes(lse_parts[:, :, :, :G], 2, 3)
+    out, lse = combine_splits(o_parts, lse_parts)
     return out.reshape(B, N, H).astype(q.dtype), lse.reshape(B, N)
 
 
