@@ -8,8 +8,12 @@ from pallas_kernels.flash_attention import BlockSizes
 from fastattn._decode import DECODE_IMPLEMENTATIONS, decode_attention
 from pallas_kernels.decode_attention import DecodeBlockSizes
 
+# KV caches
+from fastattn.kv_cache import KVCache, PagedKVCache, check_slot_mapping, write_kv, write_kv_donated
+
 __all__ = [
     "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
     "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "decode_attention",
+    "KVCache", "PagedKVCache", "check_slot_mapping", "write_kv", "write_kv_donated",
 ]
 __version__ = "0.1.0"
