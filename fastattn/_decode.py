@@ -9,6 +9,8 @@ import numpy as np
 from fastattn._attention import _check_scalar_options
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes, decode_attention as _pallas_decode, decode_attention_reference)
+from pallas_kernels.paged_attention import (
+    MIN_KERNEL_PAGE_SIZE, paged_attention_reference, paged_decode_attention)
 
 DECODE_IMPLEMENTATIONS = ("pallas", "xla")
 
@@ -41,6 +43,72 @@ def decode_attention(q, k, v, lengths, *, softcap=None, sliding_window=None, sca
         out, lse = decode_attention_reference(q, k, v, lengths, softcap=softcap,
                                               window_left=window_left, scale=scale)
     return (out, lse) if return_lse else out
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
+                    sliding_window=None, scale=None, return_lse=False, implementation=None,
+                    block_sizes=None):
+    """`decode_attention` over a paged KV cache (one layer's pool).
+
+    q [B, N, H]; k_pages, v_pages [K, P, page_size, H]; block_tables [B, pages_per_seq] int:
+    token t of sequence b lives in page block_tables[b, t // page_size] at offset
+    t % page_size; lengths [B]. Entries of a table past its sequence's last page are never
+    read. Checked on the host when concrete (JAX would clamp silently): lengths in
+    [0, pages_per_seq * page_size] and every page a length covers in [0, P).
+    implementation: None (Pallas on a GPU, XLA elsewhere), "pallas" (page_size >= 16),
+        "xla" (gathers the pages into dense K/V). Other options as in `decode_attention`.
+    """
+    _validate_paged(q, k_pages, v_pages, block_tables, lengths, implementation, block_sizes)
+    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    window_left = None if window is None else window[0]
+    name = implementation or ("pallas" if jax.default_backend() == "gpu"
+                              and k_pages.shape[2] >= MIN_KERNEL_PAGE_SIZE else "xla")
+    if name == "pallas":
+        if k_pages.shape[2] < MIN_KERNEL_PAGE_SIZE:
+            raise NotImplementedError(
+                f"implementation='pallas' takes page_size >= {MIN_KERNEL_PAGE_SIZE}, got "
+                f"{k_pages.shape[2]}; use implementation='xla' or a larger page")
+        out, lse = paged_decode_attention(
+            q, k_pages, v_pages, block_tables, lengths, softcap=softcap,
+            window_left=window_left, scale=scale, block_sizes=block_sizes,
+            interpret=jax.default_backend() != "gpu")
+    else:
+        out, lse = paged_attention_reference(q, k_pages, v_pages, block_tables, lengths,
+                                             softcap=softcap, window_left=window_left,
+                                             scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def _validate_paged(q, k_pages, v_pages, block_tables, lengths, implementation, block_sizes):
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [K, P, page_size, H], got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must have the same shape, got "
+                         f"{k_pages.shape=} and {v_pages.shape=}")
+    K, P, page_size, H = k_pages.shape
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must be [B, N, H], got q.shape={getattr(q, 'shape', None)}")
+    B = q.shape[0]
+    if getattr(block_tables, "ndim", None) != 2 or block_tables.shape[0] != B \
+            or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must be an integer array [B={B}, pages_per_seq], got "
+                         f"{getattr(block_tables, 'shape', None)} "
+                         f"{getattr(block_tables, 'dtype', None)}")
+    # The dense checks see the pool as a [B, S, K, H] cache of S = pages_per_seq * page_size.
+    dense = jax.ShapeDtypeStruct((B, block_tables.shape[1] * page_size, K, H), k_pages.dtype)
+    _validate(q, dense, dense, lengths, implementation, block_sizes)
+    if not isinstance(block_tables, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
+        tables, host_lengths = np.asarray(block_tables), np.asarray(lengths)
+        pages_used = -(-host_lengths // page_size)  # ceil
+        for b in range(B):
+            used = tables[b, : pages_used[b]]
+            bad = np.flatnonzero((used < 0) | (used >= P))
+            if bad.size:
+                raise ValueError(
+                    f"block_tables[{b}, {bad[0]}]={used[bad[0]]} is not a page of the pool "
+                    f"[0, P={P}) (sequence {b} has length {host_lengths[b]})")
 
 
 def _validate(q, k, v, lengths, implementation, block_sizes):

@@ -70,9 +70,13 @@ class DecodeBlockSizes:
         return dataclasses.replace(self, block_k=block_k, num_splits=splits)
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softcap, window_left,
-                   chunk, block_k, head_dim, interpret):
-    # q_ref [Gp, Hp]; k_ref, v_ref [S, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
+def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
+                     block_k, head_dim, paged, interpret):
+    # q_ref [Gp, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
+    # contiguous: k_ref, v_ref [S, Hp]
+    # paged:      k_ref, v_ref [P, page_size, Hp] (this kv head's pool), block_table_ref
+    #             [pages_per_seq]; a tile is one page (block_k = page_size)
+    block_table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
     split = pl.program_id(0)
     length = jnp.sum(len_ref[...])  # a [1] block read as a scalar
     hp = q_ref.shape[-1]
@@ -94,8 +98,13 @@ def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, scale, softc
         cols = k_start + jnp.arange(block_k)
         valid = (cols < end) & (cols >= lowest)
         mask = valid[:, None] & head_ok if hp != head_dim else valid[:, None]
-        k = plgpu.load(k_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
-        v = plgpu.load(v_ref.at[pl.ds(k_start, block_k), :], mask=mask, other=0.0)
+        if paged:  # tile k_start / page_size of the sequence is the page its table names
+            page = jnp.sum(block_table_ref[pl.ds(jax.lax.div(k_start, block_k), 1)])
+            index = (page, slice(None), slice(None))
+        else:
+            index = (pl.ds(k_start, block_k), slice(None))
+        k = plgpu.load(k_ref.at[index], mask=mask, other=0.0)
+        v = plgpu.load(v_ref.at[index], mask=mask, other=0.0)
         s = dot(q, k, contract=(1, 1)) * scale  # [Gp, block_k]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -142,28 +151,44 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
     sits at position lengths[b] - 1 and sees keys max(0, lengths[b] - 1 - window_left) ..
     lengths[b] - 1 (all valid keys when window_left is None). lengths[b] = 0 gives 0, -inf.
     """
-    B, N, H = q.shape
+    B, _, H = q.shape
     _, S, K, _ = k.shape
+    Hp = pl.next_power_of_2(H)
+    bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=S)
+    kv_spec = pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0))
+    return split_kv_call(q, k, v, lengths, None, kv_spec=kv_spec, kv_len=S, num_kv_heads=K,
+                          block_sizes=bs, softcap=softcap, window_left=window_left,
+                          scale=scale, interpret=interpret)
+
+
+def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_heads,
+                   block_sizes, softcap, window_left, scale, interpret):
+    """Launches the split-KV kernel over (splits, B, K) and merges the partials.
+    kv_len is the longest possible sequence (pages_per_seq * page_size when paged)."""
+    B, N, H = q.shape
+    K = num_kv_heads
     G = N // K
     Gp = max(16, pl.next_power_of_2(G))  # the smallest tile Triton's matrix units take
     Hp = pl.next_power_of_2(H)
-    bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=S)
-    chunk = pl.cdiv(pl.cdiv(S, bs.num_splits), bs.block_k) * bs.block_k  # tile-aligned splits
-    splits = pl.cdiv(S, chunk)
+    bs = block_sizes
+    chunk = pl.cdiv(pl.cdiv(kv_len, bs.num_splits), bs.block_k) * bs.block_k  # whole tiles
+    splits = pl.cdiv(kv_len, chunk)
+    paged = block_tables is not None
     q_tiles = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(
-        _decode_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+        _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, head_dim=H,
-        interpret=interpret)
+        paged=paged, interpret=interpret)
+    in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
+                pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
+    inputs = [q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1)]
+    if paged:
+        in_specs.append(pl.BlockSpec((None, block_tables.shape[1]), lambda j, b, h: (b, 0)))
+        inputs.append(block_tables.astype(jnp.int32))
     o_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(splits, B, K),
-        in_specs=[
-            pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)),
-            pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, 1), lambda j, b, h: (b, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
             pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0)),
@@ -172,8 +197,8 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
                    jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="decode_attention",
-    )(q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1))
+        name="paged_decode_attention" if paged else "decode_attention",
+    )(*inputs)
     # [B, K, J, Gp, Hp] -> [B, K, Gp, J, H]: drop the padded heads and head dims, then combine.
     o_parts = jnp.swapaxes(o_parts[:, :, :, :G, :H], 2, 3)
     lse_parts = jnp.swapaxes(lse_parts[:, :, :, :G], 2, 3)
