@@ -5,7 +5,8 @@ from fastattn._attention import IMPLEMENTATIONS, attention, default_implementati
 from pallas_kernels.flash_attention import BlockSizes
 
 # Decoding (q_len = 1, split-KV)
-from fastattn._decode import DECODE_IMPLEMENTATIONS, decode_attention, paged_attention
+from fastattn._decode import (
+    DECODE_IMPLEMENTATIONS, decode_attention, paged_attention, ragged_paged_attention)
 from pallas_kernels.decode_attention import DecodeBlockSizes
 
 # KV caches
@@ -14,6 +15,7 @@ from fastattn.kv_cache import KVCache, PagedKVCache, check_slot_mapping, write_k
 __all__ = [
     "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
     "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "decode_attention", "paged_attention",
+    "ragged_paged_attention",
     "KVCache", "PagedKVCache", "check_slot_mapping", "write_kv", "write_kv_donated",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ from fastattn._attention import _check_scalar_options
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes, decode_attention as _pallas_decode, decode_attention_reference)
 from pallas_kernels.paged_attention import (
-    MIN_KERNEL_PAGE_SIZE, paged_attention_reference, paged_decode_attention)
+    MIN_KERNEL_PAGE_SIZE, paged_attention_reference, paged_decode_attention,
+    ragged_paged_attention as _pallas_ragged, ragged_paged_attention_reference)
 
 DECODE_IMPLEMENTATIONS = ("pallas", "xla")
 
@@ -77,6 +78,82 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
                                              softcap=softcap, window_left=window_left,
                                              scale=scale)
     return (out, lse) if return_lse else out
+
+
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start,
+                           num_seqs, *, softcap=None, sliding_window=None, scale=None,
+                           max_q_len=None, implementation=None):
+    """One engine step mixing prefill chunks and decodes over a paged cache (one layer).
+
+    q [T, N, H]: sequence s owns rows query_start[s] .. query_start[s + 1] - 1 (s < num_seqs);
+    they are its newest tokens, already written into the pages, so with q_len_s new tokens
+    and context_lens[s] tokens in all, row r sits at position context_lens[s] - q_len_s + r
+    and attends causally (bottom-right aligned, as `attention`):
+
+        context of s:  t0 t1 t2 t3 t4 t5 | t6 t7 t8      (context_lens[s] = 9, q_len_s = 3)
+        row 0 (t6) sees t0..t6, row 1 (t7) t0..t7, row 2 (t8) t0..t8
+
+    block_tables [S, pages_per_seq], context_lens [S], query_start [S + 1] int; rows of no
+    sequence (padding of a bucketed batch) return 0. max_q_len: static bound on any q_len_s
+    (None: T); fewer programs when the step is mostly decodes.
+    implementation: None ("pallas" on a GPU, "reference" elsewhere), "pallas" (Triton
+        kernel, page_size >= 16; interpret mode on a CPU), "reference" (per-sequence dense
+        reference; needs concrete metadata).
+    Metadata is checked on the host when concrete (JAX clamps out-of-range reads silently).
+    """
+    _validate_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+                     max_q_len, implementation)
+    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    window_left = None if window is None else window[0]
+    name = implementation or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    if name == "reference":
+        return ragged_paged_attention_reference(
+            q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+            softcap=softcap, window_left=window_left, scale=scale)
+    if k_pages.shape[2] < MIN_KERNEL_PAGE_SIZE:
+        raise NotImplementedError(
+            f"implementation='pallas' takes page_size >= {MIN_KERNEL_PAGE_SIZE}, got "
+            f"{k_pages.shape[2]}; use implementation='reference' or a larger page")
+    return _pallas_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+                          softcap=softcap, window_left=window_left, scale=scale,
+                          max_q_len=max_q_len, interpret=jax.default_backend() != "gpu")
+
+
+def _validate_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+                     max_q_len, implementation):
+    if implementation not in (None, "pallas", "reference"):
+        raise ValueError(f"implementation must be None, 'pallas' or 'reference', got "
+                         f"{implementation!r}")
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must be [T, N, H], got q.shape={getattr(q, 'shape', None)}")
+    S = getattr(block_tables, "shape", (0,))[0]
+    if getattr(context_lens, "shape", None) != (S,) or \
+            getattr(query_start, "shape", None) != (S + 1,):
+        raise ValueError(f"context_lens must be [S] and query_start [S + 1] for block_tables of "
+                         f"{S} rows, got {getattr(context_lens, 'shape', None)} and "
+                         f"{getattr(query_start, 'shape', None)}")
+    # Page-pool shapes, dtypes and (for the decode rows) tables are the paged decode checks;
+    # a [S, N, H] stand-in for q gives them one row per sequence.
+    stand_in = jax.ShapeDtypeStruct((S, q.shape[1], q.shape[2]), q.dtype)
+    _validate_paged(stand_in, k_pages, v_pages, block_tables, context_lens, None, None)
+    if k_pages.dtype != q.dtype:
+        raise ValueError(f"q and the pages must share a dtype, got {q.dtype} and {k_pages.dtype}")
+    if any(isinstance(x, jax.core.Tracer) for x in (context_lens, query_start, num_seqs)):
+        return
+    starts, ctx, n = np.asarray(query_start), np.asarray(context_lens), int(num_seqs)
+    if not 0 <= n <= S:
+        raise ValueError(f"num_seqs={n} must be in [0, {S}]")
+    q_lens = np.diff(starts[: n + 1])
+    if starts[0] != 0 or np.any(q_lens < 0) or starts[n] > q.shape[0]:
+        raise ValueError(f"query_start must rise from 0 to at most T={q.shape[0]}, got "
+                         f"{starts[: n + 1].tolist()}")
+    over = np.flatnonzero(q_lens > ctx[:n])
+    if over.size:
+        s = over[0]
+        raise ValueError(f"sequence {s} has {q_lens[s]} new tokens but context_lens[{s}]="
+                         f"{ctx[s]}: the new tokens must already be in the cache")
+    if max_q_len is not None and q_lens.size and q_lens.max() > max_q_len:
+        raise ValueError(f"max_q_len={max_q_len} is below a sequence's {q_lens.max()} new tokens")
 
 
 def _validate_paged(q, k_pages, v_pages, block_tables, lengths, implementation, block_sizes):

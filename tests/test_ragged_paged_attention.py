@@ -1,0 +1,124 @@
+"""Ragged paged attention, the engine's kernel: prefill chunks and decodes in one step over a
+shuffled page pool (RELIABILITY.md 1-4), and prefill + 20 decode steps == one causal forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fastattn
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from tests.tolerance import assert_within_policy
+
+
+def _step(ctx, q_lens, page_size, *, N=4, K=2, H=32, spare=4, pad_rows=3, pad_seqs=1,
+          dtype="float32", seed=0):
+    """A step of len(ctx) sequences (plus pad_seqs unused slots and pad_rows padding rows)."""
+    rng = np.random.default_rng(seed)
+    S = len(ctx) + pad_seqs
+    used = [-(-c // page_size) for c in ctx]
+    pages_per_seq = max(used)
+    P = sum(used) + spare
+    order = rng.permutation(P)
+    tables = np.full((S, pages_per_seq), -3, np.int32)
+    cursor = 0
+    for s, u in enumerate(used):
+        tables[s, :u] = order[cursor: cursor + u]
+        cursor += u
+    starts = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)] * pad_seqs]).astype(np.int32)
+    T = sum(q_lens) + pad_rows
+    ctx_all = np.array(list(ctx) + [0] * pad_seqs, np.int32)
+    q = jnp.asarray(rng.standard_normal((T, N, H)), dtype)
+    kp = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
+    vp = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
+    unread = np.ones((P, page_size), bool)
+    for s, c in enumerate(ctx):
+        for t in range(c):
+            unread[tables[s, t // page_size], t % page_size] = False
+    return q, kp, vp, jnp.asarray(tables), jnp.asarray(ctx_all), jnp.asarray(starts), len(ctx), unread
+
+
+CASES = [  # context lengths, new tokens per sequence, page size, dtype, options
+    ([40, 1, 17, 33], [40, 1, 5, 1], 16, "float32", {}),  # a whole prompt, decodes, a chunk
+    ([64, 31, 96], [16, 31, 1], 32, "bfloat16", {}),
+    ([50, 50], [20, 1], 16, "float32", dict(sliding_window=(8, 0), softcap=3.0)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"ps{c[2]}-{c[3]}-{len(c[4])}opts")
+def test_mixed_step_matches_float64_oracle(case):
+    ctx, q_lens, page_size, dtype, opts = case
+    q, kp, vp, tables, ctx_a, starts, n, _ = _step(ctx, q_lens, page_size, dtype=dtype)
+    out = fastattn.ragged_paged_attention(q, kp, vp, tables, ctx_a, starts, n,
+                                          implementation="pallas", **opts)
+    window = opts.get("sliding_window")
+    ref_opts = dict(softcap=opts.get("softcap"), window_left=None if window is None else window[0])
+    with jax.enable_x64(True):
+        up = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, kp, vp)]
+        oracle = np.asarray(ragged_paged_attention_reference(*up, tables, ctx_a, starts, n, **ref_opts))
+    # The reference computes in f32 and rounds its output to the inputs' dtype: the yardstick.
+    low = np.asarray(ragged_paged_attention_reference(q, kp, vp, tables, ctx_a, starts, n, **ref_opts))
+    assert_within_policy("out", np.asarray(out), oracle, low, dtype=dtype, factor=2)
+    assert np.all(np.asarray(out)[int(starts[n]):] == 0), "padding rows must be 0"
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_nan_in_free_pages_and_tails_changes_nothing(page_size):
+    q, kp, vp, tables, ctx, starts, n, unread = _step([19, 45, 3], [19, 2, 1], page_size,
+                                                      dtype="bfloat16")
+    poison = jnp.asarray(unread)[None, :, :, None]
+    clean = fastattn.ragged_paged_attention(q, kp, vp, tables, ctx, starts, n,
+                                            implementation="pallas")
+    dirty = fastattn.ragged_paged_attention(q, jnp.where(poison, jnp.nan, kp),
+                                            jnp.where(poison, jnp.nan, vp), tables, ctx, starts,
+                                            n, implementation="pallas")
+    np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
+
+
+def test_prefill_then_20_decodes_through_pages_equal_one_causal_forward():
+    """write_kv into a shuffled pool, a 12-token prefill step, then 20 one-token steps."""
+    rng = np.random.default_rng(5)
+    T, N, K, H, page_size, P = 32, 4, 2, 32, 16, 7
+    q = jnp.asarray(rng.standard_normal((T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((T, K, H)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((T, K, H)), jnp.float32)
+    full = np.asarray(fastattn.attention(q[None], k[None], v[None], causal=True,
+                                         implementation="reference"))[0]
+    pages = jnp.asarray([[5, 2]], jnp.int32)
+    slots = np.array([int(pages[0, t // page_size]) * page_size + t % page_size for t in range(T)])
+    kp = jnp.full((K, P, page_size, H), jnp.nan, jnp.float32)  # never-written slots are NaN
+    vp = jnp.full((K, P, page_size, H), jnp.nan, jnp.float32)
+    kp, vp = fastattn.write_kv(kp, vp, k[:12], v[:12], jnp.asarray(slots[:12], jnp.int32))
+    out = fastattn.ragged_paged_attention(q[:12], kp, vp, pages, jnp.asarray([12]),
+                                          jnp.asarray([0, 12]), 1, implementation="pallas")
+    np.testing.assert_allclose(np.asarray(out), full[:12], atol=2e-5, rtol=2e-5)
+    for t in range(12, T):
+        kp, vp = fastattn.write_kv(kp, vp, k[t:t + 1], v[t:t + 1],
+                                   jnp.asarray(slots[t:t + 1], jnp.int32))
+        out = fastattn.ragged_paged_attention(q[t:t + 1], kp, vp, pages, jnp.asarray([t + 1]),
+                                              jnp.asarray([0, 1]), 1, implementation="pallas",
+                                              max_q_len=1)
+        np.testing.assert_allclose(np.asarray(out)[0], full[t], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(starts=[0, 40, 39, 46, 47, 47]), r"query_start must rise from 0"),
+    (dict(ctx=[4, 1, 17, 33, 0]), r"sequence 0 has 40 new tokens but context_lens\[0\]=4"),
+    (dict(num_seqs=6), r"num_seqs=6 must be in \[0, 5\]"),
+    (dict(ctx=[40, 1, 17, 99, 0]), r"lengths\[3\]=99 is outside"),
+    (dict(table=(2, 0, 70)), r"block_tables\[2, 0\]=70 is not a page of the pool"),
+    (dict(max_q_len=8), r"max_q_len=8 is below a sequence's 40 new tokens"),
+])
+def test_bad_metadata_raises_before_launch(change, match):
+    q, kp, vp, tables, ctx, starts, n, _ = _step([40, 1, 17, 33], [40, 1, 5, 1], 16)
+    if "starts" in change:
+        starts = jnp.asarray(change["starts"], jnp.int32)
+    if "ctx" in change:
+        ctx = jnp.asarray(change["ctx"], jnp.int32)
+    if "table" in change:
+        s, p, value = change["table"]
+        tables = tables.at[s, p].set(value)
+    n = change.get("num_seqs", n)
+    with pytest.raises(ValueError, match=match):
+        fastattn.ragged_paged_attention(q, kp, vp, tables, ctx, starts, n,
+                                        max_q_len=change.get("max_q_len"))
