@@ -31,3 +31,35 @@ def exp2(x, *, interpret: bool):
         "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return y
+
+
+def online_softmax_init(rows: int, width: int):
+    """(acc [rows, width], running max m [rows], running sum l [rows]) before any key."""
+    return (jnp.zeros((rows, width), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_step(carry, s, v, *, may_be_empty: bool, interpret: bool):
+    """Folds one key tile into the running softmax (FlashAttention-2, Alg. 1 lines 8-10).
+
+    s [rows, cols]: log2-domain scores, -inf where masked; v [cols, width]. The accumulator
+    stays unnormalised (divide by l at the end). may_be_empty (static): some row may have
+    seen no key yet (m = -inf); it is shifted by 0 instead so that exp2 gives 0, not NaN.
+    """
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_be_empty else m_new
+    alpha = exp2(m - m_shift, interpret=interpret)
+    p = exp2(s - m_shift[:, None], interpret=interpret)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
+    return acc, m_new, l
+
+
+def online_softmax_finish(carry):
+    """(out = acc / l, lse in natural log); rows that saw no key give 0 and -inf."""
+    acc, m, l = carry
+    seen = l > 0
+    safe_l = jnp.where(seen, l, 1.0)
+    lse = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2E, -jnp.inf)
+    return acc / safe_l[:, None], lse

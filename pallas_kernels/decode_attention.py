@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import LOG2E, dot, exp2
+from pallas_kernels._common import (
+    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step)
 
 GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 
@@ -93,7 +94,6 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     n_tiles = jax.lax.div(jnp.maximum(end - first, 0) + block_k - 1, block_k)
 
     def body(t, carry):
-        acc, m, l = carry
         k_start = first + t * block_k
         cols = k_start + jnp.arange(block_k)
         valid = (cols < end) & (cols >= lowest)
@@ -109,21 +109,10 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         s = jnp.where(valid[None, :], s * LOG2E, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = exp2(m - m_shift, interpret=interpret)
-        p = exp2(s - m_shift[:, None], interpret=interpret)
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
-        return acc, m_new, l
+        return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
 
-    gp = q_ref.shape[0]
-    acc, m, l = jax.lax.fori_loop(
-        0, n_tiles, body, (jnp.zeros((gp, hp), jnp.float32),
-                           jnp.full((gp,), -jnp.inf, jnp.float32), jnp.zeros((gp,), jnp.float32)))
-    seen = l > 0  # false for an empty partition
-    o_ref[...] = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+    carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(q_ref.shape[0], hp))
+    o_ref[...], lse_ref[...] = online_softmax_finish(carry)  # an empty partition: 0, -inf
 
 
 def combine_splits(o_parts, lse_parts):

@@ -41,7 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import LOG2E, dot, exp2
+from pallas_kernels._common import (
+    LOG2E, dot, exp2, online_softmax_finish, online_softmax_init, online_softmax_step)
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -323,7 +324,6 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
     q_seg = _load_vec(q_seg_ref, 0, block_q, q_len - q_start, other=0) if st.mask.has_segments else None
 
     def body(kb, carry, *, masked):
-        acc, m, l = carry
         _, v, s, vis = _key_tile(q, k_ref, v_ref, kv_seg_ref, kb * block_k, block_k, rows=rows,
                                  q_seg=q_seg, masked=masked, st=st, q_len=q_len,
                                  kv_len=kv_len, head_dim=head_dim)
@@ -331,24 +331,14 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
             s = jnp.where(vis, s, -jnp.inf)
             if st.mask.some_key_unseen(q_len, kv_len):
                 v = jnp.where(_any(vis, 0)[:, None], v, 0)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = exp2(m - m_shift, interpret=st.interpret)
-        p = exp2(s - m_shift[:, None], interpret=st.interpret)
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, contract=(1, 0))
-        return acc, m_new, l
+        # Interior tiles come first (_visit_tiles), so only a masked tile can meet a row
+        # that has seen no key yet.
+        return online_softmax_step(carry, s, v, may_be_empty=masked, interpret=st.interpret)
 
-    carry = (jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
-             jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
     ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
-    acc, m, l = _visit_tiles(body, carry, ranges, tiles_fit=kv_len >= block_k)
-
-    seen = l > 0  # false only for rows that see no key at all
-    out = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+    carry = _visit_tiles(body, online_softmax_init(block_q, q_ref.shape[-1]), ranges,
+                         tiles_fit=kv_len >= block_k)
+    out, lse = online_softmax_finish(carry)
     _store_rows(o_ref, out, 0, block_q, q_len - q_start, head_dim)
     plgpu.store(lse_ref, lse, mask=rows < q_len)
 

@@ -28,7 +28,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import LOG2E, dot, exp2
+from pallas_kernels._common import (
+    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step)
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes, split_kv_call, decode_attention_reference)
 
@@ -108,7 +109,6 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             first_page = jax.lax.div(jnp.maximum(ctx - q_len + row0 - window_left, 0), page_size)
 
         def body(p, carry):
-            acc, m, l = carry
             cols = p * page_size + jnp.arange(page_size)
             page = jnp.sum(table_ref[pl.ds(p, 1)])
             col_ok = cols < ctx
@@ -122,20 +122,11 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             if window_left is not None:
                 vis &= cols[None, :] >= pos[:, None] - window_left
             s = jnp.where(vis, s * LOG2E, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = exp2(m - m_shift, interpret=interpret)
-            prob = exp2(s - m_shift[:, None], interpret=interpret)
-            l = l * alpha + jnp.sum(prob, axis=1)
-            acc = acc * alpha[:, None] + dot(prob.astype(v.dtype), v, contract=(1, 0))
-            return acc, m_new, l
+            return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
 
         n_pages = jax.lax.div(jnp.maximum(last_key, 0) + page_size - 1, page_size)
-        acc, _, l = jax.lax.fori_loop(
-            first_page, n_pages, body,
-            (jnp.zeros((block_q, hp), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32)))
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        carry = jax.lax.fori_loop(first_page, n_pages, body, online_softmax_init(block_q, hp))
+        out, _ = online_softmax_finish(carry)
         plgpu.store(o_ref.at[pl.ds(first_row + row0, block_q), :], out.astype(o_ref.dtype),
                     mask=row_ok[:, None] & head_ok)
 

@@ -8,6 +8,7 @@ import pytest
 
 import fastattn
 from pallas_kernels.paged_attention import paged_attention_reference
+from tests.paging import shuffled_pool
 from tests.tolerance import assert_within_policy
 
 SMALL = fastattn.DecodeBlockSizes(num_splits=2)
@@ -18,25 +19,11 @@ def _paged_problem(lengths, page_size, *, N=8, K=2, H=64, spare_pages=5, dtype="
     """Random q and a shuffled page pool holding each sequence's K/V; returns the pool, the
     block tables (unused entries = -7, which must never be read) and the free-page mask."""
     rng = np.random.default_rng(seed)
-    B = len(lengths)
-    pages_per_seq = max(1, max(-(-n // page_size) for n in lengths))
-    used = [-(-n // page_size) for n in lengths]
-    P = sum(used) + spare_pages
-    order = rng.permutation(P)
-    tables = np.full((B, pages_per_seq), -7, np.int32)
-    cursor = 0
-    for b, n in enumerate(used):
-        tables[b, :n] = order[cursor: cursor + n]
-        cursor += n
-    k_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
-    v_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
-    q = jnp.asarray(rng.standard_normal((B, N, H)), dtype)
-    # Slots nobody may read: free pages and the tail of each sequence's last page.
-    unread = np.ones((P, page_size), bool)
-    for b, n in enumerate(lengths):
-        for t in range(n):
-            unread[tables[b, t // page_size], t % page_size] = False
-    return q, k_pages, v_pages, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), unread
+    tables, k_pages, v_pages, unread = shuffled_pool(
+        lengths, page_size, rows=len(lengths), K=K, H=H, spare_pages=spare_pages, dtype=dtype,
+        rng=rng)
+    q = jnp.asarray(rng.standard_normal((len(lengths), N, H)), dtype)
+    return q, k_pages, v_pages, tables, jnp.asarray(lengths, jnp.int32), unread
 
 
 CASES = [  # lengths, page_size, N, K, H, dtype, options

@@ -8,6 +8,7 @@ import pytest
 
 import fastattn
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from tests.paging import shuffled_pool
 from tests.tolerance import assert_within_policy
 
 
@@ -15,27 +16,12 @@ def _step(ctx, q_lens, page_size, *, N=4, K=2, H=32, spare=4, pad_rows=3, pad_se
           dtype="float32", seed=0):
     """A step of len(ctx) sequences (plus pad_seqs unused slots and pad_rows padding rows)."""
     rng = np.random.default_rng(seed)
-    S = len(ctx) + pad_seqs
-    used = [-(-c // page_size) for c in ctx]
-    pages_per_seq = max(used)
-    P = sum(used) + spare
-    order = rng.permutation(P)
-    tables = np.full((S, pages_per_seq), -3, np.int32)
-    cursor = 0
-    for s, u in enumerate(used):
-        tables[s, :u] = order[cursor: cursor + u]
-        cursor += u
+    tables, kp, vp, unread = shuffled_pool(ctx, page_size, rows=len(ctx) + pad_seqs, K=K, H=H,
+                                           spare_pages=spare, dtype=dtype, rng=rng, unused=-3)
     starts = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)] * pad_seqs]).astype(np.int32)
-    T = sum(q_lens) + pad_rows
     ctx_all = np.array(list(ctx) + [0] * pad_seqs, np.int32)
-    q = jnp.asarray(rng.standard_normal((T, N, H)), dtype)
-    kp = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
-    vp = jnp.asarray(rng.standard_normal((K, P, page_size, H)), dtype)
-    unread = np.ones((P, page_size), bool)
-    for s, c in enumerate(ctx):
-        for t in range(c):
-            unread[tables[s, t // page_size], t % page_size] = False
-    return q, kp, vp, jnp.asarray(tables), jnp.asarray(ctx_all), jnp.asarray(starts), len(ctx), unread
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + pad_rows, N, H)), dtype)
+    return q, kp, vp, tables, jnp.asarray(ctx_all), jnp.asarray(starts), len(ctx), unread
 
 
 CASES = [  # context lengths, new tokens per sequence, page size, dtype, options
