@@ -8,7 +8,8 @@ Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/dec
            [--tiny]   (a small CPU variant for CI)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
-Paged decode and mixed ragged steps join this script with the paged kernels.
+`fastattn_paged` reads the same keys from a shuffled pool of 16-token pages through block
+tables (K + V bytes counted the same). Mixed ragged steps are not benchmarked yet.
 """
 
 from __future__ import annotations
@@ -28,9 +29,32 @@ CONFIGS = [(1, 131072), (1, 32768), (16, 4096), (64, 4096), (64, 1024), (256, 10
 N, K, H = 32, 8, 128
 
 
-def _impls(on_gpu):
+PAGE_SIZE = 16
+
+
+def _to_pages(k, v, *, page_size, seed):
+    """The same K/V as a shuffled page pool [K, P, page_size, H] and its block tables."""
+    B, S, K, H = k.shape
+    per_seq = S // page_size
+    perm = jax.random.permutation(jax.random.key(seed), B * per_seq)  # page of (b, i)
+    inverse = jnp.argsort(perm)
+
+    def pool(x):  # [B, S, K, H] -> [K, B * per_seq, page_size, H], pages shuffled
+        pages = x.reshape(B * per_seq, page_size, K, H).transpose(2, 0, 1, 3)
+        return pages[:, inverse]
+
+    return pool(k), pool(v), perm.reshape(B, per_seq).astype(jnp.int32)
+
+
+def _impls(on_gpu, paged):
+    k_pages, v_pages, tables = paged
+
     def ours(q, k, v, lengths):
         return fastattn.decode_attention(q, k, v, lengths, implementation="pallas")
+
+    def ours_paged(q, k, v, lengths):  # the same keys, read through the page tables
+        return fastattn.paged_attention(q, k_pages, v_pages, tables, lengths,
+                                        implementation="pallas")
 
     def dpa(impl):
         return lambda q, k, v, lengths: jax.nn.dot_product_attention(
@@ -40,7 +64,7 @@ def _impls(on_gpu):
         from jax.experimental.pallas.ops.gpu import decode_attention as jdecode
         return jdecode.gqa(q, k, v, kv_seq_len=lengths)
 
-    impls = {"fastattn_decode": ours, "xla": dpa("xla")}
+    impls = {"fastattn_decode": ours, "fastattn_paged": ours_paged, "xla": dpa("xla")}
     if on_gpu:
         impls.update(cudnn=dpa("cudnn"), jax_pallas_gqa=jax_pallas_gqa)
     return impls
@@ -57,12 +81,13 @@ def run(configs, out_path):
         v = jax.random.normal(keys[2], (B, S, K, H), jnp.bfloat16)
         lengths = jnp.full((B,), S, jnp.int32)
         kv_bytes = 2 * k.size * k.dtype.itemsize
+        paged = _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
         copy = jax.jit(lambda x: x * jnp.asarray(1, x.dtype))  # reads and writes every byte
         ms = time_fn(copy, k)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
                          gbps=2 * k.size * k.dtype.itemsize / ms / 1e6))
         ref = None
-        for impl, fn in _impls(on_gpu).items():
+        for impl, fn in _impls(on_gpu, paged).items():
             row = dict(config=name, impl=impl)
             try:
                 fn = jax.jit(fn)
