@@ -8,8 +8,12 @@ Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/dec
            [--tiny]   (a small CPU variant for CI)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
-`fastattn_paged` reads the same keys from a shuffled pool of 16-token pages through block
-tables (K + V bytes counted the same). Mixed ragged steps are not benchmarked yet.
+`fastattn_paged` and `jax_pallas_paged` read the same keys from a shuffled pool of 16-token
+pages through block tables (K + V bytes counted the same).
+Mixed step (`ragged|...` rows): 8 prefill chunks of 512 new tokens + 248 decodes, every
+sequence at a 2048-token context, through `fastattn.ragged_paged_attention`, reported as
+K + V bandwidth and TFLOP/s, next to `fastattn_split`: the same work as our flash forward on
+the chunks plus our paged decode on the decodes, timed apart and summed.
 """
 
 from __future__ import annotations
@@ -64,13 +68,18 @@ def _impls(on_gpu, paged):
         from jax.experimental.pallas.ops.gpu import decode_attention as jdecode
         return jdecode.gqa(q, k, v, kv_seq_len=lengths)
 
+    def jax_pallas_paged(q, k, v, lengths):  # its defaults: 8 pages per tile, 16 splits
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpaged
+        return jpaged.paged_attention(q, k_pages, v_pages, tables, lengths)
+
     impls = {"fastattn_decode": ours, "fastattn_paged": ours_paged, "xla": dpa("xla")}
     if on_gpu:
-        impls.update(cudnn=dpa("cudnn"), jax_pallas_gqa=jax_pallas_gqa)
+        impls.update(cudnn=dpa("cudnn"), jax_pallas_gqa=jax_pallas_gqa,
+                     jax_pallas_paged=jax_pallas_paged)
     return impls
 
 
-def run(configs, out_path):
+def run(configs, out_path, ragged):
     on_gpu = jax.default_backend() == "gpu"
     rows = []
     for B, S in configs:
@@ -103,6 +112,7 @@ def run(configs, out_path):
             rows.append(row)
             print(name, impl, {k_: v_ for k_, v_ in row.items() if k_ not in ("config", "impl")},
                   flush=True)
+    rows += run_ragged(*ragged)
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=datetime.date.today().isoformat(), rows=rows)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -112,10 +122,57 @@ def run(configs, out_path):
     print(f"\nGB/s of K+V read  ({result['device']}, jax {result['jax']})")
     print(f"{'config':<32}" + "".join(f"{i:>17}" for i in impls))
     for name in dict.fromkeys(r["config"] for r in rows):
-        cells = {r["impl"]: r.get("gbps") for r in rows if r["config"] == name}
-        print(f"{name:<32}" + "".join(f"{cells[i]:>17.0f}" if cells.get(i) else f"{'err':>17}"
-                                      for i in impls))
+        cells = {r["impl"]: r for r in rows if r["config"] == name}
+        print(f"{name:<32}" + "".join(_cell(cells, i) for i in impls))
     return result
+
+
+def run_ragged(chunks, chunk_len, decodes, context):
+    """One mixed step; returns rows for fastattn_ragged and fastattn_split."""
+    S = chunks + decodes
+    name = f"ragged|{chunks}x{chunk_len} prefill + {decodes} decodes ctx{context}"
+    q_lens = [chunk_len] * chunks + [1] * decodes
+    T = sum(q_lens)
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (T, N, H), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (S, context, K, H), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (S, context, K, H), jnp.bfloat16)
+    k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=11)
+    ctx = jnp.full((S,), context, jnp.int32)
+    starts = jnp.asarray([0] + list(jnp.cumsum(jnp.asarray(q_lens)).tolist()), jnp.int32)
+    # FLOPs: 4 N H per (query, visible key); a chunk's row r sees context - chunk_len + r + 1.
+    pairs = chunks * (chunk_len * (context - chunk_len) + chunk_len * (chunk_len + 1) // 2)
+    flops = 4 * N * H * (pairs + decodes * context)
+    kv_bytes = 2 * k.size * k.dtype.itemsize
+    ragged = jax.jit(lambda q, kp, vp: fastattn.ragged_paged_attention(
+        q, kp, vp, tables, ctx, starts, S, implementation="pallas", max_q_len=chunk_len))
+    prefill = jax.jit(lambda q, k, v: fastattn.attention(q, k, v, causal=True,
+                                                         implementation="pallas"))
+    decode = jax.jit(lambda q, kp, vp: fastattn.paged_attention(
+        q, kp, vp, tables[chunks:], ctx[chunks:], implementation="pallas"))
+    q_chunks = q[: chunks * chunk_len].reshape(chunks, chunk_len, N, H)
+    split_out = jnp.concatenate([prefill(q_chunks, k[:chunks], v[:chunks]).reshape(-1, N, H),
+                                 decode(q[chunks * chunk_len:], k_pages, v_pages)])
+    rows = []
+    for impl, timer in (
+            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages)),
+            ("fastattn_split", lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks])
+             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages))):
+        row = dict(config=name, impl=impl)
+        try:
+            if impl == "fastattn_ragged":  # one step must equal the two separate kernels
+                out = ragged(q, k_pages, v_pages).astype(jnp.float32)
+                ref = split_out.astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            row["ms"] = timer()
+            row["gbps"] = kv_bytes / row["ms"] / 1e6
+            row["tflops"] = flops / row["ms"] / 1e9
+        except Exception as e:  # report and go on
+            row["error"] = str(e).splitlines()[0][:200]
+        print(name, impl, {k_: v_ for k_, v_ in row.items() if k_ not in ("config", "impl")},
+              flush=True)
+        rows.append(row)
+    return rows
 
 
 SWEEP = [  # block_k, num_warps, num_stages
@@ -152,6 +209,13 @@ def sweep(configs):
             print(f"   {row[0]:7.0f}  {row[1:]}")
 
 
+def _cell(cells, impl):
+    row = cells.get(impl)
+    if row is None:
+        return f"{'-':>17}"  # not run for this config
+    return f"{row['gbps']:>17.0f}" if row.get("gbps") else f"{'err':>17}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/decode.json")
@@ -161,7 +225,7 @@ def main(argv=None):
     configs = [(2, 256)] if args.tiny else CONFIGS
     if args.sweep:
         return sweep(configs)
-    return run(configs, args.out)
+    return run(configs, args.out, (2, 32, 6, 64) if args.tiny else (8, 512, 248, 2048))
 
 
 if __name__ == "__main__":

@@ -33,4 +33,8 @@ def test_bench_decode_tiny_writes_json(tmp_path):
     rows = {r["impl"]: r for r in result["rows"]}
     assert rows["fastattn_decode"]["gbps"] > 0 and rows["copy_ceiling"]["gbps"] > 0
     assert rows["fastattn_paged"]["rel_err"] < 2e-2  # same keys via page tables (bf16 rounding)
+    ragged = [r for r in result["rows"] if r["config"].startswith("ragged|")]
+    assert {r["impl"] for r in ragged} == {"fastattn_ragged", "fastattn_split"}
+    assert all(r["tflops"] > 0 for r in ragged)
+    assert ragged[0]["rel_err"] < 2e-2  # one mixed step == flash forward + paged decode
     assert rows["xla"]["rel_err"] < 2e-2  # xla against our kernel, bf16
