@@ -130,7 +130,12 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None):
+        """Full sequences (cache None), or one new token per row against a contiguous cache
+        `cache = (k [B, S, K, H], v, lengths [B])`: the token's K/V are written at
+        lengths[b] and it attends to keys 0..lengths[b] (split-KV decode kernel).
+        Returns (output [B, T, D], this layer's (k, v) cache after the write, or the new
+        tokens' (k, v) when cache is None)."""
         c = self.config
         B, T, _ = x.shape
         H, N, K = c.head_size, c.num_heads, c.num_kv_heads
@@ -140,11 +145,21 @@ class Attention(nn.Module):
         inv_freq = rope_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
-        out = fastattn.attention(
-            q, k, v, causal=True, sliding_window=window,
-            segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
-            implementation=c.attention_implementation)
-        return _dense(c.hidden_size, "o_proj", c.dtype)(out.reshape(B, T, N * H))
+        if cache is None:
+            out = fastattn.attention(
+                q, k, v, causal=True, sliding_window=window,
+                segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
+                implementation=c.attention_implementation)
+            kv = (k, v)
+        else:
+            k_cache, v_cache, lengths = cache
+            rows = jnp.arange(B)
+            k_cache = k_cache.at[rows, lengths].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, lengths].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+            out = fastattn.decode_attention(q[:, 0], k_cache, v_cache, lengths + 1,
+                                            sliding_window=window)[:, None]
+            kv = (k_cache, v_cache)
+        return _dense(c.hidden_size, "o_proj", c.dtype)(out.reshape(B, T, N * H)), kv
 
 
 class MLP(nn.Module):
@@ -162,12 +177,13 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, c.dtype, name="input_layernorm")(x)
-        x = x + Attention(c, name="self_attn")(h, positions, segment_ids)
+        attn, kv = Attention(c, name="self_attn")(h, positions, segment_ids, cache)
+        x = x + attn
         h = RMSNorm(c.rms_norm_eps, c.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(c, name="mlp")(h)
+        return x + MLP(c, name="mlp")(h), kv
 
 
 class Llama(nn.Module):
@@ -175,21 +191,62 @@ class Llama(nn.Module):
 
     positions [B, T] default to 0..T-1; segment_ids [B, T] (packed sequences) restrict
     attention to a token's own segment (pass positions that restart per segment too).
+
+    Generation with a contiguous cache (fastattn.KVCache, lengths = tokens so far):
+        logits, cache = model.apply(params, prompt, cache=cache, method=Llama.prefill)
+        logits, cache = model.apply(params, next_tokens [B, 1], cache=cache,
+                                    method=Llama.decode)
     """
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def setup(self):
         c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size,
+                                     embedding_init=nn.initializers.normal(0.02))
+        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, "lm_head", c.dtype)
+
+    def _logits(self, x):
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(x)
+        return self.lm_head(x)
+
+    def _run(self, tokens, positions, segment_ids, cache):
+        x = self.embed_tokens(tokens).astype(self.config.dtype)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
+            x, kv = layer(x, positions, segment_ids, layer_cache)
+            new_kv.append(kv)
+        return self._logits(x), new_kv
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
-                         embedding_init=nn.initializers.normal(0.02))
-        x = embed(tokens).astype(c.dtype)
-        for i in range(c.num_layers):
-            x = DecoderLayer(c, name=f"layers_{i}")(x, positions, segment_ids)
-        x = RMSNorm(c.rms_norm_eps, c.dtype, name="norm")(x)
-        if c.tie_word_embeddings:
-            return embed.attend(x)
-        return _dense(c.vocab_size, "lm_head", c.dtype)(x)
+        return self._run(tokens, positions, segment_ids, None)[0]
+
+    def prefill(self, tokens, cache):
+        """Runs prompts [B, T] (all of length T) on an empty cache; returns (logits [B, T, V],
+        the cache holding their K/V with lengths = T)."""
+        T = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+        logits, new_kv = self._run(tokens, positions, None, None)
+        k = jnp.stack([kv[0] for kv in new_kv]).astype(cache.k.dtype)  # [L, B, T, K, H]
+        v = jnp.stack([kv[1] for kv in new_kv]).astype(cache.v.dtype)
+        cache = cache.replace(k=cache.k.at[:, :, :T].set(k), v=cache.v.at[:, :, :T].set(v),
+                              lengths=jnp.full_like(cache.lengths, T))
+        return logits, cache
+
+    def decode(self, tokens, cache):
+        """One new token per row, tokens [B, 1] at positions cache.lengths; returns
+        (logits [B, 1, V], the cache with the token's K/V appended)."""
+        positions = cache.lengths[:, None]
+        logits, new_kv = self._run(tokens, positions, None, cache)
+        cache = cache.replace(k=jnp.stack([kv[0] for kv in new_kv]),
+                              v=jnp.stack([kv[1] for kv in new_kv]),
+                              lengths=cache.lengths + 1)
+        return logits, cache

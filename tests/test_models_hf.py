@@ -11,6 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+
+import fastattn  # noqa: E402
 import models  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -56,6 +59,24 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
         nxt = jnp.argmax(module.apply(variables, sequence)[:, -1], axis=-1)
         sequence = jnp.concatenate([sequence, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(np.asarray(sequence[0, 5:]), expected)
+
+    # The same 20 tokens through the contiguous KV cache: prefill once, then decode steps.
+    config = module.config
+    cache = fastattn.KVCache.create(num_layers=config.num_layers, batch=1, max_len=32,
+                                    num_kv_heads=config.num_kv_heads,
+                                    head_dim=config.head_size, dtype=jnp.float32)
+    prefill = jax.jit(lambda p, t, c: module.apply(p, t, c, method=models.Llama.prefill))
+    decode = jax.jit(lambda p, t, c: module.apply(p, t, c, method=models.Llama.decode))
+    logits, cache = prefill(variables, jnp.asarray(prompt), cache)
+    generated = []
+    for step in range(20):
+        nxt = jnp.argmax(logits[:, -1], axis=-1)
+        generated.append(int(nxt[0]))
+        logits, cache = decode(variables, nxt[:, None], cache)
+        full = module.apply(variables, sequence[:, : 6 + step])[:, -1]
+        np.testing.assert_allclose(np.asarray(logits[:, -1]), np.asarray(full), atol=2e-4,
+                                   rtol=2e-4)
+    np.testing.assert_array_equal(generated, expected)
 
 
 def test_missing_tensor_is_named(tmp_path):
