@@ -1,7 +1,8 @@
 """Hugging Face checkpoint import: a directory with config.json and safetensors (one file or
 sharded with model.safetensors.index.json) into our modules and a flax variables dict.
 
-Supported now: the Llama family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
+Supported: the Llama family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) and
+GPT-2 (GPT2LMHeadModel).
 Every tensor is read and checked against the config before anything is returned, so a bad
 checkpoint raises (naming the key) and never yields half-loaded parameters.
 """
@@ -15,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from models.gpt2 import GPT2, GPT2Config
 from models.llama import Llama, LlamaConfig, RopeScaling
 
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+GPT2_FAMILY = ("GPT2LMHeadModel",)
 
 
 def load_hf(path: str):
@@ -26,12 +29,15 @@ def load_hf(path: str):
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     arch = (hf.get("architectures") or ["<none>"])[0]
-    if arch not in LLAMA_FAMILY:
+    if arch not in LLAMA_FAMILY + GPT2_FAMILY:
         raise ValueError(f"config.json architectures[0]={arch!r} is not supported; "
-                         f"supported: {', '.join(LLAMA_FAMILY)}")
+                         f"supported: {', '.join(LLAMA_FAMILY + GPT2_FAMILY)}")
     tensors = _read_safetensors(path)
-    config = _llama_config(hf, dtype=str(tensors["model.embed_tokens.weight"].dtype
-                                         if "model.embed_tokens.weight" in tensors else "float32"))
+    dtype = str(next(iter(tensors.values())).dtype) if tensors else "float32"
+    if arch in GPT2_FAMILY:
+        config = _gpt2_config(hf, dtype)
+        return GPT2(config), {"params": _gpt2_params(config, tensors)}
+    config = _llama_config(hf, dtype)
     return Llama(config), {"params": _llama_params(config, tensors)}
 
 
@@ -78,9 +84,8 @@ def _llama_config(hf: dict, dtype: str) -> LlamaConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096), dtype=dtype)
 
 
-def _llama_params(c: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict:
-    H, N, K, D, F = c.head_size, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
-
+def _taker(tensors: dict[str, np.ndarray]):
+    """take(key, shape): the tensor, checked; a missing key or wrong shape raises naming it."""
     def take(key, shape):
         if key not in tensors:
             raise ValueError(f"checkpoint is missing tensor {key!r}")
@@ -89,6 +94,46 @@ def _llama_params(c: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict:
             raise ValueError(f"checkpoint tensor {key!r} has shape {value.shape}, but the "
                              f"config implies {shape}")
         return jnp.asarray(value)
+    return take
+
+
+def _gpt2_config(hf: dict, dtype: str) -> GPT2Config:
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"config.json activation_function={hf['activation_function']!r} is "
+                         "not supported (GPT-2 uses 'gelu_new')")
+    return GPT2Config(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"],
+                      n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                      n_inner=hf.get("n_inner"),
+                      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dtype=dtype)
+
+
+def _gpt2_params(c: GPT2Config, tensors: dict[str, np.ndarray]) -> dict:
+    take = _taker(tensors)
+    D, F = c.n_embd, c.inner_size
+
+    def conv1d(key, in_dim, out_dim):  # GPT-2's Conv1D stores [in, out], as flax does
+        return {"kernel": take(f"{key}.weight", (in_dim, out_dim)),
+                "bias": take(f"{key}.bias", (out_dim,))}
+
+    def norm(key):
+        return {"scale": take(f"{key}.weight", (D,)), "bias": take(f"{key}.bias", (D,))}
+
+    params = {"wte": {"embedding": take("transformer.wte.weight", (c.vocab_size, D))},
+              "wpe": {"embedding": take("transformer.wpe.weight", (c.n_positions, D))},
+              "ln_f": norm("transformer.ln_f")}
+    for i in range(c.n_layer):
+        pre = f"transformer.h.{i}"
+        params[f"h_{i}"] = {"ln_1": norm(f"{pre}.ln_1"), "ln_2": norm(f"{pre}.ln_2"),
+                            "c_attn": conv1d(f"{pre}.attn.c_attn", D, 3 * D),
+                            "c_proj": conv1d(f"{pre}.attn.c_proj", D, D),
+                            "c_fc": conv1d(f"{pre}.mlp.c_fc", D, F),
+                            "mlp_c_proj": conv1d(f"{pre}.mlp.c_proj", F, D)}
+    return params
+
+
+def _llama_params(c: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict:
+    H, N, K, D, F = c.head_size, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
+    take = _taker(tensors)
 
     def dense(key, out_dim, in_dim, bias=False):  # torch Linear [out, in] -> flax kernel [in, out]
         p = {"kernel": take(f"{key}.weight", (out_dim, in_dim)).T}

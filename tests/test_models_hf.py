@@ -17,7 +17,8 @@ import fastattn  # noqa: E402
 import models  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
+             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+             bos_token_id=None, eos_token_id=None)  # no EOS: generate runs all 20 steps
 
 ARCHES = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
@@ -30,6 +31,29 @@ ARCHES = {
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         **SMALL, tie_word_embeddings=True)),
 }
+GPT2_SMALL = dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                  bos_token_id=None, eos_token_id=None)
+
+
+def test_gpt2_logits_and_greedy_tokens_match_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_SMALL)).eval()
+    hf_model.save_pretrained(tmp_path)
+    module, variables = models.load_hf(str(tmp_path))
+    assert isinstance(module, models.GPT2)
+    tokens = np.random.default_rng(2).integers(0, 128, (2, 20))
+    with torch.no_grad():
+        theirs = hf_model(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(tokens))), theirs,
+                               atol=2e-4, rtol=2e-4)
+    prompt = tokens[:1, :4]
+    with torch.no_grad():
+        expected = hf_model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False)[0, 4:].numpy()
+    sequence = jnp.asarray(prompt)
+    for _ in range(20):
+        nxt = jnp.argmax(module.apply(variables, sequence)[:, -1], axis=-1)
+        sequence = jnp.concatenate([sequence, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(sequence[0, 4:]), expected)
 
 
 def _save(arch, tmp_path):
@@ -52,8 +76,7 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
 
     prompt = tokens[:1, :5]
     with torch.no_grad():
-        expected = hf_model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False,
-                                     min_new_tokens=20)[0, 5:].numpy()
+        expected = hf_model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False)[0, 5:].numpy()
     sequence = jnp.asarray(prompt)
     for _ in range(20):  # full recompute each step; the cached path is the engine's job
         nxt = jnp.argmax(module.apply(variables, sequence)[:, -1], axis=-1)
