@@ -20,6 +20,7 @@ cudnn, or xla where cudnn did not run (e.g. --tiny on CPU).
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -29,6 +30,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+import fastattn
 
 IMPLS = ["cudnn", "xla", "fastattn", "fastattn_pallas", "jax_pallas_mha"]
 GPU_ONLY = {"cudnn", "jax_pallas_mha"}
@@ -90,15 +93,11 @@ def make_attn(impl, causal, head_dim, block_sizes):
         kw = {"segment_ids": None, "causal": causal, "sm_scale": 1.0 / math.sqrt(head_dim)}
         kw = {k: v for k, v in kw.items() if k in params}
         return lambda q, k, v: pallas_attention.mha(q, k, v, **kw)
-    import fastattn
-
     if impl == "fastattn":
         return lambda q, k, v: fastattn.attention(q, k, v, causal=causal)
     kw = {"implementation": "pallas"}
     if block_sizes is not None:
-        from pallas_kernels.flash_attention import BlockSizes
-
-        kw["block_sizes"] = BlockSizes(**block_sizes)
+        kw["block_sizes"] = fastattn.BlockSizes(**block_sizes)
     return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, **kw)
 
 
@@ -107,10 +106,11 @@ def make_step(attn, mode, do):
     if mode == "fwd":
         return jax.jit(attn)
 
-    def loss(q, k, v):
+    # do is an argument, not a closure: a captured array is a constant XLA would fold.
+    def loss(q, k, v, do):
         return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return functools.partial(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), do=do)
 
 
 def rel_err(a, b):

@@ -29,9 +29,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step)
+    LOG2E,
+    dot,
+    online_softmax_finish,
+    online_softmax_init,
+    online_softmax_step,
+)
 from pallas_kernels.decode_attention import (
-    DecodeBlockSizes, split_kv_call, decode_attention_reference)
+    DecodeBlockSizes,
+    decode_attention_reference,
+    split_kv_call,
+)
+from pallas_kernels.flash_attention import flash_attention_reference
 
 MIN_KERNEL_PAGE_SIZE = 16  # a page is one matrix-unit tile, and Triton's smallest is 16
 
@@ -184,7 +193,6 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, context_
                                      scale=None):
     """Per sequence (host loop over concrete metadata): gather its pages into dense K/V and
     run the dense causal reference on its new rows. Rows of no sequence are 0."""
-    from pallas_kernels.flash_attention import flash_attention_reference
     starts, ctx = np.asarray(query_start), np.asarray(context_lens)
     out = jnp.zeros_like(q)
     k_dense, v_dense = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
