@@ -12,10 +12,20 @@ from pallas_kernels.decode_attention import DecodeBlockSizes
 # KV caches
 from fastattn.kv_cache import KVCache, PagedKVCache, check_slot_mapping, write_kv, write_kv_donated
 
+# Training: data, tokenizers, the loop, checkpoints
+from fastattn.checkpoint import Checkpointer
+from fastattn.data import Batch, PackedDataset, pack_documents
+from fastattn.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from fastattn.training import (
+    CheckpointConfig, OptimizerConfig, TrainConfig, TrainResult, TrainState, train)
+
 __all__ = [
     "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
     "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "decode_attention", "paged_attention",
     "ragged_paged_attention",
     "KVCache", "PagedKVCache", "check_slot_mapping", "write_kv", "write_kv_donated",
+    "Checkpointer", "Batch", "PackedDataset", "pack_documents",
+    "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
+    "CheckpointConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "TrainState", "train",
 ]
 __version__ = "0.1.0"

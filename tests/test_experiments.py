@@ -2,11 +2,11 @@
 
 import json
 
-from experiments import bench_attention, demo
+from experiments import attention_check, bench_attention
 
 
-def test_demo_tiny_all_implementations_agree(capsys):
-    rows = demo.main(["--tiny"])
+def test_attention_check_tiny_all_implementations_agree(capsys):
+    rows = attention_check.main(["--tiny"])
     assert [impl for impl, *_ in rows] == ["reference", "xla", "pallas"]
     for impl, err, fwd_ms, bwd_ms in rows:
         assert err < 2e-2, impl  # bf16 inputs against the f32 reference
