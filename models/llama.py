@@ -250,3 +250,16 @@ class Llama(nn.Module):
                               v=jnp.stack([kv[1] for kv in new_kv]),
                               lengths=cache.lengths + 1)
         return logits, cache
+
+
+def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward + backward = 3 x forward) of a causal
+    sequence of `seq_len`: 6 x the matmul parameters (projections, MLP, LM head; the embedding
+    lookup is no matmul) plus attention's QK^T and PV, counted causally (each query sees on
+    average (seq_len + 1) / 2 keys)."""
+    c = config
+    H, N, K, D, F = c.head_size, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
+    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F
+    matmul_params = c.num_layers * per_layer + D * c.vocab_size
+    attention = c.num_layers * 2 * 2 * N * H * (seq_len + 1) / 2  # forward: 2 matmuls
+    return 6.0 * matmul_params + 3.0 * attention

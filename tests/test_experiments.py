@@ -38,3 +38,25 @@ def test_bench_decode_tiny_writes_json(tmp_path):
     assert all(r["tflops"] > 0 for r in ragged)
     assert ragged[0]["rel_err"] < 2e-2  # one mixed step == flash forward + paged decode
     assert rows["xla"]["rel_err"] < 2e-2  # xla against our kernel, bf16
+
+
+def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
+    from experiments import demo
+
+    result = demo.main(["--tiny", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert result["step"] == 6  # the reloaded checkpoint is the last step
+    assert f"accuracy: {100 * result['accuracy']:.1f}%" in out
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 0
+    assert len(result["history"]) == 6 and all(r["loss"] > 0 for r in result["history"])
+    metrics = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
+    assert len([m for m in metrics if "eval_loss" in m]) == 2
+
+
+def test_bench_train_tiny_writes_json(tmp_path):
+    from experiments import bench_train
+
+    result = bench_train.main(["--tiny", "--impls", "xla", "--out", str(tmp_path / "t.json")])
+    (row,) = result["rows"]
+    assert row["impl"] == "fastattn_xla" and row["tokens_per_s"] > 0 and row["tflops"] > 0
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["ms"] == row["ms"]

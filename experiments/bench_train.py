@@ -1,0 +1,94 @@
+"""Training-step throughput and MFU of the 0.85B Llama of shared/TARGETS.md at T = 2048.
+
+Question: how close does one optimizer step (bf16 compute, f32 master weights, AdamW) get to the
+          GPU's peak, with our Pallas attention and with the XLA attention path?
+Run:      PYTHONPATH=. python experiments/bench_train.py [--impls pallas,xla] [--out FILE]
+          --tiny: a seconds-long CPU variant (CI).
+Prints:   per implementation: ms per step, tokens/s, model TFLOP/s and MFU
+          (FLOPs: models.train_flops_per_token = 6 x matmul params + causal attention), and
+          writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastattn.data import pack_documents
+from fastattn.training import (
+    OptimizerConfig, TrainState, make_optimizer, make_train_step, peak_flops)
+from models import LLAMA_0_85B, TINY, Llama, train_flops_per_token
+
+
+def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int) -> dict:
+    model = Llama(config)
+    rng = np.random.default_rng(0)
+    docs = rng.integers(0, config.vocab_size, (batch_size, seq_len)).tolist()
+    data = pack_documents(docs, seq_len)
+    batch = data.batch(0, batch_size, seed=0)
+    batch = {k: jnp.asarray(getattr(batch, k)) for k in
+             ("tokens", "targets", "weights", "positions", "segment_ids")}
+    params = jax.jit(lambda key: model.init(key, batch["tokens"][:1])["params"])(
+        jax.random.PRNGKey(0))
+    optimizer = make_optimizer(OptimizerConfig(), 1000)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+    step = make_train_step(model, optimizer, grad_accum)
+    for _ in range(2):  # compile + one warm step
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch_size * seq_len
+    flops = train_flops_per_token(config, seq_len) * tokens
+    peak = peak_flops()
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return {"ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+            "mfu": (flops / seconds / peak) if peak else None, "params": n_params,
+            "loss": float(metrics["loss"])}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--out", default="benchmarks/train.json")
+    args = parser.parse_args(argv)
+    base, seq_len, batch, steps = LLAMA_0_85B, args.seq_len, args.batch, args.steps
+    if args.tiny:
+        base, seq_len, batch, steps = TINY, 64, 2, 2
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}, jax {jax.__version__}; T={seq_len}, {batch} rows/step, "
+          f"grad_accum {args.grad_accum}, compute {base.dtype}, master float32")
+    rows = []
+    for impl in args.impls.split(","):
+        config = dataclasses.replace(base, attention_implementation=impl)
+        r = bench(config, seq_len, batch, args.grad_accum, steps)
+        rows.append({"config": f"llama {r['params'] / 1e9:.2f}B T{seq_len} b{batch}",
+                     "impl": f"fastattn_{impl}", **r})
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"  {impl:<10} {r['ms']:9.1f} ms/step {r['tokens_per_s']:12,.0f} tok/s "
+              f"{r['tflops']:8.1f} TFLOP/s  MFU {mfu}")
+    result = {"device": device.device_kind, "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
