@@ -6,10 +6,12 @@ to cuDNN and XLA (`jax.nn.dot_product_attention` with T = 1), JAX's shipped Pall
 `decode_attention.gqa`, and a device copy measured in the same run?
 Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/decode.json]
            [--tiny]   (a small CPU variant for CI)
+           [--sweep [decode|paged|ragged]]   (tile sweep of one of our kernels; prints only)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
 `fastattn_paged` and `jax_pallas_paged` read the same keys from a shuffled pool of 16-token
-pages through block tables (K + V bytes counted the same).
+pages through block tables (K + V bytes counted the same; JAX's paged kernel applies no
+1/sqrt(H) to the logits, so it is given q pre-scaled, outside the timed call).
 Mixed step (`ragged|...` rows): 8 prefill chunks of 512 new tokens + 248 decodes, every
 sequence at a 2048-token context, through `fastattn.ragged_paged_attention`, reported as
 K + V bandwidth and TFLOP/s, next to `fastattn_split`: the same work as our flash forward on
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 
 import fastattn
 from experiments.bench_attention import time_fn
+from pallas_kernels.paged_attention import RaggedBlockSizes
 
 CONFIGS = [(1, 131072), (1, 32768), (16, 4096), (64, 4096), (64, 1024), (256, 1024)]  # (B, S)
 N, K, H = 32, 8, 128
@@ -51,7 +54,7 @@ def _to_pages(k, v, *, page_size, seed):
 
 
 def _impls(on_gpu, paged):
-    k_pages, v_pages, tables = paged
+    k_pages, v_pages, tables, q_scaled = paged
 
     def ours(q, k, v, lengths):
         return fastattn.decode_attention(q, k, v, lengths, implementation="pallas")
@@ -69,8 +72,9 @@ def _impls(on_gpu, paged):
         return jdecode.gqa(q, k, v, kv_seq_len=lengths)
 
     def jax_pallas_paged(q, k, v, lengths):  # its defaults: 8 pages per tile, 16 splits
+        # It applies no 1/sqrt(H) to the logits: it gets q pre-scaled, outside the timed call.
         from jax.experimental.pallas.ops.gpu import paged_attention as jpaged
-        return jpaged.paged_attention(q, k_pages, v_pages, tables, lengths)
+        return jpaged.paged_attention(q_scaled, k_pages, v_pages, tables, lengths)
 
     impls = {"fastattn_decode": ours, "fastattn_paged": ours_paged, "xla": dpa("xla")}
     if on_gpu:
@@ -90,7 +94,7 @@ def run(configs, out_path, ragged):
         v = jax.random.normal(keys[2], (B, S, K, H), jnp.bfloat16)
         lengths = jnp.full((B,), S, jnp.int32)
         kv_bytes = 2 * k.size * k.dtype.itemsize
-        paged = _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
+        paged = (*_to_pages(k, v, page_size=PAGE_SIZE, seed=B + S), q * H ** -0.5)
         copy = jax.jit(lambda x: x * jnp.asarray(1, x.dtype))  # reads and writes every byte
         ms = time_fn(copy, k)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
@@ -179,34 +183,80 @@ SWEEP = [  # block_k, num_warps, num_stages
     (64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2), (256, 8, 2),
     (256, 8, 3), (64, 4, 4),
 ]
+SWEEP_PAGED = [(16, 4, 2), (32, 4, 2), (64, 4, 2), (128, 4, 2), (128, 4, 3), (256, 4, 2)]
+SWEEP_RAGGED = [  # block_q, block_k, num_warps, num_stages
+    (16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2), (32, 64, 8, 2),
+    (8, 128, 4, 2), (16, 16, 4, 2),
+]
 
 
-def sweep(configs):
-    """Times our kernel under each candidate tile (and 2x / 0.5x the default splits)."""
+def sweep(configs, kernel="decode"):
+    """Times our decode or paged decode kernel under each candidate tile (decode: also 2x /
+    0.5x the default splits), or the ragged kernel's tiles on the mixed step."""
+    if kernel == "ragged":
+        return sweep_ragged()
     for B, S in configs:
         keys = jax.random.split(jax.random.key(1), 3)
         q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
         k, v = (jax.random.normal(kk, (B, S, K, H), jnp.bfloat16) for kk in keys[1:])
         lengths = jnp.full((B,), S, jnp.int32)
         kv_bytes = 2 * k.size * k.dtype.itemsize
+        k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
         results = []
-        for block_k, warps, stages in SWEEP:
+        for block_k, warps, stages in SWEEP_PAGED if kernel == "paged" else SWEEP:
             default = fastattn.DecodeBlockSizes(block_k=block_k).resolve(
                 batch=B, kv_heads=K, kv_len=S).num_splits
-            for splits in sorted({default, 2 * default, max(1, default // 2)}):
+            split_choices = [default] if kernel == "paged" else sorted(
+                {default, 2 * default, max(1, default // 2)})
+            for splits in split_choices:
                 bs = fastattn.DecodeBlockSizes(block_k=block_k, num_warps=warps,
                                                num_stages=stages, num_splits=splits)
-                fn = jax.jit(lambda q, k, v, n, bs=bs: fastattn.decode_attention(
-                    q, k, v, n, implementation="pallas", block_sizes=bs))
+                if kernel == "paged":
+                    fn = jax.jit(lambda q, k, v, n, bs=bs, pool=(k_pages, v_pages, tables):
+                                 fastattn.paged_attention(q, *pool, n, implementation="pallas",
+                                                          block_sizes=bs))
+                else:
+                    fn = jax.jit(lambda q, k, v, n, bs=bs: fastattn.decode_attention(
+                        q, k, v, n, implementation="pallas", block_sizes=bs))
                 try:
                     ms = time_fn(fn, q, k, v, lengths, min_time=0.1)
                 except Exception as e:  # e.g. a tile over the shared-memory limit
                     print(f"   {(block_k, warps, stages, splits)}: {str(e).splitlines()[0][:90]}")
                     continue
                 results.append((kv_bytes / ms / 1e6, block_k, warps, stages, splits))
-        print(f"b{B} kv{S}: best GB/s (block_k, warps, stages, splits):")
-        for row in sorted(results, reverse=True)[:5]:
-            print(f"   {row[0]:7.0f}  {row[1:]}")
+        print(f"{kernel} b{B} kv{S}: best GB/s (block_k, warps, stages, splits):")
+        for row in sorted(results, reverse=True)[:6]:
+            print(f"   {row[0]:7.0f}  {row[1:]}", flush=True)
+
+
+def sweep_ragged(chunks=8, chunk_len=512, decodes=248, context=2048):
+    """The mixed step of `run_ragged` under each RaggedBlockSizes candidate."""
+    S = chunks + decodes
+    q_lens = [chunk_len] * chunks + [1] * decodes
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (sum(q_lens), N, H), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (S, context, K, H), jnp.bfloat16) for kk in keys[1:])
+    k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=11)
+    ctx = jnp.full((S,), context, jnp.int32)
+    starts = jnp.asarray([0] + list(jnp.cumsum(jnp.asarray(q_lens)).tolist()), jnp.int32)
+    kv_bytes = 2 * k.size * k.dtype.itemsize
+    results = []
+    for block_q, block_k, warps, stages in SWEEP_RAGGED:
+        bs = RaggedBlockSizes(block_q=block_q, block_k=block_k, num_warps=warps,
+                              num_stages=stages)
+        fn = jax.jit(lambda q, kp, vp, bs=bs: fastattn.ragged_paged_attention(
+            q, kp, vp, tables, ctx, starts, S, implementation="pallas", max_q_len=chunk_len,
+            block_sizes=bs))
+        try:
+            ms = time_fn(fn, q, k_pages, v_pages, min_time=0.1)
+        except Exception as e:
+            print(f"   {(block_q, block_k, warps, stages)}: {str(e).splitlines()[0][:90]}")
+            continue
+        results.append((ms, kv_bytes / ms / 1e6, block_q, block_k, warps, stages))
+    print(f"ragged {chunks}x{chunk_len} + {decodes} decodes ctx{context}: "
+          "ms, GB/s (block_q, block_k, warps, stages):")
+    for row in sorted(results):
+        print(f"   {row[0]:7.3f} {row[1]:7.0f}  {row[2:]}", flush=True)
 
 
 def _cell(cells, impl):
@@ -220,11 +270,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/decode.json")
     parser.add_argument("--tiny", action="store_true", help="one small shape (CPU, CI)")
-    parser.add_argument("--sweep", action="store_true", help="tile sweep of our kernel only")
+    parser.add_argument("--sweep", nargs="?", const="decode", choices=["decode", "paged", "ragged"],
+                        help="tile sweep of one of our kernels only (default: decode)")
     args = parser.parse_args(argv)
     configs = [(2, 256)] if args.tiny else CONFIGS
     if args.sweep:
-        return sweep(configs)
+        return sweep(configs, args.sweep)
     return run(configs, args.out, (2, 32, 6, 64) if args.tiny else (8, 512, 248, 2048))
 
 

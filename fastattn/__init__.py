@@ -8,9 +8,16 @@ from pallas_kernels.flash_attention import BlockSizes
 from fastattn._decode import (
     DECODE_IMPLEMENTATIONS, decode_attention, paged_attention, ragged_paged_attention)
 from pallas_kernels.decode_attention import DecodeBlockSizes
+from pallas_kernels.paged_attention import RaggedBlockSizes
 
 # KV caches
 from fastattn.kv_cache import KVCache, PagedKVCache, check_slot_mapping, write_kv, write_kv_donated
+from fastattn.ragged_batch import RaggedBatch
+
+# Serving: sampling, the page pool, the scheduler and the engine
+from fastattn.block_manager import BlockManager, OutOfPagesError
+from fastattn.engine import Completion, Engine, EngineConfig, Sample, TokenEvent
+from fastattn.sampling import SamplingParams, SamplingTensors, sample
 
 # Training: data, tokenizers, the loop, checkpoints
 from fastattn.checkpoint import Checkpointer
@@ -21,9 +28,12 @@ from fastattn.training import (
 
 __all__ = [
     "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
-    "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "decode_attention", "paged_attention",
+    "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "RaggedBlockSizes", "decode_attention", "paged_attention",
     "ragged_paged_attention",
     "KVCache", "PagedKVCache", "check_slot_mapping", "write_kv", "write_kv_donated",
+    "RaggedBatch",
+    "BlockManager", "OutOfPagesError", "Completion", "Engine", "EngineConfig", "Sample",
+    "TokenEvent", "SamplingParams", "SamplingTensors", "sample",
     "Checkpointer", "Batch", "PackedDataset", "pack_documents",
     "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
     "CheckpointConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "TrainState", "train",

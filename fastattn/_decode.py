@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastattn._attention import _check_scalar_options
+from fastattn._xla_paged import ragged_paged_attention_xla
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes, decode_attention as _pallas_decode, decode_attention_reference)
 from pallas_kernels.paged_attention import (
-    MIN_KERNEL_PAGE_SIZE, paged_attention_reference, paged_decode_attention,
+    RaggedBlockSizes, paged_attention_reference, paged_decode_attention,
     ragged_paged_attention as _pallas_ragged, ragged_paged_attention_reference)
 
 DECODE_IMPLEMENTATIONS = ("pallas", "xla")
@@ -56,19 +57,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
     t % page_size; lengths [B]. Entries of a table past its sequence's last page are never
     read. Checked on the host when concrete (JAX would clamp silently): lengths in
     [0, pages_per_seq * page_size] and every page a length covers in [0, P).
-    implementation: None (Pallas on a GPU, XLA elsewhere), "pallas" (page_size >= 16),
+    implementation: None (Pallas on a GPU, XLA elsewhere), "pallas" (Triton kernel, any page
+        size: a tile of block_k keys gathers its rows across pages; interpret mode on a CPU),
         "xla" (gathers the pages into dense K/V). Other options as in `decode_attention`.
     """
     _validate_paged(q, k_pages, v_pages, block_tables, lengths, implementation, block_sizes)
     softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
-    name = implementation or ("pallas" if jax.default_backend() == "gpu"
-                              and k_pages.shape[2] >= MIN_KERNEL_PAGE_SIZE else "xla")
+    name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
     if name == "pallas":
-        if k_pages.shape[2] < MIN_KERNEL_PAGE_SIZE:
-            raise NotImplementedError(
-                f"implementation='pallas' takes page_size >= {MIN_KERNEL_PAGE_SIZE}, got "
-                f"{k_pages.shape[2]}; use implementation='xla' or a larger page")
         out, lse = paged_decode_attention(
             q, k_pages, v_pages, block_tables, lengths, softcap=softcap,
             window_left=window_left, scale=scale, block_sizes=block_sizes,
@@ -82,7 +79,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start,
                            num_seqs, *, softcap=None, sliding_window=None, scale=None,
-                           max_q_len=None, implementation=None):
+                           max_q_len=None, implementation=None, block_sizes=None):
     """One engine step mixing prefill chunks and decodes over a paged cache (one layer).
 
     q [T, N, H]: sequence s owns rows query_start[s] .. query_start[s + 1] - 1 (s < num_seqs);
@@ -96,33 +93,37 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     block_tables [S, pages_per_seq], context_lens [S], query_start [S + 1] int; rows of no
     sequence (padding of a bucketed batch) return 0. max_q_len: static bound on any q_len_s
     (None: T); fewer programs when the step is mostly decodes.
-    implementation: None ("pallas" on a GPU, "reference" elsewhere), "pallas" (Triton
-        kernel, page_size >= 16; interpret mode on a CPU), "reference" (per-sequence dense
-        reference; needs concrete metadata).
+    implementation: None ("pallas" on a GPU, "xla" elsewhere), "pallas" (Triton kernel, any
+        page size; interpret mode on a CPU), "xla" (plain XLA, traceable: the engine's step
+        on a CPU), "reference" (per-sequence dense reference; needs concrete metadata).
+    block_sizes: `RaggedBlockSizes` for the kernel (tiles; speed only).
     Metadata is checked on the host when concrete (JAX clamps out-of-range reads silently).
     """
     _validate_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
                      max_q_len, implementation)
+    if block_sizes is not None and not isinstance(block_sizes, RaggedBlockSizes):
+        raise ValueError(f"block_sizes must be a RaggedBlockSizes or None, got {block_sizes!r}")
     softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
-    name = implementation or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    if name == "xla":
+        return ragged_paged_attention_xla(
+            q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+            softcap=softcap, window_left=window_left, scale=scale)
     if name == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
             softcap=softcap, window_left=window_left, scale=scale)
-    if k_pages.shape[2] < MIN_KERNEL_PAGE_SIZE:
-        raise NotImplementedError(
-            f"implementation='pallas' takes page_size >= {MIN_KERNEL_PAGE_SIZE}, got "
-            f"{k_pages.shape[2]}; use implementation='reference' or a larger page")
     return _pallas_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
                           softcap=softcap, window_left=window_left, scale=scale,
-                          max_q_len=max_q_len, interpret=jax.default_backend() != "gpu")
+                          block_sizes=block_sizes, max_q_len=max_q_len,
+                          interpret=jax.default_backend() != "gpu")
 
 
 def _validate_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
                      max_q_len, implementation):
-    if implementation not in (None, "pallas", "reference"):
-        raise ValueError(f"implementation must be None, 'pallas' or 'reference', got "
+    if implementation not in (None, "pallas", "xla", "reference"):
+        raise ValueError(f"implementation must be None, 'pallas', 'xla' or 'reference', got "
                          f"{implementation!r}")
     if getattr(q, "ndim", None) != 3:
         raise ValueError(f"q must be [T, N, H], got q.shape={getattr(q, 'shape', None)}")

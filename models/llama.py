@@ -130,10 +130,12 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, x, positions, segment_ids, cache=None, paged=None):
         """Full sequences (cache None), or one new token per row against a contiguous cache
         `cache = (k [B, S, K, H], v, lengths [B])`: the token's K/V are written at
-        lengths[b] and it attends to keys 0..lengths[b] (split-KV decode kernel).
+        lengths[b] and it attends to keys 0..lengths[b] (split-KV decode kernel), or the
+        engine's flattened ragged batch (x [1, T, D]) with `paged = (fastattn.RaggedBatch,
+        (k_pages, v_pages) of this layer)`.
         Returns (output [B, T, D], this layer's (k, v) cache after the write, or the new
         tokens' (k, v) when cache is None)."""
         c = self.config
@@ -145,7 +147,16 @@ class Attention(nn.Module):
         inv_freq = rope_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
-        if cache is None:
+        if paged is not None:
+            batch, (k_pages, v_pages) = paged
+            k_pages, v_pages = fastattn.write_kv(k_pages, v_pages, k[0], v[0],
+                                                 batch.slot_mapping)
+            out = fastattn.ragged_paged_attention(
+                q[0].astype(k_pages.dtype), k_pages, v_pages, batch.block_tables,
+                batch.context_lens, batch.query_start, batch.num_seqs, sliding_window=window,
+                max_q_len=batch.max_q_len)[None].astype(q.dtype)
+            kv = (k_pages, v_pages)
+        elif cache is None:
             out = fastattn.attention(
                 q, k, v, causal=True, sliding_window=window,
                 segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
@@ -177,10 +188,10 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, x, positions, segment_ids, cache=None, paged=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, c.dtype, name="input_layernorm")(x)
-        attn, kv = Attention(c, name="self_attn")(h, positions, segment_ids, cache)
+        attn, kv = Attention(c, name="self_attn")(h, positions, segment_ids, cache, paged)
         x = x + attn
         h = RMSNorm(c.rms_norm_eps, c.dtype, name="post_attention_layernorm")(x)
         return x + MLP(c, name="mlp")(h), kv
@@ -240,6 +251,20 @@ class Llama(nn.Module):
         cache = cache.replace(k=cache.k.at[:, :, :T].set(k), v=cache.v.at[:, :, :T].set(v),
                               lengths=jnp.full_like(cache.lengths, T))
         return logits, cache
+
+    def paged_step(self, batch, kv_pages):
+        """The engine's step: batch is a `fastattn.RaggedBatch` (T flattened rows of new
+        tokens), kv_pages a list of (k_pages, v_pages) [K, P, page_size, H] per layer (one
+        array per layer, so each is updated in place when donated). Writes every row's K/V
+        into its slot, attends over the pages, and returns (logits [S, V] of each sequence's
+        `logits_rows` row, the updated kv_pages)."""
+        x = self.embed_tokens(batch.tokens[None]).astype(self.config.dtype)  # [1, T, D]
+        positions = batch.positions[None]
+        new_pages = []
+        for layer, pages in zip(self.layers, kv_pages, strict=True):
+            x, kv = layer(x, positions, None, None, (batch, pages))
+            new_pages.append(kv)
+        return self._logits(x[0, batch.logits_rows]), new_pages
 
     def decode(self, tokens, cache):
         """One new token per row, tokens [B, 1] at positions cache.lengths; returns

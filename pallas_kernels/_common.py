@@ -33,6 +33,22 @@ def exp2(x, *, interpret: bool):
     return y
 
 
+def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int):
+    """All-array index of keys `keys` [n] of one sequence in its layer's page pool
+    [P, page_size, width], through the sequence's block table table_ref [pages_per_seq]:
+    key j sits at row j % page_size of page table[j // page_size] (vLLM's layout).
+
+        keys  k_start ........................ k_start + n     (one tile, any page size)
+        pages | table[i] | table[i + 1] | ... |                  each row gathered by page id
+
+    A tile spans as many pages as it needs, so its size is the kernel's choice, not the page
+    size. Keys that are not `valid` read page 0 instead of their table entry (table entries
+    past a sequence's pages may hold anything); their K/V loads must be masked by the caller.
+    Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised."""
+    page = plgpu.load(table_ref.at[jax.lax.div(keys, page_size)], mask=valid, other=0)
+    return page[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
+
+
 def online_softmax_init(rows: int, width: int):
     """(acc [rows, width], running max m [rows], running sum l [rows]) before any key."""
     return (jnp.zeros((rows, width), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),

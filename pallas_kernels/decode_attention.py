@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step)
+    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step, paged_kv_index)
 
 GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 
@@ -72,11 +72,13 @@ class DecodeBlockSizes:
 
 
 def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
-                     block_k, head_dim, paged, interpret):
+                     block_k, head_dim, page_size, interpret):
     # q_ref [Gp, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
-    # contiguous: k_ref, v_ref [S, Hp]
-    # paged:      k_ref, v_ref [P, page_size, Hp] (this kv head's pool), block_table_ref
-    #             [pages_per_seq]; a tile is one page (block_k = page_size)
+    # contiguous (page_size None): k_ref, v_ref [S, Hp]
+    # paged: k_ref, v_ref [P, page_size, Hp] (this kv head's pool), block_table_ref
+    #        [pages_per_seq]; a tile of block_k keys gathers its rows from the pages they
+    #        sit in (block_k / page_size pages per tile when page_size divides block_k)
+    paged = page_size is not None
     block_table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
     split = pl.program_id(0)
     length = jnp.sum(len_ref[...])  # a [1] block read as a scalar
@@ -98,9 +100,8 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         cols = k_start + jnp.arange(block_k)
         valid = (cols < end) & (cols >= lowest)
         mask = valid[:, None] & head_ok if hp != head_dim else valid[:, None]
-        if paged:  # tile k_start / page_size of the sequence is the page its table names
-            page = jnp.sum(block_table_ref[pl.ds(jax.lax.div(k_start, block_k), 1)])
-            index = (page, slice(None), slice(None))
+        if paged:
+            index = paged_kv_index(block_table_ref, cols, valid, page_size=page_size, width=hp)
         else:
             index = (pl.ds(k_start, block_k), slice(None))
         k = plgpu.load(k_ref.at[index], mask=mask, other=0.0)
@@ -153,7 +154,8 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
 def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_heads,
                    block_sizes, softcap, window_left, scale, interpret):
     """Launches the split-KV kernel over (splits, B, K) and merges the partials.
-    kv_len is the longest possible sequence (pages_per_seq * page_size when paged)."""
+    kv_len is the longest possible sequence (pages_per_seq * page_size when paged, k and v
+    then being the [K, P, page_size, H] pools)."""
     B, N, H = q.shape
     K = num_kv_heads
     G = N // K
@@ -167,7 +169,7 @@ def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_hea
     kernel = functools.partial(
         _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, head_dim=H,
-        paged=paged, interpret=interpret)
+        page_size=k.shape[2] if paged else None, interpret=interpret)
     in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
                 pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
     inputs = [q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1)]

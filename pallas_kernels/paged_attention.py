@@ -1,19 +1,23 @@
-"""Paged decode attention: split-KV flash decoding over a vLLM-style paged KV cache.
+"""Paged decode attention: split-KV flash decoding over a vLLM-style paged KV cache, and the
+ragged paged kernel that serves an engine step mixing prefill chunks and decodes.
 
     q [B, N, H]   k_pages, v_pages [K, P, page_size, H]   block_tables [B, pages_per_seq]
     lengths [B]
 
 Token t of sequence b lives in page block_tables[b, t // page_size] at offset
-t % page_size (see fastattn/kv_cache.py for the picture). The kernel is the split-KV decode
-kernel of decode_attention.py with one tile = one page: each program walks the pages of its
-KV partition through the block table, so pages may sit anywhere in the pool, in any order.
+t % page_size (see fastattn/kv_cache.py for the picture). The decode kernel is the split-KV
+kernel of decode_attention.py; a tile of block_k keys gathers each key's row from the page
+its table names, so a tile spans several pages (8 at block_k = 128, page_size = 16) and the
+tile size is the kernel's choice, not the page size's. Pages may sit anywhere in the pool, in
+any order:
 
-    block_tables[b] = [5, 2, 7, ...]          split 0          split 1
-    sequence b:       | page 5 | page 2 | page 7 | page 1 | ... |
-                        tile 0   tile 1   tile 2   tile 3
+    block_tables[b] = [5, 2, 7, 1, ...]           split 0          |    split 1
+    sequence b:       | page 5 | page 2 | page 7 | page 1 | ... |  ...
+                      |<------ tile 0: block_k keys ------>|
 
-Only the pages a sequence's length covers are read, and rows past the length inside its last
-page are masked in the load, so free pages and stale tails never reach the result.
+Only the pages a sequence's length covers are read (table entries past them are never
+loaded), and rows past the length inside its last page are masked in the load, so free pages
+and stale tails never reach the result.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pallas_kernels._common import (
     online_softmax_finish,
     online_softmax_init,
     online_softmax_step,
+    paged_kv_index,
 )
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes,
@@ -42,8 +47,6 @@ from pallas_kernels.decode_attention import (
 )
 from pallas_kernels.flash_attention import flash_attention_reference
 
-MIN_KERNEL_PAGE_SIZE = 16  # a page is one matrix-unit tile, and Triton's smallest is 16
-
 
 @functools.partial(jax.jit, static_argnames=("softcap", "window_left", "scale", "block_sizes",
                                              "interpret"))
@@ -51,16 +54,16 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, softca
                            window_left=None, scale=None, block_sizes=None, interpret=False):
     """Split-KV decode over pages; returns (out [B, N, H] in q.dtype, lse [B, N] f32).
 
-    Inputs are trusted (`fastattn.paged_attention` validates them); page_size >= 16.
-    `block_sizes.block_k` is ignored: a tile is one page. Semantics as `decode_attention`.
+    Inputs are trusted (`fastattn.paged_attention` validates them); any page size.
+    `block_sizes.block_k` keys per tile, gathered across pages. Semantics as
+    `decode_attention`.
     """
     B = q.shape[0]
-    K, _, page_size, H = k_pages.shape
+    K, P, page_size, H = k_pages.shape
     kv_len = block_tables.shape[1] * page_size
-    bs = dataclasses.replace(block_sizes or DecodeBlockSizes(), block_k=page_size)
-    bs = bs.resolve(batch=B, kv_heads=K, kv_len=kv_len)
+    bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=kv_len)
     Hp = pl.next_power_of_2(H)
-    kv_spec = pl.BlockSpec((None, k_pages.shape[1], page_size, Hp), lambda j, b, h: (h, 0, 0, 0))
+    kv_spec = pl.BlockSpec((None, P, page_size, Hp), lambda j, b, h: (h, 0, 0, 0))
     return split_kv_call(q, k_pages, v_pages, lengths, block_tables, kv_spec=kv_spec,
                           kv_len=kv_len, num_kv_heads=K, block_sizes=bs, softcap=softcap,
                           window_left=window_left, scale=scale, interpret=interpret)
@@ -87,44 +90,85 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sof
 # ----------------------------------------------------------------------------- ragged
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RaggedBlockSizes:
+    """Tiles and Triton knobs of the ragged paged kernel. Changes speed, never numbers.
+
+    block_q: new tokens of one sequence per program. The G query heads of a kv head share a
+        program, so its query tile is block_q * G rows (padded to a power of two >= 16) and
+        each key tile is read once per kv head, not once per query head.
+    block_k: keys per loop step, gathered from as many pages as they span.
+    """
+
+    block_q: int = 16
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_q & (self.block_q - 1):
+            raise ValueError(f"RaggedBlockSizes.block_q={self.block_q} must be a power of two")
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"RaggedBlockSizes.block_k={self.block_k} must be a power of two "
+                             ">= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"RaggedBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, 8 "
+                             "or 16")
+        if self.num_stages < 1:
+            raise ValueError(f"RaggedBlockSizes.num_stages={self.num_stages} must be >= 1")
+
+    def resolve(self, *, max_q_len: int) -> RaggedBlockSizes:
+        """No query tile longer than the longest run of new tokens (decode-only steps: 1)."""
+        return dataclasses.replace(self, block_q=min(self.block_q,
+                                                     pl.next_power_of_2(max(1, max_q_len))))
+
+
 def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref, zeros_ref, o_ref,
-                   *,
-                   scale, softcap, window_left, block_q, page_size, head_dim, interpret):
-    # q_ref [T, Hp] (this query head, every token of the step); k_ref, v_ref [P, page_size, Hp]
-    # (this head's kv pool); table_ref [pages_per_seq]; ctx_ref, start_ref [S + 1] int32;
-    # nseq_ref [1]; o_ref [T, Hp] (this query head; programs write disjoint rows), aliased to
-    # zeros_ref so that rows no sequence owns read 0 rather than uninitialised memory
+                   *, scale, softcap, window_left, block_q, block_k, group, page_size, head_dim,
+                   interpret):
+    # q_ref, o_ref [T, N, Hp] (every token and head of the step; programs write disjoint
+    # (row, head) pairs; o_ref is aliased to zeros_ref so that rows no sequence owns read 0
+    # rather than uninitialised memory); k_ref, v_ref [P, page_size, Hp] (this kv head's
+    # pool); table_ref [pages_per_seq]; ctx_ref [S], start_ref [S + 1]; nseq_ref [1].
     del zeros_ref
-    seq, tile = pl.program_id(0), pl.program_id(1)
+    seq, tile, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first_row = jnp.sum(start_ref[pl.ds(seq, 1)])
     q_len = jnp.sum(start_ref[pl.ds(seq + 1, 1)]) - first_row
     ctx = jnp.sum(ctx_ref[pl.ds(seq, 1)])
-    row0 = tile * block_q  # this program's first row within the sequence's new tokens
+    row0 = tile * block_q  # this program's first token within the sequence's new tokens
     live = (seq < jnp.sum(nseq_ref[...])) & (row0 < q_len)
 
     @pl.when(live)
     def _():
         hp = q_ref.shape[-1]
         head_ok = jnp.arange(hp)[None, :] < head_dim
-        rows = row0 + jnp.arange(block_q)  # within the sequence's new tokens
-        row_ok = rows < q_len
-        pos = ctx - q_len + rows  # absolute position of each query row (the new tokens are
-        # the last q_len tokens of the context, already written into the pages)
-        q = plgpu.load(q_ref.at[pl.ds(first_row + row0, block_q), :],
-                       mask=row_ok[:, None] & head_ok, other=0.0)
+        # Tile row i holds new token row0 + i // G of query head kv_head * G + i % G:
+        #   i:     0    1    2    3    4    5  ...      (G = 4)
+        #   token  r0   r0   r0   r0   r0+1 r0+1
+        #   head   4h   4h+1 4h+2 4h+3 4h   4h+1
+        i = jnp.arange(max(16, pl.next_power_of_2(block_q * group)))
+        tok = row0 + jax.lax.div(i, group)
+        row_ok = (i < block_q * group) & (tok < q_len)
+        pos = ctx - q_len + tok  # absolute position (the new tokens are the last q_len tokens
+        # of the context, already written into the pages)
+        rows = ((first_row + tok)[:, None], (kv_head * group + jax.lax.rem(i, group))[:, None],
+                jnp.arange(hp)[None, :])
+        q_mask = row_ok[:, None] & head_ok
+        q = plgpu.load(q_ref.at[rows], mask=q_mask, other=0.0)
         last_key = jnp.minimum(ctx - q_len + row0 + block_q, ctx)  # one past the last seen
-        first_page = 0
+        first = 0
         if window_left is not None:
-            first_page = jax.lax.div(jnp.maximum(ctx - q_len + row0 - window_left, 0), page_size)
+            lowest = jnp.maximum(ctx - q_len + row0 - window_left, 0)
+            first = jax.lax.div(lowest, block_k) * block_k
 
-        def body(p, carry):
-            cols = p * page_size + jnp.arange(page_size)
-            page = jnp.sum(table_ref[pl.ds(p, 1)])
-            col_ok = cols < ctx
+        def body(t, carry):
+            cols = first + t * block_k + jnp.arange(block_k)
+            col_ok = cols < last_key
+            index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp)
             kv_mask = col_ok[:, None] & head_ok
-            k = plgpu.load(k_ref.at[page, :, :], mask=kv_mask, other=0.0)
-            v = plgpu.load(v_ref.at[page, :, :], mask=kv_mask, other=0.0)
-            s = dot(q, k, contract=(1, 1)) * scale  # [block_q, page_size]
+            k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
+            v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
+            s = dot(q, k, contract=(1, 1)) * scale  # [rows, block_k]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
             vis = col_ok[None, :] & (cols[None, :] <= pos[:, None])  # causal among new tokens
@@ -133,18 +177,17 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             s = jnp.where(vis, s * LOG2E, -jnp.inf)
             return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
 
-        n_pages = jax.lax.div(jnp.maximum(last_key, 0) + page_size - 1, page_size)
-        carry = jax.lax.fori_loop(first_page, n_pages, body, online_softmax_init(block_q, hp))
+        n_tiles = jax.lax.div(jnp.maximum(last_key - first, 0) + block_k - 1, block_k)
+        carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(i.shape[0], hp))
         out, _ = online_softmax_finish(carry)
-        plgpu.store(o_ref.at[pl.ds(first_row + row0, block_q), :], out.astype(o_ref.dtype),
-                    mask=row_ok[:, None] & head_ok)
+        plgpu.store(o_ref.at[rows], out.astype(o_ref.dtype), mask=q_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("softcap", "window_left", "scale", "block_q",
+@functools.partial(jax.jit, static_argnames=("softcap", "window_left", "scale", "block_sizes",
                                              "max_q_len", "interpret"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start,
-                           num_seqs, *, softcap=None, window_left=None, scale=None, block_q=16,
-                           max_q_len=None, interpret=False):
+                           num_seqs, *, softcap=None, window_left=None, scale=None,
+                           block_sizes=None, max_q_len=None, interpret=False):
     """One engine step mixing prefill chunks and decodes over a paged cache.
 
     q [T, N, H]: the step's new tokens, sequence s owning rows query_start[s] ..
@@ -152,34 +195,35 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     written into the pages), so row r of sequence s sits at position
     context_lens[s] - q_len_s + r and attends causally. Sequences >= num_seqs are padding.
     max_q_len bounds any sequence's new tokens (static; None = T). Rows of no sequence are 0.
-    Inputs are trusted (`fastattn.ragged_paged_attention` validates them); page_size >= 16.
+    Grid (S, max_q_len / block_q, K): a program serves block_q new tokens of one sequence for
+    all G query heads of one kv head. Inputs are trusted (`fastattn.ragged_paged_attention`
+    validates them); any page size.
     """
     T, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
     S, pages_per_seq = block_tables.shape
-    G = N // K
     Hp = pl.next_power_of_2(H)
-    tiles = pl.cdiv(max_q_len or T, block_q)
+    bs = (block_sizes or RaggedBlockSizes()).resolve(max_q_len=max_q_len or T)
     kernel = functools.partial(
         _ragged_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
-        softcap=softcap, window_left=window_left, block_q=block_q, page_size=page_size,
-        head_dim=H, interpret=interpret)
+        softcap=softcap, window_left=window_left, block_q=bs.block_q, block_k=bs.block_k,
+        group=N // K, page_size=page_size, head_dim=H, interpret=interpret)
+    every_row = pl.BlockSpec((T, N, Hp), lambda s, j, h: (0, 0, 0))
+    pool = pl.BlockSpec((None, P, page_size, Hp), lambda s, j, h: (h, 0, 0, 0))
     return pl.pallas_call(
         kernel,
-        grid=(S, tiles, N),
+        grid=(S, pl.cdiv(max_q_len or T, bs.block_q), K),
         in_specs=[
-            pl.BlockSpec((T, None, Hp), lambda s, j, n: (0, n, 0)),
-            pl.BlockSpec((None, P, page_size, Hp), lambda s, j, n: (n // G, 0, 0, 0)),
-            pl.BlockSpec((None, P, page_size, Hp), lambda s, j, n: (n // G, 0, 0, 0)),
-            pl.BlockSpec((None, pages_per_seq), lambda s, j, n: (s, 0)),
-            pl.BlockSpec((S,), lambda s, j, n: (0,)),
-            pl.BlockSpec((S + 1,), lambda s, j, n: (0,)),
-            pl.BlockSpec((1,), lambda s, j, n: (0,)),
-            pl.BlockSpec((T, None, Hp), lambda s, j, n: (0, n, 0)),
+            every_row, pool, pool,
+            pl.BlockSpec((None, pages_per_seq), lambda s, j, h: (s, 0)),
+            pl.BlockSpec((S,), lambda s, j, h: (0,)),
+            pl.BlockSpec((S + 1,), lambda s, j, h: (0,)),
+            pl.BlockSpec((1,), lambda s, j, h: (0,)),
+            every_row,
         ],
-        out_specs=pl.BlockSpec((T, None, Hp), lambda s, j, n: (0, n, 0)),
+        out_specs=every_row,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         input_output_aliases={7: 0},
         name="ragged_paged_attention",

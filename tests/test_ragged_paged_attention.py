@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.paged_attention import RaggedBlockSizes, ragged_paged_attention_reference
 from tests.paging import shuffled_pool
 from tests.tolerance import assert_within_policy
 
@@ -46,6 +46,18 @@ def test_mixed_step_matches_float64_oracle(case):
     low = np.asarray(ragged_paged_attention_reference(q, kp, vp, tables, ctx_a, starts, n, **ref_opts))
     assert_within_policy("out", np.asarray(out), oracle, low, dtype=dtype, factor=2)
     assert np.all(np.asarray(out)[int(starts[n]):] == 0), "padding rows must be 0"
+
+
+@pytest.mark.parametrize("bs", [RaggedBlockSizes(block_q=2, block_k=16),
+                                RaggedBlockSizes(block_q=8, block_k=32)], ids=str)
+def test_tiles_and_head_groups_of_any_size(bs):
+    """G = 3 query heads per kv head (a tile of block_q * 3 rows, padded), pages of 8 keys
+    under key tiles of 16 or 32, and query tiles shorter than a chunk."""
+    q, kp, vp, tables, ctx, starts, n, _ = _step([21, 9, 40], [13, 1, 6], 8, N=6, K=2, H=40)
+    out = fastattn.ragged_paged_attention(q, kp, vp, tables, ctx, starts, n,
+                                          implementation="pallas", block_sizes=bs)
+    ref = ragged_paged_attention_reference(q, kp, vp, tables, ctx, starts, n)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("page_size", [16, 32])

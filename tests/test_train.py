@@ -48,8 +48,14 @@ def _config(**kw):
 
 
 def _assert_trees_equal(a, b):
+    """Bitwise on a CPU. On a GPU, XLA's scatter-add (the embedding gradient) uses atomics in
+    no fixed order unless XLA_FLAGS=--xla_gpu_deterministic_ops=true, so there the runs agree
+    to float rounding only."""
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
@@ -126,7 +132,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert Checkpointer(ckpt.directory).all_steps() == [4, 6]
     resumed = train(partial, model=MODEL, dataset=data)
     _assert_trees_equal(straight.params, resumed.params)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    np.testing.assert_allclose([r["loss"] for r in resumed.history],
+                               [r["loss"] for r in straight.history],
+                               rtol=0 if jax.default_backend() == "cpu" else 1e-4)
     assert int(resumed.state.step) == 10
 
 

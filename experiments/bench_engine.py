@@ -1,0 +1,117 @@
+"""Serving throughput of the engine on the workload of shared/TARGETS.md.
+
+Question: how many useful output tokens/s does the continuous-batching engine serve on the
+          0.85B Llama (random bf16 weights) for 256 requests with prompts U[64, 1024] and
+          outputs U[16, 512] (numpy default_rng(0)), against our own static-batching mode
+          (batch 32, the HF baseline's setting) in the same process?
+Run:      PYTHONPATH=. python experiments/bench_engine.py [--requests 256] [--out FILE]
+          --tiny: a seconds-long CPU variant (CI).
+Prints:   per mode: wall seconds, useful output tokens/s, steps, TTFT / TPOT, KV usage,
+          preemptions, and the start-up (compile) time; writes the rows as JSON. The HF
+          transformers baseline (630 tok/s) is the measured anchor in shared/TARGETS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastattn.engine import Engine, EngineConfig
+from fastattn.sampling import SamplingParams
+from models import LLAMA_0_85B, TINY, Llama
+
+HF_STATIC_TOKENS_PER_S = 630  # shared/TARGETS.md: HF generate, static batch 32, same workload
+
+
+def workload(n: int, vocab: int, prompt_range=(64, 1024), output_range=(16, 512)):
+    rng = np.random.default_rng(0)
+    prompt_lens = rng.integers(prompt_range[0], prompt_range[1] + 1, n)
+    output_lens = rng.integers(output_range[0], output_range[1] + 1, n)
+    prompts = [rng.integers(0, vocab, int(p)).tolist() for p in prompt_lens]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(o), ignore_eos=True)
+              for o in output_lens]
+    return prompts, params
+
+
+def run(model, params, prompts, sampling, config: EngineConfig) -> dict:
+    start = time.perf_counter()
+    engine = Engine(model, params, config)
+    compile_s = engine.warmup()
+    ready_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = engine.generate(prompts, sampling)
+    wall = time.perf_counter() - start
+    useful = sum(len(c.token_ids) for c in out)
+    assert all(len(c.token_ids) == s.max_tokens for c, s in zip(out, sampling))
+    m = engine.metrics()
+    del engine
+    gc.collect()  # the next mode's engine sizes its pool from the memory this one held
+    return {"wall_s": wall, "tokens_per_s": useful / wall, "output_tokens": useful,
+            "ready_s": ready_s, "compile_s": compile_s, **m,
+            "tokens": [c.token_ids for c in out]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--modes", default="continuous,static")
+    parser.add_argument("--out", default="benchmarks/engine.json")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        cfg, n = dataclasses.replace(TINY, max_position_embeddings=128), 6
+        prompts, sampling = workload(n, cfg.vocab_size, (4, 40), (2, 12))
+        base = EngineConfig(page_size=8, token_budget=64, max_num_seqs=4, max_model_len=64,
+                            num_pages=64)
+        static_batch = 2
+    else:
+        cfg, n = LLAMA_0_85B, args.requests
+        prompts, sampling = workload(n, cfg.vocab_size)
+        base = EngineConfig(page_size=16, token_budget=512, max_num_seqs=256,
+                            max_model_len=1536)
+        static_batch = 32
+    model = Llama(cfg)
+    params = jax.jit(lambda k: jax.tree.map(
+        lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.PRNGKey(0))
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}, jax {jax.__version__}; {n} requests, "
+          f"{sum(map(len, prompts))} prompt tokens, {sum(s.max_tokens for s in sampling)} "
+          f"output tokens; model {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.dtype}")
+    rows, tokens = [], {}
+    for mode in args.modes.split(","):
+        config = dataclasses.replace(base, mode=mode, max_num_seqs=static_batch) \
+            if mode == "static" else base
+        r = run(model, params, prompts, sampling, config)
+        tokens[mode] = r.pop("tokens")
+        rows.append({"config": f"serve {n} req", "impl": f"fastattn_{mode}", **r})
+        print(f"  {mode:<11} {r['wall_s']:8.1f} s {r['tokens_per_s']:10,.0f} tok/s  "
+              f"{r['steps']:5d} steps  TTFT {r['ttft_mean_s']:.2f} s  "
+              f"TPOT {1e3 * (r['tpot_mean_s'] or 0):.1f} ms  KV use {r['kv_usage_mean']:.0%}  "
+              f"preempted {r['preemptions']}  ready in {r['ready_s']:.1f} s")
+    if len(tokens) == 2:
+        same = tokens["continuous"] == tokens["static"]
+        print(f"  continuous and static give identical tokens: {same}")
+        cont, stat = (next(r for r in rows if r["impl"] == f"fastattn_{m}")
+                      for m in ("continuous", "static"))
+        print(f"  continuous / static: {cont['tokens_per_s'] / stat['tokens_per_s']:.2f}x; "
+              f"continuous / HF static anchor ({HF_STATIC_TOKENS_PER_S} tok/s): "
+              f"{cont['tokens_per_s'] / HF_STATIC_TOKENS_PER_S:.1f}x")
+    result = {"device": device.device_kind, "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

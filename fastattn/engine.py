@@ -1,0 +1,517 @@
+"""The serving engine: continuous batching over a paged KV cache, one jitted step.
+
+    engine = Engine(model, params, EngineConfig(page_size=16, token_budget=512))
+    completions = engine.generate(prompts, SamplingParams(temperature=0.8, max_tokens=64))
+
+Each `step()`:
+    host    scheduler picks this step's chunks (SplitFuse)  ->  block manager gives slots
+            -> small int32 arrays: a `RaggedBatch`, padded to a bucket (T rows, S sequences)
+    device  ONE jitted function: copy-on-write page copies -> model.paged_step (write K/V into
+            the pages, ragged paged attention, logits of each sequence's last row) -> sampler
+            (the KV pages are donated: updated in place)
+    host    only the sampled tokens (and requested logprobs) come back; stop checks, commits.
+
+Shapes come from a few buckets (T: powers of two up to the token budget; S = min(T,
+max_num_seqs)), times two attention variants (all decodes, or some prefill), so the step compiles
+a handful of times, never per request; `warmup()` compiles them all up front.
+
+The model is any flax module with `config` (vocab_size, num_layers, num_kv_heads, head_size,
+max_position_embeddings, dtype) and a `paged_step(batch, kv_pages)` method (models.Llama);
+fastattn never imports models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastattn.block_manager import BlockManager
+from fastattn.kv_cache import PagedKVCache
+from fastattn.ragged_batch import RaggedBatch
+from fastattn.sampling import SamplingParams, SamplingTensors, sample, token_counts
+from fastattn.scheduler import Chunk, Scheduler, Sequence as Seq, Status
+
+MAX_LOGPROBS = 20  # top logprobs a request may ask for (one static size: one compile)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """page_size: tokens per KV page. num_pages: pool size (None: what fits in
+    `gpu_memory_utilization` of the device memory left after the weights). token_budget: tokens
+    computed per step (SplitFuse). max_model_len: prompt + output limit (None: the model's
+    max_position_embeddings). mode: "continuous" or "static" (the baseline). dtype: compute and
+    KV dtype (None: the params'). seed: the stream of unseeded requests."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 256
+    token_budget: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    mode: str = "continuous"
+    gpu_memory_utilization: float = 0.9
+    dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_seqs", "token_budget"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name}={value!r} must be an int >= 1")
+        for name in ("num_pages", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name}={value!r} must be None or an int >= 1")
+        if self.mode not in ("continuous", "static"):
+            raise ValueError(f"EngineConfig.mode={self.mode!r} must be 'continuous' or 'static'")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization={self.gpu_memory_utilization}"
+                             " must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One of a request's n generated sequences."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # "stop" (EOS, stop id or string), "length", "abort"
+    logprobs: list[float] | None  # of each sampled token (raw model distribution)
+    top_logprobs: list[dict[int, float]] | None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request. `token_ids`, `text`, `finish_reason`, `logprobs` are its first
+    sample's; `samples` holds all n."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    ttft: float | None  # seconds from arrival to the first token
+
+    token_ids = property(lambda self: self.samples[0].token_ids)
+    text = property(lambda self: self.samples[0].text)
+    finish_reason = property(lambda self: self.samples[0].finish_reason)
+    logprobs = property(lambda self: self.samples[0].logprobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """What `stream` yields: one new token of one sample of one request."""
+
+    request_id: int
+    index: int
+    token_id: int
+    text: str | None  # the sample's text so far (with a tokenizer)
+    finish_reason: str | None  # set on the sample's last event
+
+
+class Engine:
+    def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, tokenizer=None,
+                 eos_token_ids: Sequence[int] | None = None):
+        mc = model.config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the "
+                             f"model's max_position_embeddings={mc.max_position_embeddings}")
+        dtype = jnp.dtype(config.dtype or jax.tree.leaves(params)[0].dtype)
+        self.model = type(model)(dataclasses.replace(mc, dtype=dtype.name))
+        self.params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+        if eos_token_ids is None:
+            eos_token_ids = tokenizer.eos_ids if tokenizer is not None else ()
+        self.eos_token_ids = tuple(int(e) for e in eos_token_ids)
+
+        self.pages_per_seq = -(-self.max_model_len // config.page_size)
+        num_pages = config.num_pages or self._pages_that_fit(mc, dtype)
+        self._check_pool(num_pages, mc, dtype)
+        shape = (mc.num_kv_heads, num_pages, config.page_size, mc.head_size)
+        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                   for _ in range(mc.num_layers)]
+        self.num_pages = num_pages
+        self.blocks = BlockManager(num_pages, config.page_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, token_budget=config.token_budget,
+                                   max_num_seqs=config.max_num_seqs, mode=config.mode)
+        self.buckets = _buckets(config.token_budget)
+        self._key = jax.random.key_data(jax.random.key(config.seed))
+        self._step_fn = jax.jit(self._device_step, donate_argnums=1,
+                                static_argnames=("num_logprobs",))
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._requests: dict[int, list[Seq]] = {}
+        self._finished: dict[int, Completion] = {}
+        self._events: list[TokenEvent] = []
+        self._stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
+                       "busy_seconds": 0.0, "ttft": [], "tpot": [], "kv_usage": []}
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def _pages_that_fit(self, mc, dtype) -> int:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            free = stats["bytes_limit"] * self.config.gpu_memory_utilization \
+                - stats.get("bytes_in_use", 0)
+        else:  # a CPU: a quarter of the memory available now, at most 4 GiB
+            free = min(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4, 4 << 30)
+        return PagedKVCache.num_pages_for_memory(
+            bytes_available=max(int(free), 0), num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads, page_size=self.config.page_size,
+            head_dim=mc.head_size, dtype=dtype)
+
+    def _check_pool(self, num_pages, mc, dtype) -> None:
+        """RELIABILITY 13: refuse to start if one max_model_len request cannot fit."""
+        page_bytes = 2 * mc.num_layers * mc.num_kv_heads * self.config.page_size \
+            * mc.head_size * dtype.itemsize
+        if num_pages < self.pages_per_seq:
+            raise ValueError(
+                f"the KV pool holds {num_pages} pages of {self.config.page_size} tokens "
+                f"({num_pages * page_bytes / 2**20:.1f} MiB), but one request of max_model_len="
+                f"{self.max_model_len} needs {self.pages_per_seq} pages "
+                f"({self.pages_per_seq * page_bytes / 2**20:.1f} MiB); set EngineConfig."
+                f"max_model_len <= {num_pages * self.config.page_size} or give the pool more "
+                "memory (num_pages / gpu_memory_utilization)")
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: Engine(..., tokenizer=...)")
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+        return [int(t) for t in prompt]
+
+    def _validate(self, tokens: list[int], params: SamplingParams, where: str) -> None:
+        """RELIABILITY 12: every fault named before anything is queued."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{where}: sampling must be SamplingParams, got {type(params)}")
+        if not tokens:
+            raise ValueError(f"{where}: the prompt is empty")
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if len(tokens) > self.max_model_len:
+            raise ValueError(f"{where}: the prompt has {len(tokens)} tokens, more than "
+                             f"max_model_len={self.max_model_len}")
+        if len(tokens) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"{where}: prompt ({len(tokens)} tokens) + max_tokens="
+                             f"{params.max_tokens} exceeds max_model_len={self.max_model_len}")
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"{where}: logprobs={params.logprobs} exceeds {MAX_LOGPROBS}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"{where}: stop={params.stop!r} needs a tokenizer")
+
+    def add_request(self, prompt, sampling: SamplingParams = SamplingParams()) -> int:
+        """Queues one request; returns its id."""
+        tokens = self._tokenize(prompt)
+        self._validate(tokens, sampling, "add_request")
+        return self._enqueue(tokens, sampling)
+
+    def _enqueue(self, tokens: list[int], sampling: SamplingParams) -> int:
+        request_id = next(self._ids)
+        arrival = time.perf_counter()
+        seqs = [Seq(seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt=tokens,
+                    params=sampling.child(i) if sampling.n > 1 else sampling,
+                    arrival_time=arrival, num_samples=sampling.n) for i in range(sampling.n)]
+        self._requests[request_id] = seqs
+        # n > 1 with a prompt of 2+ tokens: the first sequence prefills, the rest fork from it.
+        queued = seqs[:1] if sampling.n > 1 and len(tokens) > 1 else seqs
+        for seq in queued:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Stops a request (its pages return to the pool); unknown or finished ids: no-op."""
+        seqs = self._requests.get(request_id)
+        if seqs is None:
+            return
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[Completion]:
+        """Runs one engine step; returns the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            if self._requests and not self._finished:
+                # Never spin: unfinished requests with nothing to run is an engine bug.
+                raise RuntimeError(f"{len(self._requests)} unfinished request(s) but nothing "
+                                   "can be scheduled (the engine checks at start that one "
+                                   "max_model_len request fits the pool)")
+            return self._pop_finished()
+        start = time.perf_counter()
+        chunks = scheduled.chunks
+        T = _bucket(scheduled.num_tokens, self.buckets)
+        S = min(T, self.config.max_num_seqs)
+        batch, sampling, steps, counts, prompt_mask = self._inputs(chunks, T, S)
+        copies = np.full((2, S), [[0], [self.num_pages]], np.int32)  # padding: dropped
+        for i, op in enumerate(scheduled.copies):
+            copies[:, i] = op
+        num_logprobs = MAX_LOGPROBS if any(
+            c.seq.params.logprobs is not None for c in chunks) else 0
+        out, self.kv = self._step_fn(self.params, self.kv, batch, sampling, self._key, steps,
+                                     counts, prompt_mask, copies, num_logprobs=num_logprobs)
+        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        top_ids = np.asarray(out.top_token_ids) if num_logprobs else None
+        top_lps = np.asarray(out.top_logprobs) if num_logprobs else None
+        self._stats["busy_seconds"] += time.perf_counter() - start
+        self._stats["steps"] += 1
+        self._stats["tokens_computed"] += scheduled.num_tokens
+        self._stats["kv_usage"].append(self.blocks.usage)
+        for i, chunk in enumerate(chunks):
+            self._after_chunk(chunk, i, tokens, logprobs, top_ids, top_lps)
+        return self._pop_finished()
+
+    def warmup(self) -> float:
+        """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
+        batches that write and read nothing; returns the seconds it took."""
+        start = time.perf_counter()
+        for T in self.buckets:
+            S = min(T, self.config.max_num_seqs)
+            for max_q in {1, T}:
+                batch = RaggedBatch(
+                    tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                    slot_mapping=np.full(T, -1, np.int32),
+                    block_tables=np.zeros((S, self.pages_per_seq), np.int32),
+                    context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
+                    num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
+                sampling = SamplingTensors.build([], pad_to=S)
+                copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
+                out, self.kv = self._step_fn(self.params, self.kv, batch, sampling, self._key,
+                                             np.zeros(S, np.int32), None, None, copies,
+                                             num_logprobs=0)
+        jax.block_until_ready(out.tokens)
+        return time.perf_counter() - start
+
+    def _inputs(self, chunks: list[Chunk], T: int, S: int):
+        """The step's host arrays, padded to T rows and S sequences."""
+        tok = np.zeros(T, np.int32)
+        pos = np.zeros(T, np.int32)
+        slots = np.full(T, -1, np.int32)
+        starts = np.zeros(S + 1, np.int32)
+        ctx = np.zeros(S, np.int32)
+        rows = np.zeros(S, np.int32)
+        at = 0
+        for i, c in enumerate(chunks):
+            end = c.start + c.length
+            tok[at:at + c.length] = c.seq.tokens[c.start:end]
+            pos[at:at + c.length] = np.arange(c.start, end)
+            slots[at:at + c.length] = self.blocks.slot_mapping(c.seq.seq_id, c.start, end)
+            at += c.length
+            starts[i + 1] = at
+            ctx[i] = end
+            rows[i] = at - 1
+        starts[len(chunks) + 1:] = at
+        tables = self.blocks.block_tables([c.seq.seq_id for c in chunks], self.pages_per_seq)
+        tables = np.concatenate([tables, np.zeros((S - len(chunks), self.pages_per_seq),
+                                                  np.int32)])
+        max_q = max(c.length for c in chunks)
+        batch = RaggedBatch(tokens=tok, positions=pos, slot_mapping=slots, block_tables=tables,
+                            context_lens=ctx, query_start=starts, num_seqs=np.int32(len(chunks)),
+                            logits_rows=rows, max_q_len=1 if max_q == 1 else T)
+        seqs = [c.seq for c in chunks]
+        sampling = SamplingTensors.build([s.params for s in seqs], pad_to=S,
+                                         request_ids=[s.request_id for s in seqs],
+                                         eos_token_ids=self.eos_token_ids,
+                                         vocab_size=self.vocab_size)
+        steps = np.zeros(S, np.int32)
+        steps[:len(seqs)] = [len(s.output) for s in seqs]
+        counts = prompt_mask = None
+        if sampling.needs_history:  # penalties: token history of each row, built on device
+            width = max(s.num_tokens for s in seqs)
+            outputs = np.full((S, width), -1, np.int32)
+            prompts = np.full((S, width), -1, np.int32)
+            for i, s in enumerate(seqs):
+                outputs[i, :len(s.output)] = s.output
+                prompts[i, :len(s.prompt)] = s.prompt
+            counts = token_counts(jnp.asarray(outputs), self.vocab_size)
+            prompt_mask = token_counts(jnp.asarray(prompts), self.vocab_size) > 0
+        return batch, sampling, steps, counts, prompt_mask
+
+    def _device_step(self, params, kv, batch, sampling, key, steps, counts, prompt_mask, copies,
+                     num_logprobs):
+        src, dst = copies[0], copies[1]
+        kv = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
+              for k, v in kv]  # copy-on-write before any write of this step
+        logits, kv = self.model.apply({"params": params}, batch, kv,
+                                      method=type(self.model).paged_step)
+        out = sample(logits, sampling, key, steps, counts, prompt_mask,
+                     num_logprobs=num_logprobs)
+        return out, kv
+
+    def _after_chunk(self, chunk: Chunk, i, tokens, logprobs, top_ids, top_lps) -> None:
+        seq = chunk.seq
+        if seq.status is not Status.RUNNING:
+            return
+        self.blocks.commit(seq.seq_id, seq.tokens[chunk.start:chunk.start + chunk.length])
+        seq.num_computed += chunk.length
+        if not chunk.samples:
+            siblings = self._requests[seq.request_id]
+            if seq.index == 0 and len(siblings) > 1 and not seq.children \
+                    and seq.num_computed == len(seq.prompt) - 1:
+                self.scheduler.fork(seq, siblings[1:])  # the shared prefix is computed
+            return
+        token = int(tokens[i])
+        now = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output.append(token)
+        seq.logprobs.append(float(logprobs[i]))
+        if seq.params.logprobs:
+            k = seq.params.logprobs
+            seq.top_logprobs.append({int(t): float(lp) for t, lp in
+                                     zip(top_ids[i, :k], top_lps[i, :k])})
+        self._stats["tokens_generated"] += 1
+        reason = self._stop_reason(seq, token)
+        if self.tokenizer is not None and (seq.params.stop or reason):
+            seq.text = self.tokenizer.decode(seq.output)
+            for stop in seq.params.stop:
+                if stop in seq.text:
+                    seq.text = seq.text[:seq.text.index(stop)]
+                    reason = "stop"
+        self._events.append(TokenEvent(seq.request_id, seq.index, token,
+                                       self._text(seq), reason))
+        if reason:
+            self.scheduler.remove(seq)
+            self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Seq, token: int) -> str | None:
+        p = seq.params
+        if len(seq.output) >= p.min_tokens:
+            if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+                return "stop"
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _text(self, seq: Seq) -> str | None:
+        if self.tokenizer is None:
+            return None
+        if not seq.text or not seq.is_finished:
+            seq.text = self.tokenizer.decode(seq.output) if not seq.params.stop else seq.text
+        return seq.text
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.perf_counter()
+        if seq.first_token_time is not None and len(seq.output) > 1:
+            self._stats["tpot"].append((seq.finish_time - seq.first_token_time)
+                                       / (len(seq.output) - 1))
+        seqs = self._requests[seq.request_id]
+        if all(s.is_finished for s in seqs):
+            del self._requests[seq.request_id]
+            first = min((s.first_token_time for s in seqs if s.first_token_time), default=None)
+            ttft = None if first is None else first - seqs[0].arrival_time
+            if ttft is not None:
+                self._stats["ttft"].append(ttft)
+            self._finished[seq.request_id] = Completion(
+                request_id=seq.request_id, prompt_token_ids=list(seqs[0].prompt),
+                samples=[Sample(index=s.index, token_ids=list(s.output),
+                                text=self._text(s) if self.tokenizer else None,
+                                finish_reason=s.finish_reason,
+                                logprobs=list(s.logprobs) if s.params.logprobs is not None
+                                else None,
+                                top_logprobs=list(s.top_logprobs) if s.params.logprobs
+                                else None) for s in seqs],
+                ttft=ttft)
+
+    def _pop_finished(self) -> list[Completion]:
+        done = list(self._finished.values())
+        self._finished.clear()
+        return done
+
+    # -- front doors ------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling: SamplingParams | Sequence[SamplingParams]
+                 = SamplingParams(), *, progress: bool = False) -> list[Completion]:
+        """Generates for every prompt (token-id lists or strings); results in prompt order."""
+        ids = self._add_all(prompts, sampling)
+        results: dict[int, Completion] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while len(results) < len(ids):
+            for c in self.step():
+                results[c.request_id] = c
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        self._events.clear()
+        return [results[i] for i in ids]
+
+    def stream(self, prompts, sampling: SamplingParams | Sequence[SamplingParams]
+               = SamplingParams()) -> Iterator[TokenEvent]:
+        """Yields each new token of each request as soon as its step finishes."""
+        ids = set(self._add_all(prompts, sampling))
+        pending = set(ids)
+        while pending:
+            done = self.step()
+            events, self._events = self._events, []
+            yield from (e for e in events if e.request_id in ids)
+            pending -= {c.request_id for c in done}
+
+    def _add_all(self, prompts, sampling) -> list[int]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            raise ValueError("prompts must be a list of prompts (token-id lists or strings), "
+                             "got a single prompt; wrap it in a list")
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) \
+            else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        tokens = [self._tokenize(p) for p in prompts]
+        for i, (t, p) in enumerate(zip(tokens, params)):  # all checked before any is queued
+            self._validate(t, p, f"prompts[{i}]")
+        return [self._enqueue(t, p) for t, p in zip(tokens, params)]
+
+    def metrics(self) -> dict[str, Any]:
+        s = self._stats
+        mean = lambda xs: float(np.mean(xs)) if xs else None
+        return {
+            "steps": s["steps"],
+            "tokens_computed": s["tokens_computed"],
+            "tokens_generated": s["tokens_generated"],
+            "output_tokens_per_s": s["tokens_generated"] / s["busy_seconds"]
+            if s["busy_seconds"] else 0.0,
+            "ttft_mean_s": mean(s["ttft"]),
+            "tpot_mean_s": mean(s["tpot"]),
+            "kv_usage_mean": mean(s["kv_usage"]),
+            "kv_usage_now": self.blocks.usage,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": self.blocks.prefix_cache_stats.hit_rate,
+            "num_pages": self.num_pages,
+        }
+
+
+def _buckets(token_budget: int) -> list[int]:
+    sizes = [2 ** i for i in range(3, max(3, math.ceil(math.log2(token_budget))) + 1)]
+    return sorted({s for s in sizes if s < token_budget} | {token_budget})
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise AssertionError(f"{n} exceeds the largest bucket {buckets[-1]}")
