@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         rows.append({"config": f"serve {n} req", "impl": f"fastattn_{mode}", **r})
         print(f"  {mode:<11} {r['wall_s']:8.1f} s {r['tokens_per_s']:10,.0f} tok/s  "
               f"{r['steps']:5d} steps  TTFT {r['ttft_mean_s']:.2f} s  "
-              f"TPOT {1e3 * (r['tpot_mean_s'] or 0):.1f} ms  KV use {r['kv_usage_mean']:.0%}  "
+              f"TPOT {1e3 * (r['tpot_mean_s'] or 0):.1f} ms  KV fill {r['kv_fill_mean']:.0%}  "
               f"preempted {r['preemptions']}  ready in {r['ready_s']:.1f} s")
     if len(tokens) == 2:
         same = tokens["continuous"] == tokens["static"]

@@ -3,6 +3,10 @@
 Every implementation computes the same function (see `attention`'s docstring); they differ in
 speed and in the inputs they can take. A named implementation that cannot take the inputs
 raises NotImplementedError; `implementation=None` picks the best one for the backend.
+
+On a mesh (`fastattn.sharding.use_mesh` / `jax.set_mesh`), the Pallas kernels run per shard
+under `shard_map`: XLA cannot partition a custom call, and each device holds its own batch rows
+("data") and heads ("model"). The pure-JAX implementations are partitioned by XLA itself.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from fastattn import sharding
 from fastattn._xla_attention import xla_attention
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 
@@ -75,6 +81,8 @@ IMPLEMENTATIONS: dict[str, Callable[[_Call], tuple[jax.Array, jax.Array]]] = {
     "xla": _xla,
     "reference": _reference,
 }
+# Opaque to XLA's partitioner: run per shard on a mesh.
+_KERNELS = frozenset({"pallas", "pallas_mosaic"})
 
 
 def default_implementation(q: jax.Array) -> str:
@@ -107,12 +115,41 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
 
     A row that sees no key returns 0 (never NaN) and its lse is -inf. Differentiable in q, k, v.
     Returns out [B, T, N, H] in q's dtype (and lse when asked).
+
+    Under a mesh (`fastattn.sharding.use_mesh`), Pallas kernels run per shard: heads split
+    over "model" (which must divide K, else ValueError), batch rows over "data" when it
+    divides B (otherwise every data replica computes the whole batch).
     """
     call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
                      implementation, block_sizes)
     name = implementation if implementation is not None else default_implementation(q)
-    out, lse = IMPLEMENTATIONS[name](call)
+    if name in _KERNELS:
+        out, lse = _per_shard(IMPLEMENTATIONS[name], call)
+    else:
+        out, lse = IMPLEMENTATIONS[name](call)
     return (out, lse) if return_lse else out
+
+
+def _per_shard(impl, c: _Call):
+    """impl(c) on each device's batch rows and heads of the active mesh (impl(c) without one).
+    Query heads [i N/m, (i+1) N/m) and kv heads [i K/m, (i+1) K/m) land on the same shard, so
+    GQA groups stay whole."""
+    mesh = sharding.active_mesh()
+    if mesh is None:
+        return impl(c)
+    b, h = sharding.attention_axes(mesh, batch=c.q.shape[0], kv_heads=c.k.shape[2])
+    if b is None and h is None:
+        return impl(c)
+    heads, rows, lse = P(b, None, h, None), P(b, None), P(b, h, None)
+    segments = () if c.q_segment_ids is None else (c.q_segment_ids, c.kv_segment_ids)
+
+    def local(q, k, v, *segments):
+        q_seg, kv_seg = segments if segments else (None, None)
+        return impl(c._replace(q=q, k=k, v=v, q_segment_ids=q_seg, kv_segment_ids=kv_seg))
+
+    return sharding.per_shard(local, (c.q, c.k, c.v, *segments),
+                              (heads, heads, heads) + (rows,) * len(segments), (heads, lse),
+                              mesh=mesh)
 
 
 def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, implementation,

@@ -41,6 +41,23 @@ from fastattn.sampling import SamplingParams, SamplingTensors, sample, token_cou
 from fastattn.scheduler import Chunk, Scheduler, Sequence as Seq, Status
 
 MAX_LOGPROBS = 20  # top logprobs a request may ask for (one static size: one compile)
+PENDING = -1  # an output token whose step is still in flight
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step: (chunk, the sequence's preemption epoch at launch, index of the output
+    token it samples or None) per row, and its device outputs."""
+
+    records: list
+    out: Any
+    out_tokens: jax.Array  # [max_num_seqs] int32, what the next step feeds from
+    num_logprobs: int
+    needs_history: bool
+
+    def pending_rows(self) -> dict[tuple[int, int], int]:
+        return {(c.seq.seq_id, i): row for row, (c, _, i) in enumerate(self.records)
+                if i is not None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +78,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     dtype: str | None = None
     seed: int = 0
+    async_scheduling: bool = True  # schedule step n + 1 while step n runs (see Engine.step)
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "token_budget"):
@@ -150,13 +168,16 @@ class Engine:
         self._key = jax.random.key_data(jax.random.key(config.seed))
         self._step_fn = jax.jit(self._device_step, donate_argnums=1,
                                 static_argnames=("num_logprobs",))
+        self._no_tokens = jnp.zeros(config.max_num_seqs, jnp.int32)
+        self._inflight: _InFlight | None = None
+        self._busy_since: float | None = None
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._requests: dict[int, list[Seq]] = {}
         self._finished: dict[int, Completion] = {}
         self._events: list[TokenEvent] = []
         self._stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
-                       "busy_seconds": 0.0, "ttft": [], "tpot": [], "kv_usage": []}
+                       "busy_seconds": 0.0, "ttft": [], "tpot": [], "kv_usage": [], "kv_fill": []}
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -250,37 +271,121 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[Completion]:
-        """Runs one engine step; returns the requests that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
-            if self._requests and not self._finished:
-                # Never spin: unfinished requests with nothing to run is an engine bug.
-                raise RuntimeError(f"{len(self._requests)} unfinished request(s) but nothing "
-                                   "can be scheduled (the engine checks at start that one "
-                                   "max_model_len request fits the pool)")
-            return self._pop_finished()
-        start = time.perf_counter()
+        """Runs one engine step; returns the requests that finished in it.
+
+        With `EngineConfig.async_scheduling` the host schedules and launches step n + 1 before
+        it reads step n's tokens, so host work overlaps device work: a decode row of step n + 1
+        takes its input token straight from step n's output on device (`feed`). A sequence that
+        step n finishes (EOS, stop id) has then computed one token too many in n + 1, which is
+        dropped. Penalties need the exact token history on the host, so a step whose rows use
+        them waits for the previous one (synchronous).
+        """
+        if self._inflight is None:
+            self._inflight = self._launch(self.scheduler.schedule(), None)
+            if self._inflight is None:
+                if self._requests and not self._finished:
+                    # Never spin: unfinished requests with nothing to run is an engine bug.
+                    raise RuntimeError(
+                        f"{len(self._requests)} unfinished request(s) but nothing can be "
+                        "scheduled (the engine checks at start that one max_model_len request "
+                        "fits the pool)")
+                return self._pop_finished()
+        if self.config.async_scheduling and not self._inflight.needs_history:
+            nxt = self._launch(self.scheduler.schedule(), self._inflight)
+            self._process(self._inflight)
+        else:
+            self._process(self._inflight)
+            nxt = self._launch(self.scheduler.schedule(), None)
+        self._inflight = nxt
+        if nxt is None and self._busy_since is not None:
+            self._stats["busy_seconds"] += time.perf_counter() - self._busy_since
+            self._busy_since = None
+        return self._pop_finished()
+
+    def _launch(self, scheduled, prev: _InFlight | None) -> _InFlight | None:
+        """Dispatches one step (asynchronously) and advances the host state as if it ran."""
         chunks = scheduled.chunks
+        if not chunks:
+            return None
+        if self._busy_since is None:
+            self._busy_since = time.perf_counter()
         T = _bucket(scheduled.num_tokens, self.buckets)
         S = min(T, self.config.max_num_seqs)
-        batch, sampling, steps, counts, prompt_mask = self._inputs(chunks, T, S)
+        batch, feed, sampling, steps, counts, prompt_mask = self._inputs(chunks, T, S, prev)
         copies = np.full((2, S), [[0], [self.num_pages]], np.int32)  # padding: dropped
         for i, op in enumerate(scheduled.copies):
             copies[:, i] = op
         num_logprobs = MAX_LOGPROBS if any(
             c.seq.params.logprobs is not None for c in chunks) else 0
-        out, self.kv = self._step_fn(self.params, self.kv, batch, sampling, self._key, steps,
-                                     counts, prompt_mask, copies, num_logprobs=num_logprobs)
-        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
-        top_ids = np.asarray(out.top_token_ids) if num_logprobs else None
-        top_lps = np.asarray(out.top_logprobs) if num_logprobs else None
-        self._stats["busy_seconds"] += time.perf_counter() - start
+        prev_tokens = self._no_tokens if prev is None else prev.out_tokens
+        out, padded, self.kv = self._step_fn(
+            self.params, self.kv, batch, sampling, self._key, steps, counts, prompt_mask, copies,
+            prev_tokens, feed, num_logprobs=num_logprobs)
+        records = []
+        for c in chunks:
+            seq, out_index = c.seq, None
+            if c.samples:  # a token comes out of this step: hold its place
+                seq.output.append(PENDING)
+                out_index = len(seq.output) - 1
+                seq.final_pending = len(seq.output) >= seq.params.max_tokens \
+                    or seq.num_tokens >= self.max_model_len
+            seq.num_computed += c.length
+            records.append((c, seq.epoch, out_index))
         self._stats["steps"] += 1
         self._stats["tokens_computed"] += scheduled.num_tokens
         self._stats["kv_usage"].append(self.blocks.usage)
-        for i, chunk in enumerate(chunks):
-            self._after_chunk(chunk, i, tokens, logprobs, top_ids, top_lps)
-        return self._pop_finished()
+        self._stats["kv_fill"].append(self._kv_fill())
+        return _InFlight(records, out, padded, num_logprobs, sampling.needs_history)
+
+    def _process(self, step: _InFlight) -> None:
+        """Reads a launched step's tokens back and applies them: commits, forks, stops."""
+        tokens, logprobs = np.asarray(step.out.tokens), np.asarray(step.out.logprobs)
+        top_ids = np.asarray(step.out.top_token_ids) if step.num_logprobs else None
+        top_lps = np.asarray(step.out.top_logprobs) if step.num_logprobs else None
+        now = time.perf_counter()
+        for i, (chunk, epoch, out_index) in enumerate(step.records):
+            seq = chunk.seq
+            if seq.is_finished:  # aborted, or stopped by an earlier token
+                continue
+            if out_index is not None:
+                seq.output[out_index] = int(tokens[i])
+            if seq.epoch == epoch and seq.status is Status.RUNNING:  # not preempted since
+                self.blocks.commit(seq.seq_id,
+                                   seq.tokens[chunk.start:chunk.start + chunk.length])
+                siblings = self._requests[seq.request_id]
+                if out_index is None and seq.index == 0 and len(siblings) > 1 \
+                        and not seq.children and seq.num_computed == len(seq.prompt) - 1:
+                    self.scheduler.fork(seq, siblings[1:])  # the shared prefix is computed
+            if out_index is None:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.logprobs.append(float(logprobs[i]))
+            if seq.params.logprobs:
+                k = seq.params.logprobs
+                seq.top_logprobs.append({int(t): float(lp) for t, lp in
+                                         zip(top_ids[i, :k], top_lps[i, :k])})
+            self._stats["tokens_generated"] += 1
+            self._after_token(seq, out_index)
+
+    def _after_token(self, seq: Seq, out_index: int) -> None:
+        token = seq.output[out_index]
+        reason = self._stop_reason(seq, token, out_index + 1)
+        if self.tokenizer is not None and (seq.params.stop or reason):
+            seq.text = self.tokenizer.decode(seq.output[:out_index + 1])
+            for stop in seq.params.stop:
+                if stop in seq.text:
+                    seq.text = seq.text[:seq.text.index(stop)]
+                    reason = "stop"
+        text = None
+        if self.tokenizer is not None:
+            text = seq.text if (seq.params.stop or reason) else \
+                self.tokenizer.decode(seq.output[:out_index + 1])
+        self._events.append(TokenEvent(seq.request_id, seq.index, token, text, reason))
+        if reason:
+            del seq.output[out_index + 1:]  # tokens launched past the stop
+            self.scheduler.remove(seq)
+            self._finish(seq, reason)
 
     def warmup(self) -> float:
         """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
@@ -288,7 +393,9 @@ class Engine:
         start = time.perf_counter()
         for T in self.buckets:
             S = min(T, self.config.max_num_seqs)
-            for max_q in {1, T}:
+            # A decode-only step has at most max_num_seqs rows: no such step in larger buckets.
+            for max_q in {1, T} if T <= _bucket(self.config.max_num_seqs, self.buckets) \
+                    else {T}:
                 batch = RaggedBatch(
                     tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
                     slot_mapping=np.full(T, -1, np.int32),
@@ -297,24 +404,31 @@ class Engine:
                     num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
                 sampling = SamplingTensors.build([], pad_to=S)
                 copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
-                out, self.kv = self._step_fn(self.params, self.kv, batch, sampling, self._key,
-                                             np.zeros(S, np.int32), None, None, copies,
-                                             num_logprobs=0)
+                out, _, self.kv = self._step_fn(
+                    self.params, self.kv, batch, sampling, self._key, np.zeros(S, np.int32),
+                    None, None, copies, self._no_tokens, np.full(T, -1, np.int32),
+                    num_logprobs=0)
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - start
 
-    def _inputs(self, chunks: list[Chunk], T: int, S: int):
-        """The step's host arrays, padded to T rows and S sequences."""
+    def _inputs(self, chunks: list[Chunk], T: int, S: int, prev: _InFlight | None):
+        """The step's host arrays, padded to T rows and S sequences. A token still being
+        sampled by the step in flight (`prev`) is fed from its output on device."""
         tok = np.zeros(T, np.int32)
+        feed = np.full(T, -1, np.int32)
         pos = np.zeros(T, np.int32)
         slots = np.full(T, -1, np.int32)
         starts = np.zeros(S + 1, np.int32)
         ctx = np.zeros(S, np.int32)
         rows = np.zeros(S, np.int32)
+        pending_rows = {} if prev is None else prev.pending_rows()
         at = 0
         for i, c in enumerate(chunks):
             end = c.start + c.length
             tok[at:at + c.length] = c.seq.tokens[c.start:end]
+            if c.seq.output and c.seq.output[-1] == PENDING:  # only the newest can be pending
+                feed[at + c.length - 1] = pending_rows[(c.seq.seq_id, len(c.seq.output) - 1)]
+                tok[at + c.length - 1] = 0
             pos[at:at + c.length] = np.arange(c.start, end)
             slots[at:at + c.length] = self.blocks.slot_mapping(c.seq.seq_id, c.start, end)
             at += c.length
@@ -346,10 +460,12 @@ class Engine:
                 prompts[i, :len(s.prompt)] = s.prompt
             counts = token_counts(jnp.asarray(outputs), self.vocab_size)
             prompt_mask = token_counts(jnp.asarray(prompts), self.vocab_size) > 0
-        return batch, sampling, steps, counts, prompt_mask
+        return batch, feed, sampling, steps, counts, prompt_mask
 
     def _device_step(self, params, kv, batch, sampling, key, steps, counts, prompt_mask, copies,
-                     num_logprobs):
+                     prev_tokens, feed, num_logprobs):
+        tokens = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], batch.tokens)
+        batch = batch.replace(tokens=tokens)
         src, dst = copies[0], copies[1]
         kv = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
               for k, v in kv]  # copy-on-write before any write of this step
@@ -357,61 +473,30 @@ class Engine:
                                       method=type(self.model).paged_step)
         out = sample(logits, sampling, key, steps, counts, prompt_mask,
                      num_logprobs=num_logprobs)
-        return out, kv
+        # The next step reads its fed tokens from here: one fixed shape for every bucket.
+        padded = jnp.zeros(self.config.max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(
+            out.tokens)
+        return out, padded, kv
 
-    def _after_chunk(self, chunk: Chunk, i, tokens, logprobs, top_ids, top_lps) -> None:
-        seq = chunk.seq
-        if seq.status is not Status.RUNNING:
-            return
-        self.blocks.commit(seq.seq_id, seq.tokens[chunk.start:chunk.start + chunk.length])
-        seq.num_computed += chunk.length
-        if not chunk.samples:
-            siblings = self._requests[seq.request_id]
-            if seq.index == 0 and len(siblings) > 1 and not seq.children \
-                    and seq.num_computed == len(seq.prompt) - 1:
-                self.scheduler.fork(seq, siblings[1:])  # the shared prefix is computed
-            return
-        token = int(tokens[i])
-        now = time.perf_counter()
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        seq.output.append(token)
-        seq.logprobs.append(float(logprobs[i]))
-        if seq.params.logprobs:
-            k = seq.params.logprobs
-            seq.top_logprobs.append({int(t): float(lp) for t, lp in
-                                     zip(top_ids[i, :k], top_lps[i, :k])})
-        self._stats["tokens_generated"] += 1
-        reason = self._stop_reason(seq, token)
-        if self.tokenizer is not None and (seq.params.stop or reason):
-            seq.text = self.tokenizer.decode(seq.output)
-            for stop in seq.params.stop:
-                if stop in seq.text:
-                    seq.text = seq.text[:seq.text.index(stop)]
-                    reason = "stop"
-        self._events.append(TokenEvent(seq.request_id, seq.index, token,
-                                       self._text(seq), reason))
-        if reason:
-            self.scheduler.remove(seq)
-            self._finish(seq, reason)
-
-    def _stop_reason(self, seq: Seq, token: int) -> str | None:
+    def _stop_reason(self, seq: Seq, token: int, num_output: int) -> str | None:
         p = seq.params
-        if len(seq.output) >= p.min_tokens:
+        if num_output >= p.min_tokens:
             if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
                 return "stop"
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= p.max_tokens or len(seq.prompt) + num_output >= self.max_model_len:
             return "length"
         return None
 
     def _text(self, seq: Seq) -> str | None:
         if self.tokenizer is None:
             return None
-        if not seq.text or not seq.is_finished:
-            seq.text = self.tokenizer.decode(seq.output) if not seq.params.stop else seq.text
+        if not seq.params.stop:
+            seq.text = self.tokenizer.decode(seq.output)
         return seq.text
 
     def _finish(self, seq: Seq, reason: str) -> None:
+        while seq.output and seq.output[-1] == PENDING:  # aborted with a token in flight
+            seq.output.pop()
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
@@ -435,6 +520,13 @@ class Engine:
                                 top_logprobs=list(s.top_logprobs) if s.params.logprobs
                                 else None) for s in seqs],
                 ttft=ttft)
+
+    def _kv_fill(self) -> float:
+        """Live tokens / slots of the pages in use (vLLM's "waste" is 1 minus this); a page
+        shared by forks counts once per sharer, so this can overstate a little with n > 1."""
+        pages = self.num_pages - self.blocks.num_free_pages
+        live = sum(self.blocks.num_tokens(s.seq_id) for s in self.scheduler.running)
+        return min(live / (pages * self.config.page_size), 1.0) if pages else 1.0
 
     def _pop_finished(self) -> list[Completion]:
         done = list(self._finished.values())
@@ -499,6 +591,7 @@ class Engine:
             "tpot_mean_s": mean(s["tpot"]),
             "kv_usage_mean": mean(s["kv_usage"]),
             "kv_usage_now": self.blocks.usage,
+            "kv_fill_mean": mean(s["kv_fill"]),
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": self.blocks.prefix_cache_stats.hit_rate,
             "num_pages": self.num_pages,
@@ -506,7 +599,7 @@ class Engine:
 
 
 def _buckets(token_budget: int) -> list[int]:
-    sizes = [2 ** i for i in range(3, max(3, math.ceil(math.log2(token_budget))) + 1)]
+    sizes = [2 ** i for i in range(4, max(4, math.ceil(math.log2(token_budget))) + 1)]
     return sorted({s for s in sizes if s < token_budget} | {token_budget})
 
 

@@ -55,7 +55,9 @@ class Sequence:
     output: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose KV is in the cache
+    num_computed: int = 0  # leading tokens whose KV is in the cache (or being written)
+    epoch: int = 0  # preemptions so far: a step launched before one must not commit
+    final_pending: bool = False  # its last token is in flight: schedule nothing more
     status: Status = Status.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None
@@ -142,7 +144,7 @@ class Scheduler:
         # 1. Running sequences: decodes first (1 token each, latency-critical), then chunks.
         order = sorted(self.running, key=lambda s: self._target(s) - s.num_computed > 1)
         for seq in order:
-            if budget == 0 or seq.status is not Status.RUNNING:
+            if budget == 0 or seq.status is not Status.RUNNING or seq.final_pending:
                 continue
             length = min(self._target(seq) - seq.num_computed, budget)
             if length <= 0:
@@ -163,6 +165,8 @@ class Scheduler:
             if budget == 0 and self.mode == "continuous":
                 break
             seq = self.waiting[0]
+            if seq.final_pending:  # finishes when its in-flight token is read
+                break
             target = self._admission_tokens(seq)
             if not self.blocks.can_allocate(target):
                 break
@@ -210,6 +214,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
         seq.num_computed = 0
+        seq.epoch += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -15,6 +15,12 @@ token-weighted mean over the whole batch, so accumulation changes nothing but me
 Resume: the data order is a function of (seed, step) (fastattn.data), the state and the metrics
 history are in the checkpoint, so k steps + restart + N - k steps reproduce N straight steps
 (RELIABILITY 17).
+
+Several devices: `train(..., mesh=fastattn.sharding.make_mesh(data=2, model=4))` places the
+parameters and AdamW's moments by the Megatron rules of fastattn.sharding (tensor parallel over
+"model"; with fsdp=True also split over "data") and each micro-batch's rows over "data"; XLA
+inserts the gradient all-reduce. A checkpoint restores onto whatever mesh the resuming run has.
+With several processes (jax.distributed), every process runs this same call.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from fastattn import sharding
 from fastattn.checkpoint import Checkpointer
 from fastattn.data import Batch, PackedDataset
 
@@ -182,12 +189,24 @@ def _weighted_nll(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, grad_accum: int):
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, grad_accum: int,
+                    *, state_shardings=None):
     """jit(state, batch) -> (state, metrics); the state is donated. `batch` holds arrays
-    [grad_accum * micro_batch, T]."""
+    [grad_accum * micro_batch, T].
+
+    state_shardings: NamedShardings of the state's arrays on a mesh (fastattn.sharding);
+    the step keeps the state in them and splits each micro-batch's rows over "data". Trace
+    and call it under `fastattn.sharding.use_mesh(mesh)`."""
+    mesh = None
+    if state_shardings is not None:
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
 
     def step(state: TrainState, batch: dict):
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        if mesh is not None:  # each micro-batch over "data", not the micro-batches
+            micro = jax.lax.with_sharding_constraint(
+                micro, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                    None, sharding.DATA)))
         nll_and_grad = jax.value_and_grad(lambda p, mb: _weighted_nll(model, p, mb), has_aux=True)
 
         def one_micro_batch(carry, mb):
@@ -206,7 +225,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, g
         metrics = {"loss": nll / weight, "grad_norm": _global_norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 def make_eval_step(model: nn.Module):
@@ -215,12 +237,13 @@ def make_eval_step(model: nn.Module):
 
 
 def evaluate(model: nn.Module, params, dataset: PackedDataset, batch_size: int,
-             eval_step=None) -> float:
-    """Token-weighted mean next-token loss over every row of `dataset`."""
+             eval_step=None, mesh=None) -> float:
+    """Token-weighted mean next-token loss over every row of `dataset` (batches split over
+    the "data" axis of `mesh` when given)."""
     eval_step = eval_step or make_eval_step(model)
     nll, weight = 0.0, 0.0
     for batch in dataset.batches(batch_size):
-        n, w = eval_step(params, _device_batch(batch))
+        n, w = eval_step(params, _device_batch(batch, mesh))
         nll, weight = nll + float(n), weight + float(w)
     return nll / max(weight, 1e-9)
 
@@ -236,59 +259,113 @@ def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def _device_batch(batch: Batch) -> dict:
-    return {f.name: jnp.asarray(getattr(batch, f.name)) for f in dataclasses.fields(Batch)}
+def _device_batch(batch: Batch, mesh=None) -> dict:
+    arrays = {f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)}
+    if mesh is not None:
+        return sharding.shard_batch(arrays, mesh)
+    return {name: jnp.asarray(x) for name, x in arrays.items()}
 
 
 def train(config: TrainConfig, *, model: nn.Module, dataset: PackedDataset,
           eval_dataset: PackedDataset | None = None, params=None,
-          flops_per_token: float | None = None) -> TrainResult:
+          flops_per_token: float | None = None, mesh: jax.sharding.Mesh | None = None,
+          fsdp: bool = False) -> TrainResult:
     """Trains `model` on `dataset` for `config.steps` optimizer steps and returns the result.
 
     params: initial parameters (cast to `config.master_dtype`); None initialises from the seed.
     A checkpoint directory holding committed steps is resumed from the newest one (its params
     win over `params`). flops_per_token: model FLOPs of one trained token (forward + backward)
     for MFU; None estimates 6 x parameter count (attention FLOPs not counted).
+    mesh: a ("data", "model") mesh (fastattn.sharding.make_mesh) to train on: parameters and
+        optimizer state placed by fastattn.sharding.param_specs, each micro-batch's rows split
+        over "data" (which must divide batch_size / grad_accum); the returned state stays
+        sharded. None: one device, as without it.
+    fsdp: with a mesh, also split parameters and optimizer state over "data".
     """
     if dataset.num_rows < 1:
         raise ValueError("dataset has no rows")
-    if params is None:
-        params = init_params(model, dataset, config.seed, config.master_dtype)
-    else:
-        params = jax.tree.map(lambda p: jnp.asarray(p, config.master_dtype), params)
+    if mesh is not None:
+        _check_mesh(config, mesh)
+    elif fsdp:
+        raise ValueError("fsdp=True shards over a mesh's 'data' axis; pass mesh=")
     optimizer = make_optimizer(config.optimizer, config.steps)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
     history: list[dict] = []
+    with sharding.use_mesh(mesh):
+        state, state_shardings = _initial_state(config, model, dataset, params, optimizer,
+                                                mesh, fsdp)
+        checkpointer = None
+        if config.checkpoint is not None:
+            checkpointer = Checkpointer(config.checkpoint.directory, keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save)
+        try:
+            if checkpointer is not None and checkpointer.latest_step() is not None:
+                # Restored into `state`'s shardings: a run on another mesh shape reshards.
+                state, meta = checkpointer.restore(checkpointer.latest_step(), state)
+                history = [r for r in meta["history"] if r["step"] <= int(state.step)]
+            return _run(config, model, dataset, eval_dataset, state, optimizer, history,
+                        checkpointer, flops_per_token, mesh, state_shardings)
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()  # waits for background saves; raises if one failed
 
-    checkpointer = None
-    if config.checkpoint is not None:
-        checkpointer = Checkpointer(config.checkpoint.directory, keep=config.checkpoint.keep,
-                                    async_save=config.checkpoint.async_save)
-    try:
-        if checkpointer is not None and checkpointer.latest_step() is not None:
-            state, meta = checkpointer.restore(checkpointer.latest_step(), state)
-            history = [r for r in meta["history"] if r["step"] <= int(state.step)]
-        return _run(config, model, dataset, eval_dataset, state, optimizer, history,
-                    checkpointer, flops_per_token)
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()  # waits for background saves; raises if one failed
+
+def _check_mesh(config: TrainConfig, mesh) -> None:
+    if tuple(mesh.axis_names) != sharding.AXES:
+        raise ValueError(f"mesh axes {tuple(mesh.axis_names)} must be {sharding.AXES}; build "
+                         "the mesh with fastattn.sharding.make_mesh")
+    data = sharding.axis_size(mesh, sharding.DATA)
+    if config.micro_batch_size % data:
+        raise ValueError(
+            f"TrainConfig.batch_size={config.batch_size} / grad_accum={config.grad_accum} = "
+            f"{config.micro_batch_size} rows per micro-batch are not divisible by the mesh's "
+            f"'data' axis size {data}")
+
+
+def _initial_state(config, model, dataset, params, optimizer, mesh, fsdp):
+    """(TrainState, its NamedShardings or None). On a mesh, fresh parameters and the optimizer
+    state are created already sharded (jit with out_shardings): no device ever holds them
+    whole."""
+    def new_state(p):
+        return TrainState(step=jnp.int32(0), params=p, opt_state=optimizer.init(p))
+
+    if mesh is None:
+        if params is None:
+            params = init_params(model, dataset, config.seed, config.master_dtype)
+        else:
+            params = jax.tree.map(lambda p: jnp.asarray(p, config.master_dtype), params)
+        return new_state(params), None
+    if params is None:
+        fresh = lambda: new_state(init_params(model, dataset, config.seed, config.master_dtype))
+        shardings = sharding.named_shardings(jax.eval_shape(fresh), mesh, model, fsdp=fsdp)
+        return jax.jit(fresh, out_shardings=shardings)(), shardings
+    dtype = jnp.dtype(config.master_dtype)
+    params = jax.tree.map(
+        lambda p: p.astype(dtype) if isinstance(p, jax.Array) else np.asarray(p, dtype), params)
+    shardings = sharding.named_shardings(jax.eval_shape(new_state, params), mesh, model,
+                                         fsdp=fsdp)
+    params = jax.tree.map(sharding.place, params, shardings.params)
+    return jax.jit(new_state, out_shardings=shardings, donate_argnums=0)(params), shardings
 
 
 def _run(config, model, dataset, eval_dataset, state, optimizer, history, checkpointer,
-         flops_per_token):
-    train_step = make_train_step(model, optimizer, config.grad_accum)
+         flops_per_token, mesh, state_shardings):
+    train_step = make_train_step(model, optimizer, config.grad_accum,
+                                 state_shardings=state_shardings)
     eval_step = make_eval_step(model)
     tokens_per_step = config.batch_size * dataset.seq_len
     flops_per_token = flops_per_token or 6.0 * count_params(state.params)
     peak = peak_flops()
-    metrics_file = open(config.metrics_path, "a") if config.metrics_path else None
+    if peak and mesh is not None:
+        peak *= mesh.devices.size  # MFU per chip: the whole mesh's tokens over its peak
+    # With several processes, the first writes the metrics and draws the progress bar.
+    lead = jax.process_index() == 0
+    metrics_file = open(config.metrics_path, "a") if config.metrics_path and lead else None
     start = int(state.step)
     last_saved = start
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched (keeps dispatch async)
     timed_steps, timed_seconds = 0, 0.0
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not (config.progress and lead), dynamic_ncols=True)
 
     def flush(now_step):
         nonlocal timed_steps, timed_seconds
@@ -309,7 +386,7 @@ def _run(config, model, dataset, eval_dataset, state, optimizer, history, checkp
     try:
         tic = None
         for step in range(start, config.steps):
-            batch = _device_batch(dataset.batch(step, config.batch_size, config.seed))
+            batch = _device_batch(dataset.batch(step, config.batch_size, config.seed), mesh)
             state, metrics = train_step(state, batch)
             pending.append((step + 1, metrics))
             done = step + 1
@@ -332,7 +409,7 @@ def _run(config, model, dataset, eval_dataset, state, optimizer, history, checkp
             if evaluate_now:
                 flush(done)
                 loss = evaluate(model, state.params, eval_dataset, config.micro_batch_size,
-                                eval_step)
+                                eval_step, mesh)
                 history[-1]["eval_loss"] = loss
                 _write(metrics_file, {"step": done, "eval_loss": loss})
             if checkpointer is not None and done % config.checkpoint.every == 0:

@@ -37,9 +37,10 @@ def _check_idle(engine):
     assert engine.blocks.usage == 0 and not engine.scheduler.has_work()
 
 
-@pytest.mark.parametrize("mode", ["continuous", "static"])
-def test_greedy_tokens_equal_plain_generation(mode, expected):
-    engine = _engine(mode=mode)
+@pytest.mark.parametrize("mode, overlap", [("continuous", True), ("continuous", False),
+                                           ("static", True)])
+def test_greedy_tokens_equal_plain_generation(mode, overlap, expected):
+    engine = _engine(mode=mode, async_scheduling=overlap)
     out = engine.generate(PROMPTS, GREEDY)
     assert [c.token_ids for c in out] == expected
     assert all(c.finish_reason == "length" for c in out)
