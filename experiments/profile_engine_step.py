@@ -1,0 +1,99 @@
+"""Where does an engine decode step's time go: device or host, and does it grow with the pool?
+
+Question: the 0.85B engine spends ~16 ms per decode step of 256 sequences where the bytes it
+          must read (weights + live KV) take ~3 ms. If the KV pool were copied (not updated in
+          place) the step time would grow with the pool size; if the host were the bottleneck
+          the device-only time would be far below the step time.
+Run:      PYTHONPATH=. python experiments/profile_engine_step.py [--tiny]
+Prints:   per pool size: decode-step wall time (engine, sync and async), device-only time of
+          the same jitted step, and the number of HLO copy ops whose shape is the pool's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastattn.engine import Engine, EngineConfig
+from fastattn.sampling import SamplingParams
+from models import LLAMA_0_85B, TINY, Llama
+
+
+def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling, base):
+    config = dataclasses.replace(base, num_pages=num_pages, async_scheduling=async_scheduling)
+    engine = Engine(model, params, config)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.config.vocab_size, prompt_len).tolist() for _ in range(n)]
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    ids = [engine.add_request(p, sp) for p in prompts]
+    while any(not s.output for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill until every sequence decodes
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished() and steps < new_tokens // 2:
+        engine.step()
+        steps += 1
+    step_ms = 1e3 * (time.perf_counter() - start) / steps
+    # The same jitted step alone, inputs prepared once (device time + dispatch only).
+    if engine._inflight is not None:
+        engine._process(engine._inflight)
+        engine._inflight = None
+    chunks = engine.scheduler.schedule().chunks
+    T = min(b for b in engine.buckets if b >= len(chunks))
+    S = min(T, config.max_num_seqs)
+    batch, feed, sampling, st, counts, pm = engine._inputs(chunks, T, S, None)
+    copies = np.full((2, S), [[0], [engine.num_pages]], np.int32)
+    args = (batch, sampling, engine._key, st, counts, pm, copies, engine._no_tokens, feed)
+    lowered = engine._step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
+    hlo = lowered.compile().as_text()
+    pool = f"[{model.config.num_kv_heads},{engine.num_pages},"
+    copies_of_pool = sum(1 for line in hlo.splitlines() if " copy(" in line and pool in line)
+    for _ in range(3):
+        out, _, engine.kv = engine._step_fn(engine.params, engine.kv, *args, num_logprobs=0)
+    jax.block_until_ready(out.tokens)
+    start = time.perf_counter()
+    for _ in range(10):
+        out, _, engine.kv = engine._step_fn(engine.params, engine.kv, *args, num_logprobs=0)
+    jax.block_until_ready(out.tokens)
+    device_ms = 1e3 * (time.perf_counter() - start) / 10
+    for i in ids:
+        engine.abort(i)
+    pool_gb = sum(k.nbytes + v.nbytes for k, v in engine.kv) / 1e9
+    del engine
+    gc.collect()
+    return step_ms, device_ms, copies_of_pool, pool_gb
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        cfg = dataclasses.replace(TINY, max_position_embeddings=256)
+        n, prompt_len, new_tokens, pools = 8, 40, 8, (64, 256)
+        base = EngineConfig(page_size=16, token_budget=64, max_num_seqs=8, max_model_len=256)
+    else:
+        cfg = LLAMA_0_85B
+        n, prompt_len, new_tokens, pools = 256, 512, 32, (9000, 60000)
+        base = EngineConfig(page_size=16, token_budget=512, max_num_seqs=256, max_model_len=1024)
+    model = Llama(cfg)
+    params = jax.jit(lambda k: jax.tree.map(
+        lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.PRNGKey(0))
+    print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode")
+    for pages in pools:
+        for overlap in (False, True):
+            step_ms, device_ms, n_copies, gb = probe(model, params, pages, n, prompt_len,
+                                                    new_tokens, overlap, base)
+            print(f"  pool {pages:6d} pages ({gb:5.1f} GB) async={overlap!s:5}: step "
+                  f"{step_ms:6.2f} ms, device-only {device_ms:6.2f} ms, pool-sized HLO "
+                  f"copies {n_copies}")
+
+
+if __name__ == "__main__":
+    main()
