@@ -170,6 +170,7 @@ class Engine:
                                 static_argnames=("num_logprobs",))
         self._no_tokens = jnp.zeros(config.max_num_seqs, jnp.int32)
         self._inflight: _InFlight | None = None
+        self._sampling_cache: tuple = (None, None)
         self._busy_since: float | None = None
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -351,7 +352,7 @@ class Engine:
                 seq.output[out_index] = int(tokens[i])
             if seq.epoch == epoch and seq.status is Status.RUNNING:  # not preempted since
                 self.blocks.commit(seq.seq_id,
-                                   seq.tokens[chunk.start:chunk.start + chunk.length])
+                                   seq.token_slice(chunk.start, chunk.start + chunk.length))
                 siblings = self._requests[seq.request_id]
                 if out_index is None and seq.index == 0 and len(siblings) > 1 \
                         and not seq.children and seq.num_computed == len(seq.prompt) - 1:
@@ -425,7 +426,7 @@ class Engine:
         at = 0
         for i, c in enumerate(chunks):
             end = c.start + c.length
-            tok[at:at + c.length] = c.seq.tokens[c.start:end]
+            tok[at:at + c.length] = c.seq.token_slice(c.start, end)
             if c.seq.output and c.seq.output[-1] == PENDING:  # only the newest can be pending
                 feed[at + c.length - 1] = pending_rows[(c.seq.seq_id, len(c.seq.output) - 1)]
                 tok[at + c.length - 1] = 0
@@ -444,10 +445,12 @@ class Engine:
                             context_lens=ctx, query_start=starts, num_seqs=np.int32(len(chunks)),
                             logits_rows=rows, max_q_len=1 if max_q == 1 else T)
         seqs = [c.seq for c in chunks]
-        sampling = SamplingTensors.build([s.params for s in seqs], pad_to=S,
-                                         request_ids=[s.request_id for s in seqs],
-                                         eos_token_ids=self.eos_token_ids,
-                                         vocab_size=self.vocab_size)
+        key = (S, tuple(s.seq_id for s in seqs))
+        if self._sampling_cache[0] != key:  # decode steps repeat the batch: build once
+            self._sampling_cache = (key, SamplingTensors.build(
+                [s.params for s in seqs], pad_to=S, request_ids=[s.request_id for s in seqs],
+                eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size))
+        sampling = self._sampling_cache[1]
         steps = np.zeros(S, np.int32)
         steps[:len(seqs)] = [len(s.output) for s in seqs]
         counts = prompt_mask = None

@@ -33,7 +33,7 @@ def exp2(x, *, interpret: bool):
     return y
 
 
-def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int):
+def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_offset=0):
     """All-array index of keys `keys` [n] of one sequence in its layer's page pool
     [P, page_size, width], through the sequence's block table table_ref [pages_per_seq]:
     key j sits at row j % page_size of page table[j // page_size] (vLLM's layout).
@@ -44,8 +44,11 @@ def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int):
     A tile spans as many pages as it needs, so its size is the kernel's choice, not the page
     size. Keys that are not `valid` read page 0 instead of their table entry (table entries
     past a sequence's pages may hold anything); their K/V loads must be masked by the caller.
-    Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised."""
-    page = plgpu.load(table_ref.at[jax.lax.div(keys, page_size)], mask=valid, other=0)
+    Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised.
+    table_offset: where the sequence's table starts in table_ref (a flattened [S *
+    pages_per_seq] table of several sequences)."""
+    page = plgpu.load(table_ref.at[table_offset + jax.lax.div(keys, page_size)], mask=valid,
+                      other=0)
     return page[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
 
 

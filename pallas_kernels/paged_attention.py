@@ -123,20 +123,26 @@ class RaggedBlockSizes:
                                                      pl.next_power_of_2(max(1, max_q_len))))
 
 
-def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref, zeros_ref, o_ref,
-                   *, scale, softcap, window_left, block_q, block_k, group, page_size, head_dim,
-                   interpret):
+def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref, work_seq_ref,
+                   work_tile_ref, zeros_ref, o_ref, *, scale, softcap, window_left, block_q,
+                   block_k, group, page_size, pages_per_seq, head_dim, interpret):
     # q_ref, o_ref [T, N, Hp] (every token and head of the step; programs write disjoint
     # (row, head) pairs; o_ref is aliased to zeros_ref so that rows no sequence owns read 0
     # rather than uninitialised memory); k_ref, v_ref [P, page_size, Hp] (this kv head's
-    # pool); table_ref [pages_per_seq]; ctx_ref [S], start_ref [S + 1]; nseq_ref [1].
+    # pool); table_ref [S * pages_per_seq] (all block tables, flattened); ctx_ref [S],
+    # start_ref [S + 1]; nseq_ref [1]; work_seq_ref, work_tile_ref [W]: program w serves query
+    # tile work_tile[w] of sequence work_seq[w] (S: nothing to do).
     del zeros_ref
-    seq, tile, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    work, kv_head = pl.program_id(0), pl.program_id(1)
+    num_slots = ctx_ref.shape[0]
+    seq_or_none = jnp.sum(work_seq_ref[pl.ds(work, 1)])
+    seq = jnp.minimum(seq_or_none, num_slots - 1)  # keep the loads below in range
+    tile = jnp.sum(work_tile_ref[pl.ds(work, 1)])
     first_row = jnp.sum(start_ref[pl.ds(seq, 1)])
     q_len = jnp.sum(start_ref[pl.ds(seq + 1, 1)]) - first_row
     ctx = jnp.sum(ctx_ref[pl.ds(seq, 1)])
     row0 = tile * block_q  # this program's first token within the sequence's new tokens
-    live = (seq < jnp.sum(nseq_ref[...])) & (row0 < q_len)
+    live = (seq_or_none < jnp.sum(nseq_ref[...])) & (row0 < q_len)
 
     @pl.when(live)
     def _():
@@ -164,7 +170,8 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
         def body(t, carry):
             cols = first + t * block_k + jnp.arange(block_k)
             col_ok = cols < last_key
-            index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp)
+            index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp,
+                                   table_offset=seq * pages_per_seq)
             kv_mask = col_ok[:, None] & head_ok
             k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
             v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
@@ -195,9 +202,12 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     written into the pages), so row r of sequence s sits at position
     context_lens[s] - q_len_s + r and attends causally. Sequences >= num_seqs are padding.
     max_q_len bounds any sequence's new tokens (static; None = T). Rows of no sequence are 0.
-    Grid (S, max_q_len / block_q, K): a program serves block_q new tokens of one sequence for
-    all G query heads of one kv head. Inputs are trusted (`fastattn.ragged_paged_attention`
-    validates them); any page size.
+    A program serves block_q new tokens of one sequence for all G query heads of one kv head.
+    Grid (W, K) over a work list built on device from query_start: one entry per (sequence,
+    query tile) that exists, so a step of 248 decodes and 8 prefill chunks of 512 launches
+    ~250 + 8 * 512 / block_q programs per kv head, not S * 512 / block_q (most of which would
+    have nothing to do). Inputs are trusted (`fastattn.ragged_paged_attention` validates
+    them); any page size.
     """
     T, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
@@ -207,29 +217,42 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     kernel = functools.partial(
         _ragged_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, block_q=bs.block_q, block_k=bs.block_k,
-        group=N // K, page_size=page_size, head_dim=H, interpret=interpret)
-    every_row = pl.BlockSpec((T, N, Hp), lambda s, j, h: (0, 0, 0))
-    pool = pl.BlockSpec((None, P, page_size, Hp), lambda s, j, h: (h, 0, 0, 0))
+        group=N // K, page_size=page_size, pages_per_seq=pages_per_seq, head_dim=H,
+        interpret=interpret)
+    work_seq, work_tile = _work_list(query_start, num_seqs, S, T, max_q_len or T, bs.block_q)
+    W = work_seq.shape[0]
+    every_row = pl.BlockSpec((T, N, Hp), lambda w, h: (0, 0, 0))
+    pool = pl.BlockSpec((None, P, page_size, Hp), lambda w, h: (h, 0, 0, 0))
+    whole = lambda n: pl.BlockSpec((n,), lambda w, h: (0,))
     return pl.pallas_call(
         kernel,
-        grid=(S, pl.cdiv(max_q_len or T, bs.block_q), K),
-        in_specs=[
-            every_row, pool, pool,
-            pl.BlockSpec((None, pages_per_seq), lambda s, j, h: (s, 0)),
-            pl.BlockSpec((S,), lambda s, j, h: (0,)),
-            pl.BlockSpec((S + 1,), lambda s, j, h: (0,)),
-            pl.BlockSpec((1,), lambda s, j, h: (0,)),
-            every_row,
-        ],
+        grid=(W, K),
+        in_specs=[every_row, pool, pool, whole(S * pages_per_seq), whole(S), whole(S + 1),
+                  whole(1), whole(W), whole(W), every_row],
         out_specs=every_row,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        input_output_aliases={7: 0},
+        input_output_aliases={9: 0},
         name="ragged_paged_attention",
-    )(q, k_pages, v_pages, block_tables.astype(jnp.int32), context_lens.astype(jnp.int32),
-      query_start.astype(jnp.int32), jnp.asarray(num_seqs, jnp.int32).reshape(1),
-      jnp.zeros_like(q))
+    )(q, k_pages, v_pages, block_tables.astype(jnp.int32).reshape(-1),
+      context_lens.astype(jnp.int32), query_start.astype(jnp.int32),
+      jnp.asarray(num_seqs, jnp.int32).reshape(1), work_seq, work_tile, jnp.zeros_like(q))
+
+
+def _work_list(query_start, num_seqs, S, T, max_q_len, block_q):
+    """(sequence, query tile) of each program, [W] each; entries past the real work name
+    sequence S. W bounds the tiles of any step: sum_s ceil(q_len_s / block_q) <= S + T /
+    block_q, and <= S * ceil(max_q_len / block_q)."""
+    W = min(S + pl.cdiv(T, block_q), S * pl.cdiv(max_q_len, block_q))
+    starts = query_start.astype(jnp.int32)
+    q_lens = jnp.where(jnp.arange(S) < num_seqs, starts[1:] - starts[:-1], 0)
+    tiles = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(tiles)
+    w = jnp.arange(W, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)  # S past the last tile
+    tile = w - (ends - tiles)[jnp.minimum(seq, S - 1)]
+    return seq, tile.astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, context_lens,
