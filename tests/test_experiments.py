@@ -60,3 +60,13 @@ def test_bench_train_tiny_writes_json(tmp_path):
     (row,) = result["rows"]
     assert row["impl"] == "fastattn_xla" and row["tokens_per_s"] > 0 and row["tflops"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["ms"] == row["ms"]
+
+
+def test_bench_serving_tiny_writes_json(tmp_path):
+    from experiments import bench_serving
+
+    result = bench_serving.main(["--tiny", "--out", str(tmp_path / "s.json")])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"fastattn_continuous", "fastattn_static"}
+    for r in rows.values():
+        assert r["tok_per_s"] > 0 and r["output_tokens"] > 0 and r["preemptions"] == 0
