@@ -19,6 +19,10 @@ from fastattn.block_manager import BlockManager, OutOfPagesError
 from fastattn.engine import Completion, Engine, EngineConfig, Sample, TokenEvent
 from fastattn.sampling import SamplingParams, SamplingTensors, sample
 
+# Parallelism: meshes ("data", "model"), Megatron-style parameter placement
+from fastattn import sharding
+from fastattn.sharding import make_mesh, shard_params, use_mesh
+
 # Training: data, tokenizers, the loop, checkpoints
 from fastattn.checkpoint import Checkpointer
 from fastattn.data import Batch, PackedDataset, pack_documents
@@ -34,6 +38,7 @@ __all__ = [
     "RaggedBatch",
     "BlockManager", "OutOfPagesError", "Completion", "Engine", "EngineConfig", "Sample",
     "TokenEvent", "SamplingParams", "SamplingTensors", "sample",
+    "sharding", "make_mesh", "shard_params", "use_mesh",
     "Checkpointer", "Batch", "PackedDataset", "pack_documents",
     "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
     "CheckpointConfig", "OptimizerConfig", "TrainConfig", "TrainResult", "TrainState", "train",

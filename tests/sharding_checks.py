@@ -4,9 +4,10 @@ the suite shares its pytest process with one device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py CHECK
         CHECK: attention | forward | train | checkpoint | errors
-    python tests/sharding_checks.py train_json OUT.json
-        (a short sharded run on mesh (2, 4); with FASTATTN_PROCESS=i/n@port it is process i of
-        n under jax.distributed on localhost, each with the devices XLA_FLAGS gives it)
+    python tests/sharding_checks.py train_json OUT.json [--save DIR | --restore DIR]
+        (a short sharded run on mesh (2, 4), checkpointed into DIR with --save; --restore also
+        reads DIR's newest step onto mesh (4, 2). With FASTATTN_PROCESS=i/n@port it is process
+        i of n under jax.distributed on localhost, each with the devices XLA_FLAGS gives it)
 
 Each check raises (non-zero exit) on a mismatch and prints one line per case it passed.
 """
@@ -22,31 +23,31 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
+import jax
 
 _PROCESS = os.environ.get("FASTATTN_PROCESS")  # "i/n@port": one process of a distributed run
 if _PROCESS:
     _ids, _port = _PROCESS.split("@")
     _pid, _nproc = (int(x) for x in _ids.split("/"))
-    # CPU collectives across processes (jax's default on CPU is none, or gloo on newer jax).
+    # Collectives between CPU processes: gloo (already the default on jax 0.10).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"localhost:{_port}", num_processes=_nproc,
                                process_id=_pid, initialization_timeout=120)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-import fastattn  # noqa: E402
-from fastattn import sharding  # noqa: E402
-from fastattn.checkpoint import Checkpointer  # noqa: E402
-from fastattn.data import pack_documents  # noqa: E402
-from fastattn.training import OptimizerConfig, TrainConfig, TrainState, make_optimizer, train  # noqa: E402
-from models import GPT2, GPT2Config, Llama, LlamaConfig  # noqa: E402
+import fastattn
+from fastattn import sharding
+from fastattn.checkpoint import Checkpointer
+from fastattn.data import pack_documents
+from fastattn.training import OptimizerConfig, TrainConfig, TrainState, make_optimizer, train
+from models import GPT2, GPT2Config, Llama, LlamaConfig
 
 # Heads that every mesh of 8 devices divides (MHA), and a GQA model whose K=4 does not divide
 # a model axis of 8.
-MHA = LlamaConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8,
+MHA = LlamaConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=8,
                   intermediate_size=128, max_position_embeddings=64)
 GQA = dataclasses.replace(MHA, num_kv_heads=4, attention_bias=True, tie_word_embeddings=True)
 MESHES = ((1, 8), (2, 4), (8, 1))
@@ -68,11 +69,21 @@ def _tokens(batch=8, length=16, vocab=64, seed=0):
                        jnp.int32)
 
 
-def _loss(model):
+def _logits_and_grads(model):
+    """jit(params, tokens) -> (logits, gradient of a loss that reads every logit)."""
     def loss(params, tokens):
-        logits = model.apply({"params": params}, tokens).astype(jnp.float32)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(tokens.shape[1]))
-    return loss
+        logits = model.apply({"params": params}, tokens)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return jnp.mean(logp[..., 0] * jnp.arange(tokens.shape[1])), logits
+
+    def run(params, tokens):
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params, tokens)
+        return logits, grads
+    return jax.jit(run)
+
+
+def _init(model, tokens, seed):
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -80,28 +91,26 @@ def _loss(model):
 
 def check_attention():
     """fastattn.attention per shard (Pallas, interpret mode) equals the unsharded call, with
-    GQA, segment ids and lse, for a batch "data" divides and one it does not (replicated)."""
+    GQA, segment ids and lse, jitted and eager, for a batch "data" divides and one it does not
+    (then replicated over "data")."""
     key = jax.random.split(jax.random.PRNGKey(0), 3)
-    for B in (4, 3):
+    for B, shape in ((4, (2, 4)), (3, (4, 2))):
         q = jax.random.normal(key[0], (B, 24, 8, 16))
         k = jax.random.normal(key[1], (B, 20, 4, 16))
         v = jax.random.normal(key[2], (B, 20, 4, 16))
         seg = (jnp.arange(24)[None].repeat(B, 0) // 9, jnp.arange(20)[None].repeat(B, 0) // 7)
         kw = dict(causal=True, segment_ids=seg, return_lse=True, implementation="pallas")
         f = lambda q, k, v: fastattn.attention(q, k, v, **kw)
-        want = jax.jit(f)(q, k, v)
-        want_grad = jax.grad(lambda *a: jnp.sum(f(*a)[0] ** 2), argnums=(0, 1, 2))(q, k, v)
-        for shape in ((2, 4), (4, 2)):
-            mesh = sharding.make_mesh(*shape)
-            with sharding.use_mesh(mesh):
-                got = jax.jit(f)(q, k, v)
-                grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0] ** 2), argnums=(0, 1, 2)))(
-                    q, k, v)
-                eager = f(q, k, v)
-            _close(f"attention B={B} mesh={shape}", got, want, 1e-6, 1e-6)
-            _close(f"attention eager B={B} mesh={shape}", eager, want, 1e-6, 1e-6)
-            _close(f"attention grad B={B} mesh={shape}", grad, want_grad, 1e-5, 1e-5)
-            print(f"ok attention B={B} mesh={shape}")
+        run = jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(
+            lambda *a: jnp.sum(f(*a)[0] ** 2), argnums=(0, 1, 2))(q, k, v)))
+        want = run(q, k, v)
+        with sharding.use_mesh(sharding.make_mesh(*shape)):
+            assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v)), "kernel not run per shard"
+            got = run(q, k, v)
+            eager = f(q, k, v) if B == 4 else want[0]
+        _close(f"attention (out, lse, grads) B={B} mesh={shape}", got, want, 1e-5, 1e-5)
+        _close(f"attention eager B={B} mesh={shape}", eager, want[0], 1e-6, 1e-6)
+        print(f"ok attention B={B} mesh={shape}")
 
 
 def check_forward():
@@ -112,9 +121,8 @@ def check_forward():
     for name, cfg in (("MHA", MHA), ("GQA", GQA)):
         for impl in ("xla", "pallas"):
             model = Llama(dataclasses.replace(cfg, attention_implementation=impl))
-            params = model.init(jax.random.PRNGKey(1), tokens)["params"]
-            logits = jax.jit(model.apply)({"params": params}, tokens)
-            grads = jax.jit(jax.grad(_loss(model)))(params, tokens)
+            params = _init(model, tokens, 1)
+            want = _logits_and_grads(model)(params, tokens)
             for shape in MESHES:
                 mesh = sharding.make_mesh(*shape)
                 if cfg.num_kv_heads % shape[1]:
@@ -127,11 +135,8 @@ def check_forward():
                     raise AssertionError(f"{name} on mesh {shape} did not raise")
                 sharded = sharding.shard_params(params, mesh, cfg)
                 with sharding.use_mesh(mesh):
-                    batch = sharding.shard_batch(tokens, mesh)
-                    got = jax.jit(model.apply)({"params": sharded}, batch)
-                    got_grads = jax.jit(jax.grad(_loss(model)))(sharded, batch)
-                _close(f"{name} {impl} logits mesh={shape}", got, logits)
-                _close(f"{name} {impl} grads mesh={shape}", got_grads, grads)
+                    got = _logits_and_grads(model)(sharded, sharding.shard_batch(tokens, mesh))
+                _close(f"{name} {impl} (logits, grads) mesh={shape}", got, want)
                 print(f"ok {name} {impl} mesh={shape}")
     # The placement itself: Megatron column / row splits, vocab split, norms replicated.
     mesh = sharding.make_mesh(2, 4)
@@ -153,8 +158,8 @@ def check_forward():
     assert fsdp["layers_0"]["input_layernorm"]["weight"] == P()
     print("ok placement")
     # GPT-2: fused qkv (heads not aligned to shards: XLA reshards), tied embeddings, biases.
-    gpt = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=8))
-    params = gpt.init(jax.random.PRNGKey(2), tokens)["params"]
+    gpt = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=8))
+    params = _init(gpt, tokens, 2)
     want = jax.jit(gpt.apply)({"params": params}, tokens)
     sharded = sharding.shard_params(params, mesh, gpt)
     with sharding.use_mesh(mesh):
@@ -180,7 +185,7 @@ def check_train():
     """train(mesh=...) follows the single-device run (losses and parameters), with and without
     FSDP, and leaves the state sharded by the rules."""
     model, data = Llama(GQA), _dataset()
-    params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(3), _tokens())["params"])
+    params = jax.tree.map(np.asarray, _init(model, _tokens(), 3))
     want = train(_train_config(), model=model, dataset=data, eval_dataset=_dataset(seed=1),
                  params=params)
     for shape, fsdp in (((2, 4), False), ((4, 2), True)):
@@ -206,7 +211,7 @@ def check_checkpoint():
     """A state saved on mesh (2, 4) restores on (4, 2) (and FSDP) with equal values and the new
     mesh's shardings; train() resumes a (2, 4) run on (4, 2)."""
     model, data = Llama(GQA), _dataset()
-    params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(3), _tokens())["params"])
+    params = jax.tree.map(np.asarray, _init(model, _tokens(), 3))
     with tempfile.TemporaryDirectory() as tmp:
         straight = train(_train_config(steps=4), model=model, dataset=data, params=params,
                          mesh=sharding.make_mesh(2, 4))
@@ -229,6 +234,14 @@ def check_checkpoint():
                 assert leaf.sharding == s, (leaf.sharding, s)
             assert [r["step"] for r in meta["history"]] == [1, 2]
             print(f"ok restore (2, 4) -> {shape} fsdp={fsdp}")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one_device = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved)
+        with Checkpointer(tmp) as ckpt_reader:
+            restored, _ = ckpt_reader.restore(2, one_device)
+        _close("restore on one device", restored, saved, 0, 0)
+        assert all(len(x.devices()) == 1 for x in jax.tree.leaves(restored))
+        print("ok restore (2, 4) -> one device")
         resumed = train(_train_config(steps=4, **ckpt), model=model, dataset=data,
                         params=params, mesh=sharding.make_mesh(4, 2))
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
@@ -254,8 +267,10 @@ def check_errors():
     raises(lambda: sharding.make_mesh(4, 4), "data=4", "model=4", "16 devices", "only 8")
     mesh = sharding.make_mesh(1, 8)
     raises(lambda: sharding.check_heads(Llama(GQA), mesh), "num_kv_heads K=4", "size 8")
-    params = Llama(GQA).init(jax.random.PRNGKey(0), _tokens(1))["params"]
-    raises(lambda: sharding.shard_params(params, mesh), "k_proj/kernel", "size 8")
+    # Without a config only shapes are checked: an MLP width "model" does not divide.
+    params = {"layers_0": {"mlp": {"up_proj": {"kernel": np.ones((4, 12), np.float32)}}}}
+    raises(lambda: sharding.shard_params(params, mesh), "layers_0/mlp/up_proj/kernel",
+           "(12)", "'model' axis size 8")
     q = jnp.ones((2, 8, 8, 16))
     kv = jnp.ones((2, 8, 4, 16))
     with sharding.use_mesh(mesh):
@@ -273,28 +288,41 @@ def check_errors():
     print("ok kv pages")
 
 
-def train_json(out_path):
+def _gathered(params, mesh):
+    """Every parameter whole, as nested lists (a jitted identity to replicated shardings
+    gathers them to every process)."""
+    full = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+    return [np.asarray(x.addressable_shards[0].data).tolist() for x in jax.tree.leaves(full)]
+
+
+def train_json(out_path, mode=None, directory=None):
     """A short sharded run on mesh (2, 4); its history and final parameters go to out_path
     (from process 0 when distributed)."""
     model = Llama(GQA)
-    result = train(_train_config(steps=3), model=model, dataset=_dataset(),
-                   eval_dataset=_dataset(seed=1), mesh=sharding.make_mesh(2, 4))
-    # Gather every parameter to every process (a jitted identity to replicated shardings).
-    full = jax.jit(lambda p: p, out_shardings=sharding.replicated(
-        sharding.make_mesh(2, 4)))(result.params)
+    ckpt = None
+    if mode == "--save":
+        ckpt = fastattn.CheckpointConfig(directory=directory, every=2, keep=2)
+    mesh = sharding.make_mesh(2, 4)
+    result = train(_train_config(steps=3, checkpoint=ckpt), model=model, dataset=_dataset(),
+                   eval_dataset=_dataset(seed=1), mesh=mesh)
+    record = {"history": result.history, "params": _gathered(result.params, mesh),
+              "processes": jax.process_count(), "devices": jax.device_count()}
+    if mode == "--restore":  # the same call on another mesh resumes at the end: no step runs
+        other = sharding.make_mesh(4, 2)
+        resumed = train(_train_config(steps=3, checkpoint=fastattn.CheckpointConfig(
+            directory=directory)), model=model, dataset=_dataset(), mesh=other)
+        record["restored"] = _gathered(resumed.params, other)
+        record["restored_history"] = resumed.history
     if jax.process_index() == 0:
-        leaves = [np.asarray(x.addressable_shards[0].data).tolist()
-                  for x in jax.tree.leaves(full)]
         with open(out_path, "w") as f:
-            json.dump({"history": result.history, "params": leaves,
-                       "processes": jax.process_count(), "devices": jax.device_count()}, f)
+            json.dump(record, f)
     print(f"ok train_json process {jax.process_index()} of {jax.process_count()}")
 
 
 if __name__ == "__main__":
     check = sys.argv[1]
     if check == "train_json":
-        train_json(sys.argv[2])
+        train_json(*sys.argv[2:])
     else:
         assert jax.device_count() == 8, f"run with 8 devices, got {jax.devices()}"
         globals()[f"check_{check}"]()
