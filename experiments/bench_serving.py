@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
-import json
 import time
 
 import jax
@@ -27,6 +25,7 @@ import numpy as np
 
 from fastattn.engine import Engine, EngineConfig
 from fastattn.sampling import SamplingParams
+from experiments.results import write_results
 from models import LLAMA_0_85B, TINY, Llama
 
 HF_STATIC_TOKENS_PER_S = 630  # shared/TARGETS.md: HF generate, static batch 32, same workload
@@ -116,12 +115,7 @@ def main(argv=None) -> dict:
         print(f"  continuous / static: {cont['tok_per_s'] / stat['tok_per_s']:.2f}x; "
               f"continuous / HF static anchor ({HF_STATIC_TOKENS_PER_S} tok/s): "
               f"{cont['tok_per_s'] / HF_STATIC_TOKENS_PER_S:.1f}x")
-    result = {"device": device.device_kind, "jax": jax.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
-    return result
+    return write_results(args.out, rows)
 
 
 if __name__ == "__main__":

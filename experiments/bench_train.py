@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import time
 
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 from fastattn.data import pack_documents
 from fastattn.training import (
     OptimizerConfig, TrainState, make_optimizer, make_train_step, peak_flops)
+from experiments.results import write_results
 from models import LLAMA_0_85B, TINY, Llama, train_flops_per_token
 
 
@@ -82,12 +81,7 @@ def main(argv=None) -> dict:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"  {impl:<10} {r['ms']:9.1f} ms/step {r['tokens_per_s']:12,.0f} tok/s "
               f"{r['tflops']:8.1f} TFLOP/s  MFU {mfu}")
-    result = {"device": device.device_kind, "jax": jax.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
-    return result
+    return write_results(args.out, rows)
 
 
 if __name__ == "__main__":

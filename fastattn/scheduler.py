@@ -107,15 +107,6 @@ class ScheduledStep:
     copies: list[CopyOp]
     preempted: list[Sequence]
 
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list (hot path)."""
-        n = len(self.prompt)
-        if end <= n:
-            return self.prompt[start:end]
-        if start >= n:
-            return self.output[start - n:end - n]
-        return self.prompt[start:] + self.output[:end - n]
-
     @property
     def num_tokens(self) -> int:
         return sum(c.length for c in self.chunks)
