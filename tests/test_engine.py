@@ -194,3 +194,16 @@ def test_engine_step_passes_under_debug_nans():
     with jax.debug_nans(True):
         out = engine.generate(PROMPTS[:2], dataclasses.replace(GREEDY, max_tokens=3))
     assert all(len(c.token_ids) == 3 for c in out)
+
+
+def test_router_spreads_requests_over_replicas(expected):
+    """Data parallel serving: two replicas behind the router give the tokens of one engine."""
+    from fastattn.router import Router
+
+    router = Router([_engine(), _engine()])
+    out = router.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == expected
+    assert [c.request_id for c in out] == list(range(len(PROMPTS)))
+    assert all(m["tokens_generated"] > 0 for m in router.metrics())  # both replicas served
+    for engine in router.engines:
+        _check_idle(engine)
