@@ -1,11 +1,22 @@
-"""`fastattn.decode_attention`: validation and implementations of q_len = 1 attention."""
+"""`fastattn.decode_attention`: validation and implementations of q_len = 1 attention.
+
+On a mesh (`fastattn.sharding.use_mesh` / `jax.set_mesh`) every implementation except the
+ragged "reference" runs per shard under `shard_map`, as `fastattn.attention`'s kernels do:
+heads split over "model" (query heads [i N/m, (i+1) N/m) with kv heads / pages
+[i K/m, (i+1) K/m), so GQA groups stay whole and no communication is needed), and for the
+batched decode ops rows over "data" when it divides B. The Pallas kernels are opaque custom
+calls XLA cannot partition; the XLA paths run per shard too, so a K-split page pool is never
+gathered. "model" must divide K (ValueError otherwise).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from fastattn import sharding
 from fastattn._attention import _check_scalar_options
 from fastattn._xla_paged import ragged_paged_attention_xla
 from pallas_kernels.decode_attention import (
@@ -37,13 +48,24 @@ def decode_attention(q, k, v, lengths, *, softcap=None, sliding_window=None, sca
     softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
-    if name == "pallas":
-        out, lse = _pallas_decode(q, k, v, lengths, softcap=softcap, window_left=window_left,
+
+    def run(q, k, v, lengths):
+        if name == "pallas":
+            return _pallas_decode(q, k, v, lengths, softcap=softcap, window_left=window_left,
                                   scale=scale, block_sizes=block_sizes,
                                   interpret=jax.default_backend() != "gpu")
+        return decode_attention_reference(q, k, v, lengths, softcap=softcap,
+                                          window_left=window_left, scale=scale)
+
+    axes = _shard_axes(q.shape[0], k.shape[2])
+    if axes is None:
+        out, lse = run(q, k, v, lengths)
     else:
-        out, lse = decode_attention_reference(q, k, v, lengths, softcap=softcap,
-                                              window_left=window_left, scale=scale)
+        b, h = axes
+        out, lse = sharding.per_shard(
+            run, (q, k, v, lengths),
+            (P(b, h, None), P(b, None, h, None), P(b, None, h, None), P(b)),
+            (P(b, h, None), P(b, h)))
     return (out, lse) if return_lse else out
 
 
@@ -65,15 +87,24 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
     softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
-    if name == "pallas":
-        out, lse = paged_decode_attention(
-            q, k_pages, v_pages, block_tables, lengths, softcap=softcap,
-            window_left=window_left, scale=scale, block_sizes=block_sizes,
-            interpret=jax.default_backend() != "gpu")
+
+    def run(q, k_pages, v_pages, block_tables, lengths):
+        if name == "pallas":
+            return paged_decode_attention(
+                q, k_pages, v_pages, block_tables, lengths, softcap=softcap,
+                window_left=window_left, scale=scale, block_sizes=block_sizes,
+                interpret=jax.default_backend() != "gpu")
+        return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths,
+                                         softcap=softcap, window_left=window_left, scale=scale)
+
+    axes = _shard_axes(q.shape[0], k_pages.shape[0])
+    if axes is None:
+        out, lse = run(q, k_pages, v_pages, block_tables, lengths)
     else:
-        out, lse = paged_attention_reference(q, k_pages, v_pages, block_tables, lengths,
-                                             softcap=softcap, window_left=window_left,
-                                             scale=scale)
+        b, h = axes
+        out, lse = sharding.per_shard(
+            run, (q, k_pages, v_pages, block_tables, lengths),
+            (P(b, h, None), P(h), P(h), P(b), P(b)), (P(b, h, None), P(b, h)))
     return (out, lse) if return_lse else out
 
 
@@ -106,18 +137,46 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
-    if name == "xla":
-        return ragged_paged_attention_xla(
-            q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
-            softcap=softcap, window_left=window_left, scale=scale)
-    if name == "reference":
+    if name == "reference":  # needs concrete metadata: never traced, never per shard
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
             softcap=softcap, window_left=window_left, scale=scale)
-    return _pallas_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
-                          softcap=softcap, window_left=window_left, scale=scale,
-                          block_sizes=block_sizes, max_q_len=max_q_len,
-                          interpret=jax.default_backend() != "gpu")
+
+    def run(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs):
+        if name == "xla":
+            return ragged_paged_attention_xla(
+                q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,
+                softcap=softcap, window_left=window_left, scale=scale)
+        return _pallas_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start,
+                              num_seqs, softcap=softcap, window_left=window_left, scale=scale,
+                              block_sizes=block_sizes, max_q_len=max_q_len,
+                              interpret=jax.default_backend() != "gpu")
+
+    args = (q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs)
+    # The rows of a ragged step belong to different sequences: only heads split ("data" keeps
+    # the whole step on every replica).
+    axes = _shard_axes(None, k_pages.shape[0])
+    if axes is None or axes[1] is None:
+        return run(*args)
+    h = axes[1]
+    num_seqs = jnp.asarray(num_seqs, jnp.int32)
+    return sharding.per_shard(
+        run, (*args[:-1], num_seqs), (P(None, h, None), P(h), P(h), P(), P(), P(), P()),
+        P(None, h, None))
+
+
+def _shard_axes(batch: int | None, kv_heads: int):
+    """(batch axis, head axis) to run per shard on under the active mesh, or None when there
+    is no mesh or nothing splits. batch None: the rows never split. ValueError when the mesh's
+    "model" axis does not divide kv_heads."""
+    mesh = sharding.active_mesh()
+    if mesh is None:
+        return None
+    b, h = sharding.attention_axes(mesh, batch=1 if batch is None else batch,
+                                   kv_heads=kv_heads)
+    if batch is None:
+        b = None
+    return None if b is None and h is None else (b, h)
 
 
 def _validate_ragged(q, k_pages, v_pages, block_tables, context_lens, query_start, num_seqs,

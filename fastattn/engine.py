@@ -15,6 +15,11 @@ Shapes come from a few buckets (T: powers of two up to the token budget; S = min
 max_num_seqs)), times two attention variants (all decodes, or some prefill), so the step compiles
 a handful of times, never per request; `warmup()` compiles them all up front.
 
+Tensor parallel inside one engine: `Engine(model, params, config, mesh=sharding.make_mesh(
+model=4))` splits the weights (Megatron-style) and every KV page's kv heads over "model"; the
+step runs under the mesh, so ragged paged attention runs per shard (no communication), and
+only the sampled tokens come back (replicated).
+
 The model is any flax module with `config` (vocab_size, num_layers, num_kv_heads, head_size,
 max_position_embeddings, dtype) and a `paged_step(batch, kv_pages)` method (models.Llama);
 fastattn never imports models.
@@ -34,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastattn import sharding
 from fastattn.block_manager import BlockManager
 from fastattn.kv_cache import PagedKVCache
 from fastattn.ragged_batch import RaggedBatch
@@ -137,8 +143,16 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, tokenizer=None,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, mesh=None):
+        """mesh: a `fastattn.sharding.make_mesh` mesh for tensor parallelism inside this engine
+        (None: one device, as before). The weights are placed by `sharding.shard_params`
+        (Megatron-style over "model"), every layer's KV pages split on their kv heads K over
+        "model" (`sharding.kv_pages_spec`) and kept so across steps (donated in place), the
+        step runs under `sharding.use_mesh(mesh)` so ragged paged attention runs per shard,
+        and the sampled tokens come back replicated. "model" must divide the model's heads
+        (ValueError). A "data" axis > 1 only replicates the whole engine over it."""
         mc = model.config
+        self.mesh = mesh
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = mc.vocab_size
@@ -149,6 +163,8 @@ class Engine:
         dtype = jnp.dtype(config.dtype or jax.tree.leaves(params)[0].dtype)
         self.model = type(model)(dataclasses.replace(mc, dtype=dtype.name))
         self.params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+        if mesh is not None:  # checks the heads divide "model" before anything is allocated
+            self.params = sharding.shard_params(self.params, mesh, mc)
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_ids if tokenizer is not None else ()
         self.eos_token_ids = tuple(int(e) for e in eos_token_ids)
@@ -157,8 +173,13 @@ class Engine:
         num_pages = config.num_pages or self._pages_that_fit(mc, dtype)
         self._check_pool(num_pages, mc, dtype)
         shape = (mc.num_kv_heads, num_pages, config.page_size, mc.head_size)
-        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                   for _ in range(mc.num_layers)]
+        if mesh is None:
+            self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                       for _ in range(mc.num_layers)]
+        else:  # created in place on each device: K / model kv heads of every page each
+            pages = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding
+                            .NamedSharding(mesh, sharding.kv_pages_spec()))
+            self.kv = [(pages(), pages()) for _ in range(mc.num_layers)]
         self.num_pages = num_pages
         self.blocks = BlockManager(num_pages, config.page_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
@@ -166,8 +187,13 @@ class Engine:
                                    max_num_seqs=config.max_num_seqs, mode=config.mode)
         self.buckets = _buckets(config.token_budget)
         self._key = jax.random.key_data(jax.random.key(config.seed))
+        # On a mesh: the sampled tokens (and logprobs) replicated, the pages kept K-split so
+        # the donated buffers are reused in place. Call it under `sharding.use_mesh(self.mesh)`.
+        shardings = {} if mesh is None else {"out_shardings": (
+            sharding.replicated(mesh), sharding.replicated(mesh),
+            jax.sharding.NamedSharding(mesh, sharding.kv_pages_spec()))}
         self._step_fn = jax.jit(self._device_step, donate_argnums=1,
-                                static_argnames=("num_logprobs",))
+                                static_argnames=("num_logprobs",), **shardings)
         self._no_tokens = jnp.zeros(config.max_num_seqs, jnp.int32)
         self._inflight: _InFlight | None = None
         self._sampling_cache: tuple = (None, None)
@@ -183,10 +209,19 @@ class Engine:
     # -- memory -----------------------------------------------------------------------------
 
     def _pages_that_fit(self, mc, dtype) -> int:
-        stats = jax.devices()[0].memory_stats() or {}
+        """Pages that fit in `gpu_memory_utilization` of the first device's memory left after
+        the weights. On a mesh the pages split over "model" (each device holds K / model kv
+        heads of every page), so that is per-device free memory x the model axis size (the
+        first device of the mesh stands for all). A CPU (no memory limit; every fake device
+        shares the host's memory) gets a quarter of the memory available now, at most 4 GiB,
+        mesh or not."""
+        device = jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
+        stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] * self.config.gpu_memory_utilization \
                 - stats.get("bytes_in_use", 0)
+            if self.mesh is not None:
+                free = max(free, 0) * sharding.axis_size(self.mesh, sharding.MODEL)
         else:  # a CPU: a quarter of the memory available now, at most 4 GiB
             free = min(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4, 4 << 30)
         return PagedKVCache.num_pages_for_memory(
@@ -319,9 +354,10 @@ class Engine:
         num_logprobs = MAX_LOGPROBS if any(
             c.seq.params.logprobs is not None for c in chunks) else 0
         prev_tokens = self._no_tokens if prev is None else prev.out_tokens
-        out, padded, self.kv = self._step_fn(
-            self.params, self.kv, batch, sampling, self._key, steps, counts, prompt_mask, copies,
-            prev_tokens, feed, num_logprobs=num_logprobs)
+        with sharding.use_mesh(self.mesh):
+            out, padded, self.kv = self._step_fn(
+                self.params, self.kv, batch, sampling, self._key, steps, counts, prompt_mask,
+                copies, prev_tokens, feed, num_logprobs=num_logprobs)
         records = []
         for c in chunks:
             seq, out_index = c.seq, None
@@ -405,10 +441,11 @@ class Engine:
                     num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
                 sampling = SamplingTensors.build([], pad_to=S)
                 copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
-                out, _, self.kv = self._step_fn(
-                    self.params, self.kv, batch, sampling, self._key, np.zeros(S, np.int32),
-                    None, None, copies, self._no_tokens, np.full(T, -1, np.int32),
-                    num_logprobs=0)
+                with sharding.use_mesh(self.mesh):
+                    out, _, self.kv = self._step_fn(
+                        self.params, self.kv, batch, sampling, self._key,
+                        np.zeros(S, np.int32), None, None, copies, self._no_tokens,
+                        np.full(T, -1, np.int32), num_logprobs=0)
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - start
 
