@@ -3,7 +3,7 @@ tests/test_engine_sharded.py in a subprocess: the device count (XLA_FLAGS) must 
 jax starts, and the rest of the suite shares its pytest process with one device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/engine_sharding_checks.py CHECK
-        CHECK: xla | pallas | errors
+        CHECK: xla | pallas | errors | ops | router
 
 Each check raises (non-zero exit) on a mismatch and prints one line per case it passed.
 """
@@ -155,6 +155,22 @@ def check_ops():
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
             print(f"ok op {name} {impl}")
+
+
+def check_router():
+    """Data parallel serving: 2 replicas x 2-way tensor parallel on 4 devices, behind the
+    router, give the tokens of one single-device engine, and both replicas serve."""
+    from fastattn.router import Router
+
+    _, want = _generate(None)
+    router = Router.build(MODEL, PARAMS, ENGINE, replicas=2, model_parallel=2)
+    devices = [{d.id for d in e.kv[0][0].devices()} for e in router.engines]
+    assert devices[0].isdisjoint(devices[1]) and all(len(d) == 2 for d in devices), devices
+    got = [c.token_ids for c in router.generate(PROMPTS, GREEDY)]
+    if got != want:
+        raise AssertionError(f"router: {got} != one device's {want}")
+    assert all(m["tokens_generated"] > 0 for m in router.metrics())
+    print("ok router 2x2")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,7 @@ def test_decode_ops_per_shard_and_indivisible_kv_heads_raise():
         assert f"ok op {op} xla" in out and f"ok op {op} pallas" in out
     assert out.count("ok raises") == 5
     assert "ok raises: LlamaConfig.num_kv_heads K=4 is not divisible" in out
+
+
+def test_router_over_tensor_parallel_replicas_equals_one_device():
+    assert "ok router 2x2" in _check("router")
