@@ -8,8 +8,10 @@ Run:      PYTHONPATH=. python experiments/bench_serving.py [--requests 256] [--o
           --tiny: a seconds-long CPU variant (CI).
 Prints:   per mode: wall seconds, useful output tokens/s, steps, TTFT / TPOT (mean, p50, p90,
           p99), KV fill, preemptions, start-up (compile) time and compilations after warm-up;
-          writes the rows as JSON (benchmarks/serving.json). The HF transformers baseline
-          (630 tok/s) is the measured anchor in shared/TARGETS.md; it is not re-run here.
+          writes the rows as JSON (benchmarks/serving.json) and a throughput / latency plot
+          next to it. --hf also runs HF transformers `generate` (static batches of 32) on the
+          same workload in a separate process; without it the ratio uses the measured anchor
+          of shared/TARGETS.md (630 tok/s).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -67,16 +73,64 @@ def run(model, params, prompts, sampling, config: EngineConfig) -> dict:
             "tokens": [c.token_ids for c in out]}
 
 
+def run_hf(cfg, n, batch, lengths) -> dict:
+    """HF transformers generate on the same workload, in its own process (see
+    experiments/hf_generate_baseline.py)."""
+    hf_config = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                     num_key_value_heads=cfg.num_kv_heads,
+                     intermediate_size=cfg.intermediate_size,
+                     max_position_embeddings=cfg.max_position_embeddings,
+                     rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_generate_baseline.py")
+    (p_lo, p_hi), (o_lo, o_hi) = lengths
+    proc = subprocess.run([sys.executable, script, json.dumps(hf_config), str(n), str(batch),
+                           str(p_lo), str(p_hi), str(o_lo), str(o_hi)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _plot(rows: list[dict], path: str) -> str:
+    """Throughput per implementation, and the latency each request saw (TTFT and time per
+    output token percentiles) for the engine's modes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [r["impl"] for r in rows]
+    left.bar(names, [r["tok_per_s"] for r in rows], color="tab:blue")
+    left.set(ylabel="useful output tokens / s", title="throughput")
+    left.tick_params(axis="x", labelrotation=15)
+    for r in rows:
+        if "ttft_p50_s" in r:
+            right.plot([r[f"tpot_p{q}_s"] * 1e3 for q in (50, 90, 99)],
+                       [r[f"ttft_p{q}_s"] for q in (50, 90, 99)], "o-", label=r["impl"])
+    right.set(xlabel="time per output token (ms): p50, p90, p99",
+              ylabel="time to first token (s)", title="latency percentiles")
+    right.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--modes", default="continuous,static")
+    parser.add_argument("--hf", action="store_true",
+                        help="also run HF transformers generate (static batches, own process)")
     parser.add_argument("--out", default="benchmarks/serving.json")
     args = parser.parse_args(argv)
+    lengths = ((64, 1024), (16, 512))
     if args.tiny:
         cfg, n = dataclasses.replace(TINY, max_position_embeddings=128), 6
-        prompts, sampling = workload(n, cfg.vocab_size, (4, 40), (2, 12))
+        lengths = ((4, 40), (2, 12))
+        prompts, sampling = workload(n, cfg.vocab_size, *lengths)
         base = EngineConfig(page_size=8, token_budget=64, max_num_seqs=4, max_model_len=64,
                             num_pages=64)
         static_batch = 2
@@ -115,6 +169,13 @@ def main(argv=None) -> dict:
         print(f"  continuous / static: {cont['tok_per_s'] / stat['tok_per_s']:.2f}x; "
               f"continuous / HF static anchor ({HF_STATIC_TOKENS_PER_S} tok/s): "
               f"{cont['tok_per_s'] / HF_STATIC_TOKENS_PER_S:.1f}x")
+    if args.hf:
+        hf = run_hf(cfg, n, static_batch, lengths)
+        rows.append({"config": rows[0]["config"], **hf})
+        print(f"  hf_generate {hf['wall_s']:8.1f} s {hf['tok_per_s']:10,.0f} tok/s "
+              f"(static batches of {static_batch}, {hf['device']}, torch {hf['torch']})")
+    plot = _plot(rows, os.path.splitext(args.out)[0] + ".png")
+    print(f"plot: {plot}")
     return write_results(args.out, rows)
 
 
