@@ -67,3 +67,12 @@ def addition_task(tokenizer: Tokenizer, *, digits: int = 3, num_train: int = 200
         test_documents=[p + ans for p, ans in tests], test_weights=[weigh(*t) for t in tests],
         test_prompts=prompts, test_answers=answers, prompt_len=prompts.shape[1],
         answer_len=answers.shape[1])
+
+
+def counting_documents(num_docs: int, vocab_size: int, *, seed: int = 0,
+                       min_len: int = 4, max_len: int = 12) -> list[list[int]]:
+    """Documents that count up modulo `vocab_size` from a random start: every next token
+    follows from the one before, so a tiny model learns them in a few steps (smoke tests)."""
+    rng = np.random.default_rng(seed)
+    return [((rng.integers(vocab_size) + np.arange(rng.integers(min_len, max_len)))
+             % vocab_size).tolist() for _ in range(num_docs)]

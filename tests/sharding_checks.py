@@ -42,6 +42,7 @@ import fastattn
 from fastattn import sharding
 from fastattn.checkpoint import Checkpointer
 from fastattn.data import pack_documents
+from fastattn.tasks import counting_documents
 from fastattn.training import OptimizerConfig, TrainConfig, TrainState, make_optimizer, train
 from models import GPT2, GPT2Config, Llama, LlamaConfig
 
@@ -169,10 +170,7 @@ def check_forward():
 
 
 def _dataset(num_docs=64, seq_len=16, seed=0):
-    rng = np.random.default_rng(seed)
-    docs = [list((rng.integers(64) + np.arange(rng.integers(4, 12))) % 64)
-            for _ in range(num_docs)]
-    return pack_documents(docs, seq_len)
+    return pack_documents(counting_documents(num_docs, 64, seed=seed), seq_len)
 
 
 def _train_config(**kw):

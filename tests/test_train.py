@@ -15,6 +15,7 @@ import pytest
 
 from fastattn.checkpoint import Checkpointer
 from fastattn.data import pack_documents
+from fastattn.tasks import counting_documents
 from fastattn.training import (
     CheckpointConfig,
     OptimizerConfig,
@@ -34,11 +35,7 @@ MODEL = Llama(CFG)
 
 
 def _dataset(num_docs=64, seq_len=32, seed=0):
-    # Documents that count up modulo 32 from a random start: learnable from one token.
-    rng = np.random.default_rng(seed)
-    docs = [list((rng.integers(32) + np.arange(rng.integers(4, 12))) % 32)
-            for _ in range(num_docs)]
-    return pack_documents(docs, seq_len)
+    return pack_documents(counting_documents(num_docs, 32, seed=seed), seq_len)
 
 
 def _config(**kw):
