@@ -202,7 +202,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self._requests: dict[int, list[Seq]] = {}
         self._finished: dict[int, Completion] = {}
-        self._events: list[TokenEvent] = []
+        self._events: list[TokenEvent] = []  # collected only while a stream() is open
+        self._streams = 0
         self._stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
                        "busy_seconds": 0.0, "ttft": [], "tpot": [], "kv_usage": [], "kv_fill": []}
 
@@ -418,7 +419,8 @@ class Engine:
         if self.tokenizer is not None:
             text = seq.text if (seq.params.stop or reason) else \
                 self.tokenizer.decode(seq.output[:out_index + 1])
-        self._events.append(TokenEvent(seq.request_id, seq.index, token, text, reason))
+        if self._streams:
+            self._events.append(TokenEvent(seq.request_id, seq.index, token, text, reason))
         if reason:
             del seq.output[out_index + 1:]  # tokens launched past the stop
             self.scheduler.remove(seq)
@@ -591,7 +593,6 @@ class Engine:
                     bar.update(1)
         if bar is not None:
             bar.close()
-        self._events.clear()
         return [results[i] for i in ids]
 
     def stream(self, prompts, sampling: SamplingParams | Sequence[SamplingParams]
@@ -599,11 +600,15 @@ class Engine:
         """Yields each new token of each request as soon as its step finishes."""
         ids = set(self._add_all(prompts, sampling))
         pending = set(ids)
-        while pending:
-            done = self.step()
-            events, self._events = self._events, []
-            yield from (e for e in events if e.request_id in ids)
-            pending -= {c.request_id for c in done}
+        self._streams += 1
+        try:
+            while pending:
+                done = self.step()
+                events, self._events = self._events, []
+                yield from (e for e in events if e.request_id in ids)
+                pending -= {c.request_id for c in done}
+        finally:
+            self._streams -= 1
 
     def _add_all(self, prompts, sampling) -> list[int]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
