@@ -143,14 +143,23 @@ def test_text_prompts_stop_strings_and_eos():
                     tokenizer=tok)
     base = engine.generate(["hello"], GREEDY)[0]
     assert base.text == tok.decode(base.token_ids)
-    stop_text = base.text[3:5] if len(base.text) >= 5 else None
-    if stop_text:
-        cut = engine.generate(["hello"], dataclasses.replace(GREEDY, stop=(stop_text,)))[0]
-        assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.index(stop_text)]
+    assert len(base.text) >= 4, base.text  # 10 greedy bytes decode to some characters
+    stop_text = base.text[2:4]
+    cut = engine.generate(["hello"], dataclasses.replace(GREEDY, stop=(stop_text,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.index(stop_text)]
     stop_id = base.token_ids[2]
     early = engine.generate(["hello"], dataclasses.replace(GREEDY, stop_token_ids=(stop_id,)))
     assert early[0].token_ids == base.token_ids[:base.token_ids.index(stop_id) + 1]
     assert early[0].finish_reason == "stop"
+    # The model's EOS ends a request (kept as its last token) unless ignore_eos.
+    eos = base.token_ids[3]
+    with_eos = Engine(model, params, EngineConfig(page_size=8, num_pages=48, max_model_len=64),
+                      tokenizer=tok, eos_token_ids=(eos,))
+    stopped = with_eos.generate(["hello"], GREEDY)[0]
+    assert stopped.token_ids == base.token_ids[:base.token_ids.index(eos) + 1]
+    assert stopped.finish_reason == "stop"
+    ignored = with_eos.generate(["hello"], dataclasses.replace(GREEDY, ignore_eos=True))[0]
+    assert ignored.token_ids == base.token_ids and ignored.finish_reason == "length"
 
 
 def test_logprobs_are_the_raw_model_distribution():
