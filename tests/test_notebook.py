@@ -1,4 +1,4 @@
-"""experiments/quickstart.ipynb runs top to bottom in a fresh Jupyter kernel (issue 4).
+"""experiments/notebooks/quickstart.ipynb runs top to bottom in a fresh Jupyter kernel (issue 4).
 
 The kernel is ipykernel's `python3` spec, which jupyter_client starts with this interpreter
 (`sys.executable`), so the notebook sees the environment the tests see; its working directory is
@@ -19,7 +19,7 @@ nbclient = pytest.importorskip("nbclient")
 import nbformat  # noqa: E402  (a dependency of nbclient)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(ROOT, "experiments", "quickstart.ipynb")
+NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
 SMOKE_STEPS = 60  # the notebook's step count under FASTATTN_NOTEBOOK_SMOKE=1
 REPORT_PREFIX = "NOTEBOOK_REPORT "
 REPORT_CELL = f"""
