@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time
 from collections import deque
 
 from fastattn.block_manager import BlockManager, CopyOp
@@ -240,7 +239,3 @@ class Scheduler:
             child.first_token_time = None
         self.running[at:at] = children
         parent.children = children
-
-
-def now() -> float:
-    return time.perf_counter()
