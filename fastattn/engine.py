@@ -611,6 +611,10 @@ class Engine:
             self._streams -= 1
 
     def _add_all(self, prompts, sampling) -> list[int]:
+        return [self._enqueue(t, p) for t, p in self._prepare(prompts, sampling)]
+
+    def _prepare(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
+        """Tokenizes and validates every request (RELIABILITY 12) before any is queued."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             raise ValueError("prompts must be a list of prompts (token-id lists or strings), "
                              "got a single prompt; wrap it in a list")
@@ -619,9 +623,9 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         tokens = [self._tokenize(p) for p in prompts]
-        for i, (t, p) in enumerate(zip(tokens, params)):  # all checked before any is queued
+        for i, (t, p) in enumerate(zip(tokens, params)):
             self._validate(t, p, f"prompts[{i}]")
-        return [self._enqueue(t, p) for t, p in zip(tokens, params)]
+        return list(zip(tokens, params))
 
     def metrics(self) -> dict[str, Any]:
         s = self._stats

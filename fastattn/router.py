@@ -54,12 +54,14 @@ class Router:
         return cls(engines)
 
     def add_request(self, prompt, sampling: SamplingParams = SamplingParams()) -> int:
-        replica = min(range(len(self.engines)), key=lambda r: self._load[r])
-        local = self.engines[replica].add_request(prompt, sampling)
-        cost = len(prompt) + sampling.max_tokens * sampling.n
-        return self._register(replica, local, cost)
+        (tokens, params), = self.engines[0]._prepare([prompt], sampling)
+        return self._route(tokens, params)
 
-    def _register(self, replica: int, local: int, cost: int) -> int:
+    def _route(self, tokens: list[int], sampling: SamplingParams) -> int:
+        """Queues a validated request on the least-loaded replica; returns its global id."""
+        replica = min(range(len(self.engines)), key=lambda r: self._load[r])
+        local = self.engines[replica]._enqueue(tokens, sampling)
+        cost = len(tokens) + sampling.max_tokens * sampling.n
         gid = self._next_id
         self._next_id += 1
         self._where[gid] = (replica, local)
@@ -93,14 +95,8 @@ class Router:
     def generate(self, prompts, sampling: SamplingParams | Sequence[SamplingParams]
                  = SamplingParams()) -> list[Completion]:
         """Like `Engine.generate`, spread over the replicas; results in prompt order. Every
-        request is validated (by its replica's rules) before any is queued."""
-        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) \
-            else list(sampling)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        for i, (p, s) in enumerate(zip(prompts, params)):
-            self.engines[0]._validate(self.engines[0]._tokenize(p), s, f"prompts[{i}]")
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        request is validated (the replicas share model and config) before any is queued."""
+        ids = [self._route(t, p) for t, p in self.engines[0]._prepare(prompts, sampling)]
         results: dict[int, Completion] = {}
         while len(results) < len(ids):
             for c in self.step():
