@@ -415,11 +415,11 @@ class Engine:
                 if stop in seq.text:
                     seq.text = seq.text[:seq.text.index(stop)]
                     reason = "stop"
-        text = None
-        if self.tokenizer is not None:
-            text = seq.text if (seq.params.stop or reason) else \
-                self.tokenizer.decode(seq.output[:out_index + 1])
-        if self._streams:
+        if self._streams:  # the text so far is decoded only when someone reads it
+            text = None
+            if self.tokenizer is not None:
+                text = seq.text if (seq.params.stop or reason) else \
+                    self.tokenizer.decode(seq.output[:out_index + 1])
             self._events.append(TokenEvent(seq.request_id, seq.index, token, text, reason))
         if reason:
             del seq.output[out_index + 1:]  # tokens launched past the stop
