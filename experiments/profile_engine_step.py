@@ -6,7 +6,9 @@ Question: the 0.85B engine spends ~16 ms per decode step of 256 sequences where 
           the device-only time would be far below the step time.
 Run:      PYTHONPATH=. python experiments/profile_engine_step.py [--tiny]
 Prints:   per pool size: decode-step wall time (engine, sync and async), device-only time of
-          the same jitted step, and the number of HLO copy ops whose shape is the pool's.
+          the same jitted step, the number of HLO copy ops whose shape is the pool's, and the
+          host phases of a step (schedule, input arrays, jit dispatch, waiting for the device,
+          applying the tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +27,35 @@ from fastattn.sampling import SamplingParams
 from models import LLAMA_0_85B, TINY, Llama
 
 
+def _time_phases(engine) -> dict[str, float]:
+    """Wraps the engine's host phases with timers: schedule, input arrays, jit dispatch,
+    waiting for the device's tokens, and applying them (commits, stops). Returns the dict the
+    timers add seconds into."""
+    totals = dict.fromkeys(("schedule", "inputs", "dispatch", "wait", "apply"), 0.0)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            totals[name] += time.perf_counter() - start
+            return result
+        return wrapper
+
+    process = engine._process
+
+    def process_after_wait(step):
+        start = time.perf_counter()
+        jax.block_until_ready(step.out.tokens)
+        totals["wait"] += time.perf_counter() - start
+        timed("apply", process)(step)
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine._inputs = timed("inputs", engine._inputs)
+    engine._step_fn = timed("dispatch", engine._step_fn)
+    engine._process = process_after_wait
+    return totals
+
+
 def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling, base):
     config = dataclasses.replace(base, num_pages=num_pages, async_scheduling=async_scheduling)
     engine = Engine(model, params, config)
@@ -34,11 +65,16 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     ids = [engine.add_request(p, sp) for p in prompts]
     while any(not s.output for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill until every sequence decodes
+    for _ in range(2):
+        engine.step()  # compiles the decode-only shape outside the timed steps
+    step_fn = engine._step_fn  # the jitted step, before the timers wrap it
+    phases = _time_phases(engine)
     start, steps = time.perf_counter(), 0
     while engine.has_unfinished() and steps < new_tokens // 2:
         engine.step()
         steps += 1
     step_ms = 1e3 * (time.perf_counter() - start) / steps
+    phases = {name: 1e3 * seconds / steps for name, seconds in phases.items()}
     # The same jitted step alone, inputs prepared once (device time + dispatch only).
     if engine._inflight is not None:
         engine._process(engine._inflight)
@@ -49,16 +85,16 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     batch, feed, sampling, st, counts, pm = engine._inputs(chunks, T, S, None)
     copies = np.full((2, S), [[0], [engine.num_pages]], np.int32)
     args = (batch, sampling, engine._key, st, counts, pm, copies, engine._no_tokens, feed)
-    lowered = engine._step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
+    lowered = step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
     hlo = lowered.compile().as_text()
     pool = f"[{model.config.num_kv_heads},{engine.num_pages},"
     copies_of_pool = sum(1 for line in hlo.splitlines() if " copy(" in line and pool in line)
     for _ in range(3):
-        out, _, engine.kv = engine._step_fn(engine.params, engine.kv, *args, num_logprobs=0)
+        out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
     start = time.perf_counter()
     for _ in range(10):
-        out, _, engine.kv = engine._step_fn(engine.params, engine.kv, *args, num_logprobs=0)
+        out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
     device_ms = 1e3 * (time.perf_counter() - start) / 10
     for i in ids:
@@ -66,7 +102,7 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     pool_gb = sum(k.nbytes + v.nbytes for k, v in engine.kv) / 1e9
     del engine
     gc.collect()
-    return step_ms, device_ms, copies_of_pool, pool_gb
+    return step_ms, device_ms, copies_of_pool, pool_gb, phases
 
 
 def main(argv=None):
@@ -88,11 +124,13 @@ def main(argv=None):
     print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode")
     for pages in pools:
         for overlap in (False, True):
-            step_ms, device_ms, n_copies, gb = probe(model, params, pages, n, prompt_len,
-                                                    new_tokens, overlap, base)
+            step_ms, device_ms, n_copies, gb, phases = probe(
+                model, params, pages, n, prompt_len, new_tokens, overlap, base)
             print(f"  pool {pages:6d} pages ({gb:5.1f} GB) async={overlap!s:5}: step "
                   f"{step_ms:6.2f} ms, device-only {device_ms:6.2f} ms, pool-sized HLO "
                   f"copies {n_copies}")
+            print("    host ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                      phases.items()))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,13 @@ class BlockManager:
         partial last page, when it is shared).
         """
         seq = self._seq(seq_id)
+        # Hot path (a decode step inside the last page, which this sequence owns alone):
+        # nothing to take or copy.
+        if (type(num_new_tokens) is int and 0 < num_new_tokens
+                and seq.num_slots + num_new_tokens <= len(seq.pages) * self.page_size
+                and (seq.num_slots % self.page_size == 0 or self._refs[seq.pages[-1]] == 1)):
+            seq.num_slots += num_new_tokens
+            return []
         needed, copy = self._append_needs(seq, num_new_tokens)
         if needed > self.num_free_pages:
             raise OutOfPagesError(needed, self.num_free_pages,
@@ -290,10 +297,10 @@ class BlockManager:
         if end > seq.num_slots:
             raise ValueError(f"committing positions [{start}, {end}) of seq_id={seq_id}, but "
                              f"only {seq.num_slots} have slots")
-        seq.token_ids.extend(int(t) for t in token_ids)
-        if not self.enable_prefix_caching:
-            return
+        seq.token_ids.extend(map(int, token_ids))
         ps = self.page_size
+        if not self.enable_prefix_caching or end // ps == start // ps:
+            return  # no page filled
         for i in range(start // ps, end // ps):  # the pages that this commit fills
             parent = seq.page_hashes[-1] if seq.page_hashes else ROOT_HASH
             key = page_hash(parent, seq.token_ids[i * ps:(i + 1) * ps])

@@ -60,10 +60,8 @@ class _InFlight:
     out_tokens: jax.Array  # [max_num_seqs] int32, what the next step feeds from
     num_logprobs: int
     needs_history: bool
+    pending_rows: dict[int, int]  # seq_id -> the row that samples its newest (pending) token
 
-    def pending_rows(self) -> dict[tuple[int, int], int]:
-        return {(c.seq.seq_id, i): row for row, (c, _, i) in enumerate(self.records)
-                if i is not None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -359,12 +357,13 @@ class Engine:
             out, padded, self.kv = self._step_fn(
                 self.params, self.kv, batch, sampling, self._key, steps, counts, prompt_mask,
                 copies, prev_tokens, feed, num_logprobs=num_logprobs)
-        records = []
-        for c in chunks:
+        records, pending_rows = [], {}
+        for row, c in enumerate(chunks):
             seq, out_index = c.seq, None
             if c.samples:  # a token comes out of this step: hold its place
                 seq.output.append(PENDING)
                 out_index = len(seq.output) - 1
+                pending_rows[seq.seq_id] = row
                 seq.final_pending = len(seq.output) >= seq.params.max_tokens \
                     or seq.num_tokens >= self.max_model_len
             seq.num_computed += c.length
@@ -373,7 +372,8 @@ class Engine:
         self._stats["tokens_computed"] += scheduled.num_tokens
         self._stats["kv_usage"].append(self.blocks.usage)
         self._stats["kv_fill"].append(self._kv_fill())
-        return _InFlight(records, out, padded, num_logprobs, sampling.needs_history)
+        return _InFlight(records, out, padded, num_logprobs, sampling.needs_history,
+                         pending_rows)
 
     def _process(self, step: _InFlight) -> None:
         """Reads a launched step's tokens back and applies them: commits, forks, stops."""
@@ -454,41 +454,57 @@ class Engine:
     def _inputs(self, chunks: list[Chunk], T: int, S: int, prev: _InFlight | None):
         """The step's host arrays, padded to T rows and S sequences. A token still being
         sampled by the step in flight (`prev`) is fed from its output on device."""
+        n = len(chunks)
+        tokens: list[int] = []
+        fed_rows, fed_from = [], []
+        pending_rows = {} if prev is None else prev.pending_rows
+        for c in chunks:  # the only per-sequence Python of the inputs: the token ids
+            seq, end = c.seq, c.start + c.length
+            if seq.output and seq.output[-1] == PENDING:  # only the newest can be pending
+                tokens += seq.token_slice(c.start, end - 1)
+                tokens.append(0)
+                fed_rows.append(len(tokens) - 1)
+                fed_from.append(pending_rows[seq.seq_id])
+            else:
+                tokens += seq.token_slice(c.start, end)
+        used = len(tokens)
         tok = np.zeros(T, np.int32)
+        tok[:used] = tokens
         feed = np.full(T, -1, np.int32)
-        pos = np.zeros(T, np.int32)
-        slots = np.full(T, -1, np.int32)
-        starts = np.zeros(S + 1, np.int32)
+        feed[fed_rows] = fed_from
+        lengths = np.fromiter((c.length for c in chunks), np.int64, n)
+        first = np.fromiter((c.start for c in chunks), np.int64, n)
+        ends = np.cumsum(lengths)  # each chunk's end row in the flattened batch
+        starts = np.full(S + 1, used, np.int32)
+        starts[0] = 0
+        starts[1:n + 1] = ends
         ctx = np.zeros(S, np.int32)
+        ctx[:n] = first + lengths
         rows = np.zeros(S, np.int32)
-        pending_rows = {} if prev is None else prev.pending_rows()
-        at = 0
-        for i, c in enumerate(chunks):
-            end = c.start + c.length
-            tok[at:at + c.length] = c.seq.token_slice(c.start, end)
-            if c.seq.output and c.seq.output[-1] == PENDING:  # only the newest can be pending
-                feed[at + c.length - 1] = pending_rows[(c.seq.seq_id, len(c.seq.output) - 1)]
-                tok[at + c.length - 1] = 0
-            pos[at:at + c.length] = np.arange(c.start, end)
-            slots[at:at + c.length] = self.blocks.slot_mapping(c.seq.seq_id, c.start, end)
-            at += c.length
-            starts[i + 1] = at
-            ctx[i] = end
-            rows[i] = at - 1
-        starts[len(chunks) + 1:] = at
-        tables = self.blocks.block_tables([c.seq.seq_id for c in chunks], self.pages_per_seq)
-        tables = np.concatenate([tables, np.zeros((S - len(chunks), self.pages_per_seq),
-                                                  np.int32)])
-        max_q = max(c.length for c in chunks)
+        rows[:n] = ends - 1
+        tables = np.zeros((S, self.pages_per_seq), np.int32)
+        tables[:n] = self.blocks.block_tables([c.seq.seq_id for c in chunks],
+                                              self.pages_per_seq)
+        # Positions and slots of every row at once: row r of chunk i is position
+        # first[i] + (r - chunk start row), held in page tables[i, pos // page_size].
+        row_chunk = np.repeat(np.arange(n), lengths)
+        pos = np.zeros(T, np.int32)
+        pos[:used] = first[row_chunk] + np.arange(used) - (ends - lengths)[row_chunk]
+        ps = self.config.page_size
+        slots = np.full(T, -1, np.int32)
+        slots[:used] = tables[row_chunk, pos[:used] // ps] * ps + pos[:used] % ps
+        max_q = int(lengths.max())
         batch = RaggedBatch(tokens=tok, positions=pos, slot_mapping=slots, block_tables=tables,
-                            context_lens=ctx, query_start=starts, num_seqs=np.int32(len(chunks)),
+                            context_lens=ctx, query_start=starts, num_seqs=np.int32(n),
                             logits_rows=rows, max_q_len=1 if max_q == 1 else T)
         seqs = [c.seq for c in chunks]
         key = (S, tuple(s.seq_id for s in seqs))
         if self._sampling_cache[0] != key:  # decode steps repeat the batch: build once
-            self._sampling_cache = (key, SamplingTensors.build(
+            # ... and send once: device_put without a device keeps them uncommitted, so they
+            # also go with a step on a mesh.
+            self._sampling_cache = (key, jax.device_put(SamplingTensors.build(
                 [s.params for s in seqs], pad_to=S, request_ids=[s.request_id for s in seqs],
-                eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size))
+                eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size)))
         sampling = self._sampling_cache[1]
         steps = np.zeros(S, np.int32)
         steps[:len(seqs)] = [len(s.output) for s in seqs]

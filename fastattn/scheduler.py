@@ -30,7 +30,7 @@ import dataclasses
 import enum
 from collections import deque
 
-from fastattn.block_manager import BlockManager, CopyOp
+from fastattn.block_manager import BlockManager, CopyOp, OutOfPagesError
 from fastattn.sampling import SamplingParams
 
 
@@ -150,11 +150,14 @@ class Scheduler:
         scheduled: set[int] = set()
 
         # 1. Running sequences: decodes first (1 token each, latency-critical), then chunks.
-        order = sorted(self.running, key=lambda s: self._target(s) - s.num_computed > 1)
-        for seq in order:
-            if budget == 0 or seq.status is not Status.RUNNING or seq.final_pending:
+        wants = [(seq, self._target(seq) - seq.num_computed) for seq in self.running]
+        wants.sort(key=lambda sw: sw[1] > 1)  # stable: decodes first, each group oldest first
+        for seq, want in wants:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING or seq.final_pending:
                 continue
-            length = min(self._target(seq) - seq.num_computed, budget)
+            length = min(want, budget)
             if length <= 0:
                 continue
             ops = self._reserve(seq, length, scheduled, preempted)
@@ -209,14 +212,16 @@ class Scheduler:
         missing = seq.num_computed + length - self.blocks.num_tokens(seq.seq_id)
         if missing <= 0:
             return []
-        while not self.blocks.can_append_slots(seq.seq_id, missing):
-            victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
-            victim = victims[-1] if victims else seq
-            self._preempt(victim)
-            preempted.append(victim)
-            if victim is seq:
-                return None
-        return self.blocks.append_slots(seq.seq_id, missing)
+        while True:
+            try:  # raises before changing anything when pages are short
+                return self.blocks.append_slots(seq.seq_id, missing)
+            except OutOfPagesError:
+                victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
+                victim = victims[-1] if victims else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    return None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
