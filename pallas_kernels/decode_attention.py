@@ -72,8 +72,10 @@ class DecodeBlockSizes:
 
 
 def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
-                     block_k, head_dim, page_size, interpret):
-    # q_ref [Gp, Hp]; len_ref [1]; o_ref [Gp, Hp] f32; lse_ref [Gp] f32
+                     block_k, group, head_dim, page_size, interpret):
+    # q_ref [Gp, Hp] over the G = group real query heads; len_ref [1]
+    # o_ref [Gp, Hp] (the final output when there is one split, else this split's f32
+    # partial); lse_ref [Gp] f32
     # contiguous (page_size None): k_ref, v_ref [S, Hp]
     # paged: k_ref, v_ref [P, page_size, Hp] (this kv head's pool), block_table_ref
     #        [pages_per_seq]; a tile of block_k keys gathers its rows from the pages they
@@ -82,9 +84,12 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     block_table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
     split = pl.program_id(0)
     length = jnp.sum(len_ref[...])  # a [1] block read as a scalar
-    hp = q_ref.shape[-1]
+    gp, hp = q_ref.shape
     head_ok = jnp.arange(hp)[None, :] < head_dim
-    q = plgpu.load(q_ref, mask=head_ok, other=0.0) if hp != head_dim else q_ref[...]
+    # Padded heads and head dims are masked in every load and store, so no pad or slice
+    # kernel runs around this one (at ~5 us each they cost several % of a batched decode).
+    tile_ok = (jnp.arange(gp)[:, None] < group) & head_ok
+    q = plgpu.load(q_ref, mask=tile_ok, other=0.0)
     begin = split * chunk
     end = jnp.minimum(begin + chunk, length)
     first = begin  # first key this query may see, tile-aligned
@@ -112,8 +117,10 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         s = jnp.where(valid[None, :], s * LOG2E, -jnp.inf)
         return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
 
-    carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(q_ref.shape[0], hp))
-    o_ref[...], lse_ref[...] = online_softmax_finish(carry)  # an empty partition: 0, -inf
+    carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(gp, hp))
+    out, lse = online_softmax_finish(carry)  # an empty partition: 0, -inf
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=tile_ok)
+    plgpu.store(lse_ref, lse, mask=jnp.arange(gp) < group)
 
 
 def combine_splits(o_parts, lse_parts):
@@ -165,35 +172,39 @@ def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_hea
     chunk = pl.cdiv(pl.cdiv(kv_len, bs.num_splits), bs.block_k) * bs.block_k  # whole tiles
     splits = pl.cdiv(kv_len, chunk)
     paged = block_tables is not None
-    q_tiles = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    single = splits == 1  # one partition: the kernel writes the final output itself
     kernel = functools.partial(
         _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
-        softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, head_dim=H,
-        page_size=k.shape[2] if paged else None, interpret=interpret)
+        softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, group=G,
+        head_dim=H, page_size=k.shape[2] if paged else None, interpret=interpret)
     in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
                 pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
-    inputs = [q_tiles, k, v, lengths.astype(jnp.int32).reshape(B, 1)]
+    inputs = [q.reshape(B, K, G, H), k, v, lengths.astype(jnp.int32).reshape(B, 1)]
     if paged:
         in_specs.append(pl.BlockSpec((None, block_tables.shape[1]), lambda j, b, h: (b, 0)))
         inputs.append(block_tables.astype(jnp.int32))
-    o_parts, lse_parts = pl.pallas_call(
+    if single:
+        out_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)),
+                     pl.BlockSpec((None, None, Gp), lambda j, b, h: (b, h, 0))]
+        out_shape = [jax.ShapeDtypeStruct((B, K, G, H), q.dtype),
+                     jax.ShapeDtypeStruct((B, K, G), jnp.float32)]
+    else:
+        out_specs = [pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
+                     pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0))]
+        out_shape = [jax.ShapeDtypeStruct((B, K, splits, G, H), jnp.float32),
+                     jax.ShapeDtypeStruct((B, K, splits, G), jnp.float32)]
+    out, lse = pl.pallas_call(
         kernel,
         grid=(splits, B, K),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, Gp, Hp), lambda j, b, h: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, Gp), lambda j, b, h: (b, h, j, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, K, splits, Gp, Hp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_decode_attention" if paged else "decode_attention",
     )(*inputs)
-    # [B, K, J, Gp, Hp] -> [B, K, Gp, J, H]: drop the padded heads and head dims, then combine.
-    o_parts = jnp.swapaxes(o_parts[:, :, :, :G, :H], 2, 3)
-    lse_parts = jnp.swapaxes(lse_parts[:, :, :, :G], 2, 3)
-    out, lse = combine_splits(o_parts, lse_parts)
+    if not single:  # [B, K, J, G, H] -> [B, K, G, J, H], then merge the J partials
+        out, lse = combine_splits(jnp.swapaxes(out, 2, 3), jnp.swapaxes(lse, 2, 3))
     return out.reshape(B, N, H).astype(q.dtype), lse.reshape(B, N)
 
 
