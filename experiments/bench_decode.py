@@ -7,6 +7,7 @@ to cuDNN and XLA (`jax.nn.dot_product_attention` with T = 1), JAX's shipped Pall
 Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/decode.json]
            [--tiny]   (a small CPU variant for CI)
            [--sweep [decode|paged|ragged]]   (tile sweep of one of our kernels; prints only)
+           [--configs 1x32768,16x4096]   (only these B x S rows)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
 `fastattn_paged` and `jax_pallas_paged` read the same keys from a shuffled pool of 16-token
@@ -272,8 +273,12 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="one small shape (CPU, CI)")
     parser.add_argument("--sweep", nargs="?", const="decode", choices=["decode", "paged", "ragged"],
                         help="tile sweep of one of our kernels only (default: decode)")
+    parser.add_argument("--configs", default=None,
+                        help="only these BxS rows, e.g. 1x32768,16x4096 (default: all)")
     args = parser.parse_args(argv)
     configs = [(2, 256)] if args.tiny else CONFIGS
+    if args.configs:
+        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     if args.sweep:
         return sweep(configs, args.sweep)
     return run(configs, args.out, (2, 32, 6, 64) if args.tiny else (8, 512, 248, 2048))

@@ -108,6 +108,11 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--pools", default=None,
+                        help="comma-separated pool sizes in pages (default: a small and a "
+                             "large pool)")
+    parser.add_argument("--async-only", action="store_true",
+                        help="only the overlapped (async scheduling) engine")
     args = parser.parse_args(argv)
     if args.tiny:
         cfg = dataclasses.replace(TINY, max_position_embeddings=256)
@@ -122,8 +127,10 @@ def main(argv=None):
         lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
     print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode")
+    if args.pools:
+        pools = tuple(int(p) for p in args.pools.split(","))
     for pages in pools:
-        for overlap in (False, True):
+        for overlap in (True,) if args.async_only else (False, True):
             step_ms, device_ms, n_copies, gb, phases = probe(
                 model, params, pages, n, prompt_len, new_tokens, overlap, base)
             print(f"  pool {pages:6d} pages ({gb:5.1f} GB) async={overlap!s:5}: step "

@@ -441,7 +441,7 @@ class Engine:
                     block_tables=np.zeros((S, self.pages_per_seq), np.int32),
                     context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
                     num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
-                sampling = SamplingTensors.build([], pad_to=S)
+                sampling = jax.device_put(SamplingTensors.build([], pad_to=S))  # as _inputs
                 copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
                 with sharding.use_mesh(self.mesh):
                     out, _, self.kv = self._step_fn(

@@ -49,6 +49,18 @@ def test_greedy_tokens_equal_plain_generation(mode, overlap, expected):
     _check_idle(engine)
 
 
+def test_warmup_compiles_every_step_shape(expected):
+    """After warmup() no step compiles again: the inputs a real step passes (device-resident
+    sampling tensors, every bucket, decode-only and mixed) have the signatures warmup used."""
+    engine = _engine()
+    engine.warmup()
+    compiled = engine._step_fn._cache_size()
+    out = engine.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == expected
+    assert engine._step_fn._cache_size() == compiled
+    _check_idle(engine)
+
+
 def test_prefix_cache_shares_pages_and_changes_no_token(expected):
     shared = PROMPTS[2][:24]
     prompts = [shared + [7, 8], shared + [9], shared + [7, 8]]
