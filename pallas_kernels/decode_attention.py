@@ -41,13 +41,23 @@ GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 class DecodeBlockSizes:
     """Tiles and Triton knobs of the decode kernel. Changes speed, never numbers.
 
-    num_splits: KV partitions per (sequence, kv head); None lets `default_for` choose.
+    num_splits: KV partitions per (sequence, kv head); None: enough for `waves` programs
+        per SM (`resolve`).
     """
 
     block_k: int = 128
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    waves: int = 2
+
+    @classmethod
+    def default_for(cls, *, paged: bool) -> "DecodeBlockSizes":
+        """H100 sweep (experiments/bench_decode.py --sweep, BENCHMARKS.md): the contiguous
+        kernel reads fastest with one program per SM and a 3-stage pipeline (b16 x 4096:
+        2721 GB/s vs 2640 with 3 splits and 2 stages; b1 x 32768: 16 splits beat 32). The
+        paged kernel's gathered tiles keep 2 stages and two programs per SM."""
+        return cls() if paged else cls(num_stages=3, waves=1)
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -58,15 +68,17 @@ class DecodeBlockSizes:
             raise ValueError(f"DecodeBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
         if self.num_stages < 1:
             raise ValueError(f"DecodeBlockSizes.num_stages={self.num_stages} must be >= 1")
+        if self.waves < 1:
+            raise ValueError(f"DecodeBlockSizes.waves={self.waves} must be >= 1")
 
     def resolve(self, *, batch: int, kv_heads: int, kv_len: int) -> "DecodeBlockSizes":
-        """Fills in num_splits: enough programs to fill the GPU about twice, but no split
-        shorter than one tile."""
+        """Fills in num_splits: enough programs for `waves` per SM, but no split shorter
+        than one tile."""
         block_k = min(self.block_k, max(16, pl.next_power_of_2(kv_len)))
         if self.num_splits is not None:
             splits = self.num_splits
         else:
-            wanted = math.ceil(2 * GPU_SMS / (batch * kv_heads))
+            wanted = max(1, self.waves * GPU_SMS // (batch * kv_heads))
             splits = max(1, min(wanted, pl.cdiv(kv_len, block_k)))
         return dataclasses.replace(self, block_k=block_k, num_splits=splits)
 
@@ -151,7 +163,8 @@ def decode_attention(q, k, v, lengths, *, softcap=None, window_left=None, scale=
     B, _, H = q.shape
     _, S, K, _ = k.shape
     Hp = pl.next_power_of_2(H)
-    bs = (block_sizes or DecodeBlockSizes()).resolve(batch=B, kv_heads=K, kv_len=S)
+    bs = (block_sizes or DecodeBlockSizes.default_for(paged=False)).resolve(
+        batch=B, kv_heads=K, kv_len=S)
     kv_spec = pl.BlockSpec((None, S, None, Hp), lambda j, b, h: (b, 0, h, 0))
     return split_kv_call(q, k, v, lengths, None, kv_spec=kv_spec, kv_len=S, num_kv_heads=K,
                           block_sizes=bs, softcap=softcap, window_left=window_left,

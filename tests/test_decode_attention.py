@@ -113,6 +113,11 @@ def test_default_splits_fill_the_gpu_but_not_past_one_tile_per_split():
     assert DecodeBlockSizes().resolve(batch=1, kv_heads=8, kv_len=131072).num_splits == 33
     assert DecodeBlockSizes().resolve(batch=256, kv_heads=8, kv_len=1024).num_splits == 1
     assert DecodeBlockSizes().resolve(batch=1, kv_heads=1, kv_len=100).num_splits == 1
+    contiguous = DecodeBlockSizes.default_for(paged=False)
+    assert contiguous.resolve(batch=1, kv_heads=8, kv_len=131072).num_splits == 16  # 1 wave
+    assert contiguous.resolve(batch=16, kv_heads=8, kv_len=4096).num_splits == 1
+    with pytest.raises(ValueError, match="waves=0"):
+        DecodeBlockSizes(waves=0)
 
 
 @pytest.mark.parametrize("lengths, match", [
