@@ -192,7 +192,12 @@ class Engine:
             jax.sharding.NamedSharding(mesh, sharding.kv_pages_spec()))}
         self._step_fn = jax.jit(self._device_step, donate_argnums=1,
                                 static_argnames=("num_logprobs",), **shardings)
-        self._no_tokens = jnp.zeros(config.max_num_seqs, jnp.int32)
+        # Step inputs that live on the device are placed like the step's outputs (replicated
+        # on a mesh): the step fed by `_no_tokens` and the one fed by the last step's tokens
+        # must have one signature, or each bucket compiles twice.
+        self._replicated = None if mesh is None else sharding.replicated(mesh)
+        self._no_tokens = jax.device_put(jnp.zeros(config.max_num_seqs, jnp.int32),
+                                         self._replicated)
         self._inflight: _InFlight | None = None
         self._sampling_cache: tuple = (None, None)
         self._busy_since: float | None = None
@@ -441,7 +446,8 @@ class Engine:
                     block_tables=np.zeros((S, self.pages_per_seq), np.int32),
                     context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
                     num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
-                sampling = jax.device_put(SamplingTensors.build([], pad_to=S))  # as _inputs
+                sampling = jax.device_put(SamplingTensors.build([], pad_to=S),
+                                          self._replicated)  # as _inputs does
                 copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
                 with sharding.use_mesh(self.mesh):
                     out, _, self.kv = self._step_fn(
@@ -500,11 +506,10 @@ class Engine:
         seqs = [c.seq for c in chunks]
         key = (S, tuple(s.seq_id for s in seqs))
         if self._sampling_cache[0] != key:  # decode steps repeat the batch: build once
-            # ... and send once: device_put without a device keeps them uncommitted, so they
-            # also go with a step on a mesh.
+            # ... and send once.
             self._sampling_cache = (key, jax.device_put(SamplingTensors.build(
                 [s.params for s in seqs], pad_to=S, request_ids=[s.request_id for s in seqs],
-                eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size)))
+                eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size), self._replicated))
         sampling = self._sampling_cache[1]
         steps = np.zeros(S, np.int32)
         steps[:len(seqs)] = [len(s.output) for s in seqs]

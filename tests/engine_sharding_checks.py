@@ -46,7 +46,10 @@ def _generate(mesh, warmup=False, **config):
     engine = Engine(MODEL, PARAMS, dataclasses.replace(ENGINE, **config), mesh=mesh)
     if warmup:  # every step shape compiled up front, on the mesh too
         engine.warmup()
+        compiled = engine._step_fn._cache_size()
     out = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+    if warmup:  # ... with the signatures real steps use (placement of fed tokens included)
+        assert engine._step_fn._cache_size() == compiled, "a step compiled after warmup()"
     engine.blocks.check_invariants()
     assert engine.blocks.usage == 0
     return engine, out
@@ -74,6 +77,7 @@ def check_xla():
     """The default ragged implementation on a CPU ("xla"), per shard, with and without
     async scheduling (and warm-up); a "data" axis only replicates the engine."""
     _check_meshes("xla", [(1, 2), (1, 4), (2, 2)])
+    _check_meshes("xla async warm", [(1, 2)], warmup=True)
     _check_meshes("xla sync", [(1, 2)], warmup=True, async_scheduling=False)
 
 
