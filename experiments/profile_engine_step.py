@@ -61,18 +61,24 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     engine = Engine(model, params, config)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, prompt_len).tolist() for _ in range(n)]
-    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    # No request may finish while steps are timed: the first prompts decode while the last
+    # ones still prefill, and a shrinking batch would change (and compile) the step's bucket.
+    sp = SamplingParams(temperature=0.0, max_tokens=config.max_model_len - prompt_len,
+                        ignore_eos=True)
     ids = [engine.add_request(p, sp) for p in prompts]
     while any(not s.output for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill until every sequence decodes
     for _ in range(2):
         engine.step()  # compiles the decode-only shape outside the timed steps
     step_fn = engine._step_fn  # the jitted step, before the timers wrap it
+    compiled = step_fn._cache_size()
     phases = _time_phases(engine)
     start, steps = time.perf_counter(), 0
-    while engine.has_unfinished() and steps < new_tokens // 2:
+    while steps < new_tokens:
         engine.step()
         steps += 1
+    if step_fn._cache_size() != compiled or len(engine.scheduler.running) != n:
+        raise RuntimeError("a timed step compiled or the batch changed: the timing is void")
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     phases = {name: 1e3 * seconds / steps for name, seconds in phases.items()}
     # The same jitted step alone, inputs prepared once (device time + dispatch only).
@@ -116,11 +122,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         cfg = dataclasses.replace(TINY, max_position_embeddings=256)
-        n, prompt_len, new_tokens, pools = 8, 40, 8, (64, 256)
+        n, prompt_len, new_tokens, pools = 8, 40, 8, (64, 256)  # new_tokens: timed steps
         base = EngineConfig(page_size=16, token_budget=64, max_num_seqs=8, max_model_len=256)
     else:
         cfg = LLAMA_0_85B
-        n, prompt_len, new_tokens, pools = 256, 512, 32, (9000, 60000)
+        n, prompt_len, new_tokens, pools = 256, 512, 16, (20000, 60000)
         base = EngineConfig(page_size=16, token_budget=512, max_num_seqs=256, max_model_len=1024)
     model = Llama(cfg)
     params = jax.jit(lambda k: jax.tree.map(
