@@ -8,7 +8,7 @@ from pallas_kernels.flash_attention import BlockSizes
 from fastattn._decode import (
     DECODE_IMPLEMENTATIONS, decode_attention, paged_attention, ragged_paged_attention)
 from pallas_kernels.decode_attention import DecodeBlockSizes
-from pallas_kernels.paged_attention import RaggedBlockSizes
+from pallas_kernels.paged_attention import RaggedBlockSizes, RaggedTile
 
 # KV caches
 from fastattn.kv_cache import KVCache, PagedKVCache, check_slot_mapping, write_kv, write_kv_donated
@@ -18,6 +18,12 @@ from fastattn.ragged_batch import RaggedBatch
 from fastattn.block_manager import BlockManager, OutOfPagesError
 from fastattn.engine import Completion, Engine, EngineConfig, Sample, TokenEvent
 from fastattn.sampling import SamplingParams, SamplingTensors, sample
+
+# Fused kernels (issue 8: each measured against XLA's own fusion, BENCHMARKS.md)
+from fastattn._linear_cross_entropy import linear_cross_entropy
+from pallas_kernels.fused_rmsnorm import add_rmsnorm
+from pallas_kernels.fused_swiglu import swiglu
+from pallas_kernels.rope_kv_write import rope_write_kv
 
 # Parallelism: meshes ("data", "model"), Megatron-style parameter placement
 from fastattn import sharding
@@ -32,12 +38,13 @@ from fastattn.training import (
 
 __all__ = [
     "IMPLEMENTATIONS", "BlockSizes", "attention", "default_implementation",
-    "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "RaggedBlockSizes", "decode_attention", "paged_attention",
-    "ragged_paged_attention",
+    "DECODE_IMPLEMENTATIONS", "DecodeBlockSizes", "RaggedBlockSizes", "RaggedTile",
+    "decode_attention", "paged_attention", "ragged_paged_attention",
     "KVCache", "PagedKVCache", "check_slot_mapping", "write_kv", "write_kv_donated",
     "RaggedBatch",
     "BlockManager", "OutOfPagesError", "Completion", "Engine", "EngineConfig", "Sample",
     "TokenEvent", "SamplingParams", "SamplingTensors", "sample",
+    "linear_cross_entropy", "add_rmsnorm", "swiglu", "rope_write_kv",
     "sharding", "make_mesh", "shard_params", "use_mesh",
     "Checkpointer", "Batch", "PackedDataset", "pack_documents",
     "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",

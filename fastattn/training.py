@@ -40,6 +40,7 @@ import optax
 from tqdm.auto import tqdm
 
 from fastattn import sharding
+from fastattn._linear_cross_entropy import linear_cross_entropy
 from fastattn.checkpoint import Checkpointer
 from fastattn.data import Batch, PackedDataset
 
@@ -108,6 +109,10 @@ class TrainConfig:
     log_every: int = 10
     metrics_path: str | None = None  # JSONL, one record per logged step / evaluation
     progress: bool = True
+    # LM head + cross-entropy a chunk of tokens at a time (fastattn.linear_cross_entropy): the
+    # [tokens, vocab] f32 logits are never materialised. Off by default until
+    # experiments/bench_train.py shows it is not slower (BENCHMARKS.md, issue 8).
+    fused_loss: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -175,12 +180,24 @@ def learning_rate_at(config: OptimizerConfig, total_steps: int, step: int) -> fl
         config.learning_rate * config.min_lr_ratio)(step))
 
 
-def _weighted_nll(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted next-token NLL, sum of weights) over a batch, in f32."""
-    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+def _weighted_nll(model: nn.Module, params, batch: dict, fused_loss: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token NLL, sum of weights) over a batch, in f32.
+
+    fused_loss: the LM head and the softmax cross-entropy run chunk by chunk
+    (`fastattn.linear_cross_entropy`), so the [B, T, V] logits are never materialised; the
+    model must offer `lm_head_inputs` (models.Llama does)."""
+    inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    if fused_loss:
+        hidden, weight, layout = model.apply({"params": params}, batch["tokens"], **inputs,
+                                             method="lm_head_inputs")
+        nll, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                      batch["targets"].reshape(-1), weight_layout=layout)
+        nll = nll.reshape(batch["targets"].shape)
+    else:
+        logits = model.apply({"params": params}, batch["tokens"], **inputs)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     w = batch["weights"]
     return jnp.sum(nll * w), jnp.sum(w)
 
@@ -190,9 +207,9 @@ _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.glob
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, grad_accum: int,
-                    *, state_shardings=None):
+                    *, state_shardings=None, fused_loss: bool = False):
     """jit(state, batch) -> (state, metrics); the state is donated. `batch` holds arrays
-    [grad_accum * micro_batch, T].
+    [grad_accum * micro_batch, T]. fused_loss: see `TrainConfig.fused_loss`.
 
     state_shardings: NamedShardings of the state's arrays on a mesh (fastattn.sharding);
     the step keeps the state in them and splits each micro-batch's rows over "data". Trace
@@ -207,7 +224,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, g
             micro = jax.lax.with_sharding_constraint(
                 micro, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
                     None, sharding.DATA)))
-        nll_and_grad = jax.value_and_grad(lambda p, mb: _weighted_nll(model, p, mb), has_aux=True)
+        nll_and_grad = jax.value_and_grad(
+            lambda p, mb: _weighted_nll(model, p, mb, fused_loss), has_aux=True)
 
         def one_micro_batch(carry, mb):
             grads, nll_sum, weight_sum = carry
@@ -231,9 +249,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, g
                    out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
-def make_eval_step(model: nn.Module):
+def make_eval_step(model: nn.Module, fused_loss: bool = False):
     """jit(params, batch) -> (sum of weighted NLL, sum of weights)."""
-    return jax.jit(lambda params, batch: _weighted_nll(model, params, batch))
+    return jax.jit(lambda params, batch: _weighted_nll(model, params, batch, fused_loss))
 
 
 def evaluate(model: nn.Module, params, dataset: PackedDataset, batch_size: int,
@@ -350,8 +368,8 @@ def _initial_state(config, model, dataset, params, optimizer, mesh, fsdp):
 def _run(config, model, dataset, eval_dataset, state, optimizer, history, checkpointer,
          flops_per_token, mesh, state_shardings):
     train_step = make_train_step(model, optimizer, config.grad_accum,
-                                 state_shardings=state_shardings)
-    eval_step = make_eval_step(model)
+                                 state_shardings=state_shardings, fused_loss=config.fused_loss)
+    eval_step = make_eval_step(model, config.fused_loss)
     tokens_per_step = config.batch_size * dataset.seq_len
     flops_per_token = flops_per_token or 6.0 * count_params(state.params)
     peak = peak_flops()

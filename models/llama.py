@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 import fastattn
+from pallas_kernels.fused_rmsnorm import add_rmsnorm
+from pallas_kernels.fused_swiglu import swiglu
+from pallas_kernels.rope_kv_write import rope_write_kv
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +33,23 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fusion:
+    """Which fused Pallas kernels (issue 8; experiments/bench_fused.py, BENCHMARKS.md) the
+    model runs instead of XLA's fusion of the plain jnp ops. Each changes speed and memory,
+    not the math: every kernel is tested against its plain version.
+
+    add_rmsnorm: each residual add with the RMSNorm after it (pallas_kernels.fused_rmsnorm).
+    swiglu: silu(x @ W_gate) * (x @ W_up) as one matmul kernel (pallas_kernels.fused_swiglu).
+    rope_write_kv: the engine step's RoPE on q and k inside the paged KV write
+        (pallas_kernels.rope_kv_write).
+    """
+
+    add_rmsnorm: bool = False
+    swiglu: bool = False
+    rope_write_kv: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +73,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     dtype: str = "float32"  # compute dtype; parameters keep theirs
     attention_implementation: str | None = None  # fastattn.attention's `implementation`
+    fusion: Fusion = Fusion()
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -110,15 +131,33 @@ def apply_rope(x, positions, inv_freq):
 
 
 class RMSNorm(nn.Module):
+    """(RMSNorm(x + residual), x + residual); residual None: (RMSNorm(x), x). Statistics in
+    f32, then cast to the compute dtype and scaled by the weight (HF's order)."""
+
     eps: float
     dtype: str
+    fused: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
+        if self.fused:  # one pass: read both inputs once, write both outputs once
+            return add_rmsnorm(x, residual, weight, eps=self.eps)
+        summed = x if residual is None else x + residual
+        x32 = summed.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed.astype(self.dtype) * weight.astype(self.dtype))
+        return normed.astype(self.dtype) * weight.astype(self.dtype), summed
+
+
+class _Kernel(nn.Module):
+    """The [D, F] kernel of a bias-free nn.Dense under the same name and initialiser, for
+    code that runs the matmul itself (the fused SwiGLU): one parameter tree either way."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features))
 
 
 def _dense(features, name, dtype, use_bias=False):
@@ -145,12 +184,20 @@ class Attention(nn.Module):
         k = _dense(K * H, "k_proj", c.dtype, c.attention_bias)(x).reshape(B, T, K, H)
         v = _dense(K * H, "v_proj", c.dtype, c.attention_bias)(x).reshape(B, T, K, H)
         inv_freq = rope_frequencies(c)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        fused_write = paged is not None and c.fusion.rope_write_kv
+        if not fused_write:
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
         if paged is not None:
             batch, (k_pages, v_pages) = paged
-            k_pages, v_pages = fastattn.write_kv(k_pages, v_pages, k[0], v[0],
-                                                 batch.slot_mapping)
+            if fused_write:  # rotated keys go straight into their slots
+                q_rot, k_pages, v_pages = rope_write_kv(
+                    q[0], k[0], v[0], k_pages, v_pages, batch.slot_mapping, positions[0],
+                    inv_freq)
+                q = q_rot[None]
+            else:
+                k_pages, v_pages = fastattn.write_kv(k_pages, v_pages, k[0], v[0],
+                                                     batch.slot_mapping)
             out = fastattn.ragged_paged_attention(
                 q[0].astype(k_pages.dtype), k_pages, v_pages, batch.block_tables,
                 batch.context_lens, batch.query_start, batch.num_seqs, sliding_window=window,
@@ -179,22 +226,32 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, "gate_proj", c.dtype)(x)
-        up = _dense(c.intermediate_size, "up_proj", c.dtype)(x)
-        return _dense(c.hidden_size, "down_proj", c.dtype)(nn.silu(gate) * up)
+        if c.fusion.swiglu:  # gate and up never leave the kernel
+            w_gate = _Kernel(c.intermediate_size, name="gate_proj")(x.shape[-1])
+            w_up = _Kernel(c.intermediate_size, name="up_proj")(x.shape[-1])
+            h = swiglu(x.astype(c.dtype), w_gate.astype(c.dtype), w_up.astype(c.dtype))
+        else:
+            gate = _dense(c.intermediate_size, "gate_proj", c.dtype)(x)
+            up = _dense(c.intermediate_size, "up_proj", c.dtype)(x)
+            h = nn.silu(gate) * up
+        return _dense(c.hidden_size, "down_proj", c.dtype)(h)
 
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, paged=None):
+    def __call__(self, x, delta, positions, segment_ids, cache=None, paged=None):
+        """The residual stream is x + delta (delta: the previous layer's MLP output, not yet
+        added, so that add and norm run as one kernel; None before the first layer).
+        Returns (x, delta) for the next layer and this layer's kv."""
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, c.dtype, name="input_layernorm")(x)
+        fused = c.fusion.add_rmsnorm
+        h, x = RMSNorm(c.rms_norm_eps, c.dtype, fused, name="input_layernorm")(x, delta)
         attn, kv = Attention(c, name="self_attn")(h, positions, segment_ids, cache, paged)
-        x = x + attn
-        h = RMSNorm(c.rms_norm_eps, c.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(c, name="mlp")(h), kv
+        h, x = RMSNorm(c.rms_norm_eps, c.dtype, fused, name="post_attention_layernorm")(
+            attn, x)
+        return (x, MLP(c, name="mlp")(h)), kv
 
 
 class Llama(nn.Module):
@@ -216,24 +273,45 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size,
                                      embedding_init=nn.initializers.normal(0.02))
         self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, c.dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.fusion.add_rmsnorm)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, "lm_head", c.dtype)
 
-    def _logits(self, x):
-        x = self.norm(x)
+    def _final_norm(self, stream):
+        x, delta = stream
+        return self.norm(delta, x)[0] if delta is not None else self.norm(x)[0]
+
+    def _logits(self, stream):
+        x = self._final_norm(stream)
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(x)
         return self.lm_head(x)
 
-    def _run(self, tokens, positions, segment_ids, cache):
-        x = self.embed_tokens(tokens).astype(self.config.dtype)
+    def _layers(self, tokens, positions, segment_ids, cache):
+        stream = (self.embed_tokens(tokens).astype(self.config.dtype), None)
         new_kv = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
-            x, kv = layer(x, positions, segment_ids, layer_cache)
+            stream, kv = layer(*stream, positions, segment_ids, layer_cache)
             new_kv.append(kv)
-        return self._logits(x), new_kv
+        return stream, new_kv
+
+    def _run(self, tokens, positions, segment_ids, cache):
+        stream, new_kv = self._layers(tokens, positions, segment_ids, cache)
+        return self._logits(stream), new_kv
+
+    def lm_head_inputs(self, tokens, positions=None, segment_ids=None):
+        """(hidden [B, T, D] after the final norm, the LM head's weight in the compute dtype,
+        its layout "DV" or "VD" (tied embedding)): what `fastattn.linear_cross_entropy` needs
+        to compute the loss without materialising the [B, T, V] logits."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        stream, _ = self._layers(tokens, positions, segment_ids, None)
+        hidden = self._final_norm(stream)
+        dtype = self.config.dtype
+        if self.config.tie_word_embeddings:
+            return hidden, self.embed_tokens.embedding.astype(dtype), "VD"
+        return hidden, self.lm_head.variables["params"]["kernel"].astype(dtype), "DV"
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         if positions is None:
@@ -258,13 +336,14 @@ class Llama(nn.Module):
         array per layer, so each is updated in place when donated). Writes every row's K/V
         into its slot, attends over the pages, and returns (logits [S, V] of each sequence's
         `logits_rows` row, the updated kv_pages)."""
-        x = self.embed_tokens(batch.tokens[None]).astype(self.config.dtype)  # [1, T, D]
-        positions = batch.positions[None]
+        stream = (self.embed_tokens(batch.tokens[None]).astype(self.config.dtype), None)
+        positions = batch.positions[None]  # [1, T]
         new_pages = []
         for layer, pages in zip(self.layers, kv_pages, strict=True):
-            x, kv = layer(x, positions, None, None, (batch, pages))
+            stream, kv = layer(*stream, positions, None, None, (batch, pages))
             new_pages.append(kv)
-        return self._logits(x[0, batch.logits_rows]), new_pages
+        x, delta = stream  # [1, T, D] each; only each sequence's logits row goes on
+        return self._logits((x[0, batch.logits_rows], delta[0, batch.logits_rows])), new_pages
 
     def decode(self, tokens, cache):
         """One new token per row, tokens [B, 1] at positions cache.lengths; returns

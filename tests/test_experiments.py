@@ -73,3 +73,38 @@ def test_bench_serving_tiny_writes_json(tmp_path):
         assert r["tok_per_s"] > 0 and r["output_tokens"] == useful
     assert rows["fastattn_static"]["preemptions"] == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_fused_tiny_writes_every_op(tmp_path):
+    from experiments import bench_fused
+
+    result = bench_fused.main(["--tiny", "--out", str(tmp_path / "fused.json")])
+    rows = result["rows"]
+    assert not [r for r in rows if "error" in r]
+    ops = {r["config"].split("|")[0] for r in rows}
+    assert ops == {"add_rmsnorm fwd", "add_rmsnorm fwd+bwd", "rope_write_kv",
+                   "linear_ce loss+grads", "swiglu fwd", "swiglu fwd+bwd"}
+    for r in rows:  # every fused op agrees with the plain one it is timed against
+        assert r["ms"] > 0 and r["rel_err"] < 2e-2, r
+    assert {r["impl"] for r in rows} == {"fastattn_fused", "xla"}
+
+
+def test_bench_scaling_tiny_on_two_fake_devices(tmp_path):
+    """Sharded engine, router and data / tensor parallel training agree with one device
+    (a subprocess: the device count is fixed before jax starts)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "scaling.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": root}
+    subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_scaling.py"),
+                    "--tiny", "--parts", "correctness,engine", "--out", str(out)], check=True,
+                   env=env, cwd=root, capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rows"]
+    checks = [r for r in rows if r["config"] == "correctness"]
+    assert len(checks) == 4 and all(r["ok"] for r in checks), checks
+    assert {r["impl"] for r in rows if r["config"] != "correctness"} == {
+        "1 GPU", "tp2", "router dp2"}
