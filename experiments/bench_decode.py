@@ -6,7 +6,10 @@ to cuDNN and XLA (`jax.nn.dot_product_attention` with T = 1), JAX's shipped Pall
 `decode_attention.gqa`, and a device copy measured in the same run?
 Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/decode.json]
            [--tiny]   (a small CPU variant for CI)
-           [--sweep [decode|paged|ragged]]   (tile sweep of one of our kernels; prints only)
+           [--sweep [decode|paged|ragged]]   (tile sweep of one of our kernels; prints only;
+               ragged: the mixed step under 8 prefill-launch tiles, then 3 decode-launch
+               tiles, ms and GB/s each, then each half of the step under the fastest next to
+               the flash forward / paged decode on the same half; ~1 min on an H100)
            [--configs 1x32768,16x4096]   (only these B x S rows)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
@@ -31,13 +34,15 @@ import jax.numpy as jnp
 
 import fastattn
 from experiments.bench_attention import time_fn
-from pallas_kernels.paged_attention import RaggedBlockSizes
+from pallas_kernels.paged_attention import RaggedBlockSizes, RaggedTile
 
 CONFIGS = [(1, 131072), (1, 32768), (16, 4096), (64, 4096), (64, 1024), (256, 1024)]  # (B, S)
 N, K, H = 32, 8, 128
 
 
 PAGE_SIZE = 16
+RAGGED_STEP = (8, 512, 248, 2048)  # prefill chunks, new tokens per chunk, decodes, context
+RAGGED_TINY = (2, 32, 6, 64)
 
 
 def _to_pages(k, v, *, page_size, seed):
@@ -185,17 +190,20 @@ SWEEP = [  # block_k, num_warps, num_stages
     (256, 8, 3), (64, 4, 4),
 ]
 SWEEP_PAGED = [(16, 4, 2), (32, 4, 2), (64, 4, 2), (128, 4, 2), (128, 4, 3), (256, 4, 2)]
-SWEEP_RAGGED = [  # block_q, block_k, num_warps, num_stages
-    (16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2), (32, 64, 8, 2),
-    (8, 128, 4, 2), (16, 16, 4, 2),
+# The ragged kernel's two launches (RaggedBlockSizes): the prefill launch's candidates run with
+# the default decode tile, then the decode launch's with the fastest prefill tile.
+SWEEP_RAGGED_PREFILL = [  # block_q, block_k, num_warps, num_stages
+    (16, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 3),
+    (64, 64, 8, 3), (64, 128, 8, 2), (16, 128, 4, 3),
 ]
+SWEEP_RAGGED_DECODE = [(128, 4, 2), (64, 4, 2), (128, 4, 3)]  # block_k, num_warps, num_stages
 
 
-def sweep(configs, kernel="decode"):
+def sweep(configs, kernel="decode", tiny=False):
     """Times our decode or paged decode kernel under each candidate tile (decode: also 2x /
     0.5x the default splits), or the ragged kernel's tiles on the mixed step."""
     if kernel == "ragged":
-        return sweep_ragged()
+        return sweep_ragged(*(RAGGED_TINY if tiny else RAGGED_STEP))
     for B, S in configs:
         keys = jax.random.split(jax.random.key(1), 3)
         q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
@@ -230,34 +238,87 @@ def sweep(configs, kernel="decode"):
             print(f"   {row[0]:7.0f}  {row[1:]}", flush=True)
 
 
-def sweep_ragged(chunks=8, chunk_len=512, decodes=248, context=2048):
-    """The mixed step of `run_ragged` under each RaggedBlockSizes candidate."""
+def sweep_ragged(chunks, chunk_len, decodes, context):
+    """The mixed step of `run_ragged` under each RaggedBlockSizes candidate, printing ms and
+    K + V GB/s per candidate as it runs; then, under the fastest, each launch's half of the
+    step next to the kernel the split baseline runs on it (flash forward on the chunks alone,
+    paged decode on the decodes alone), which says where a remaining gap sits."""
     S = chunks + decodes
+    rows_p = chunks * chunk_len  # the chunks' rows come first, then one row per decode
     q_lens = [chunk_len] * chunks + [1] * decodes
     keys = jax.random.split(jax.random.key(7), 3)
     q = jax.random.normal(keys[0], (sum(q_lens), N, H), jnp.bfloat16)
     k, v = (jax.random.normal(kk, (S, context, K, H), jnp.bfloat16) for kk in keys[1:])
     k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=11)
     ctx = jnp.full((S,), context, jnp.int32)
-    starts = jnp.asarray([0] + list(jnp.cumsum(jnp.asarray(q_lens)).tolist()), jnp.int32)
     kv_bytes = 2 * k.size * k.dtype.itemsize
-    results = []
-    for block_q, block_k, warps, stages in SWEEP_RAGGED:
-        bs = RaggedBlockSizes(block_q=block_q, block_k=block_k, num_warps=warps,
-                              num_stages=stages)
-        fn = jax.jit(lambda q, kp, vp, bs=bs: fastattn.ragged_paged_attention(
-            q, kp, vp, tables, ctx, starts, S, implementation="pallas", max_q_len=chunk_len,
-            block_sizes=bs))
+    chunk_bytes = kv_bytes * chunks // S
+
+    def ragged(bs, seqs=slice(None), max_q_len=chunk_len):
+        """A jitted step of the sequences `seqs` (their own rows of q) under tiles bs."""
+        lens = q_lens[seqs]
+        starts = jnp.cumsum(jnp.asarray([0] + lens, jnp.int32))
+        return jax.jit(lambda q, kp, vp: fastattn.ragged_paged_attention(
+            q, kp, vp, tables[seqs], ctx[seqs], starts, len(lens), implementation="pallas",
+            max_q_len=max_q_len, block_sizes=bs))
+
+    def timed(label, fn, args, nbytes):
         try:
-            ms = time_fn(fn, q, k_pages, v_pages, min_time=0.1)
-        except Exception as e:
-            print(f"   {(block_q, block_k, warps, stages)}: {str(e).splitlines()[0][:90]}")
-            continue
-        results.append((ms, kv_bytes / ms / 1e6, block_q, block_k, warps, stages))
-    print(f"ragged {chunks}x{chunk_len} + {decodes} decodes ctx{context}: "
-          "ms, GB/s (block_q, block_k, warps, stages):")
-    for row in sorted(results):
-        print(f"   {row[0]:7.3f} {row[1]:7.0f}  {row[2:]}", flush=True)
+            ms = time_fn(fn, *args, min_time=0.1)
+        except Exception as e:  # e.g. a tile over the shared-memory limit
+            print(f"   {label}: {str(e).splitlines()[0][:90]}", flush=True)
+            return None
+        print(f"   {ms:7.3f} ms {nbytes / ms / 1e6:6.0f} GB/s  {label}", flush=True)
+        return ms
+
+    print(f"ragged {chunks}x{chunk_len} + {decodes} decodes ctx{context}: ms, K + V GB/s, "
+          "tiles (block_q, block_k, warps, stages)")
+    step = (q, k_pages, v_pages)
+    timings = {}
+    for block_q, block_k, warps, stages in SWEEP_RAGGED_PREFILL:
+        bs = RaggedBlockSizes(prefill=RaggedTile(block_q=block_q, block_k=block_k,
+                                                 num_warps=warps, num_stages=stages))
+        timings[bs] = timed(f"prefill {_tile(bs.prefill)} decode {_tile(bs.decode)}",
+                            ragged(bs), step, kv_bytes)
+    timings = {bs: ms for bs, ms in timings.items() if ms is not None}
+    if not timings:
+        return
+    best_prefill = min(timings, key=timings.get).prefill
+    for block_k, warps, stages in SWEEP_RAGGED_DECODE:
+        bs = RaggedBlockSizes(prefill=best_prefill, decode=RaggedTile(
+            block_q=1, block_k=block_k, num_warps=warps, num_stages=stages))
+        if bs not in timings:
+            ms = timed(f"prefill {_tile(bs.prefill)} decode {_tile(bs.decode)}", ragged(bs),
+                       step, kv_bytes)
+            if ms is not None:
+                timings[bs] = ms
+    best = min(timings, key=timings.get)
+    print(f"best {timings[best]:.3f} ms: prefill {_tile(best.prefill)} decode "
+          f"{_tile(best.decode)}")
+    print("halves of the step under it (the chunks-only step still runs an idle decode launch):")
+    prefill = jax.jit(lambda q, k, v: fastattn.attention(
+        q.reshape(chunks, chunk_len, N, H), k, v, causal=True, implementation="pallas"))
+    decode = jax.jit(lambda q, kp, vp: fastattn.paged_attention(
+        q, kp, vp, tables[chunks:], ctx[chunks:], implementation="pallas"))
+    chunk_part, decode_part = (q[:rows_p], k_pages, v_pages), (q[rows_p:], k_pages, v_pages)
+    halves = [
+        timed("ragged, chunks only", ragged(best, slice(None, chunks)), chunk_part,
+              chunk_bytes),
+        timed("flash forward, chunks", prefill, (q[:rows_p], k[:chunks], v[:chunks]),
+              chunk_bytes),
+        timed("ragged, decodes only", ragged(best, slice(chunks, None), 1), decode_part,
+              kv_bytes - chunk_bytes),
+        timed("paged decode, decodes", decode, decode_part, kv_bytes - chunk_bytes),
+    ]
+    if None not in halves:
+        split = halves[1] + halves[3]
+        print(f"split (flash forward + paged decode) {split:.3f} ms; best ragged / split "
+              f"time {timings[best] / split:.2f} (target <= 1.11: >= 0.9x the split's speed)",
+              flush=True)
+
+
+def _tile(t):
+    return (t.block_q, t.block_k, t.num_warps, t.num_stages)
 
 
 def _cell(cells, impl):
@@ -280,8 +341,8 @@ def main(argv=None):
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     if args.sweep:
-        return sweep(configs, args.sweep)
-    return run(configs, args.out, (2, 32, 6, 64) if args.tiny else (8, 512, 248, 2048))
+        return sweep(configs, args.sweep, tiny=args.tiny)
+    return run(configs, args.out, RAGGED_TINY if args.tiny else RAGGED_STEP)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sof
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RaggedBlockSizes:
-    """Tiles and Triton knobs of the ragged paged kernel. Changes speed, never numbers.
+class RaggedTile:
+    """The tile and Triton knobs of one launch of the ragged kernel. Changes speed, never
+    numbers.
 
     block_q: new tokens of one sequence per program. The G query heads of a kv head share a
         program, so its query tile is block_q * G rows (padded to a power of two >= 16) and
@@ -101,39 +102,71 @@ class RaggedBlockSizes:
     block_k: keys per loop step, gathered from as many pages as they span.
     """
 
-    block_q: int = 16
-    block_k: int = 64
+    block_q: int
+    block_k: int
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
-            raise ValueError(f"RaggedBlockSizes.block_q={self.block_q} must be a power of two")
+            raise ValueError(f"RaggedTile.block_q={self.block_q} must be a power of two")
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"RaggedBlockSizes.block_k={self.block_k} must be a power of two "
-                             ">= 16")
+            raise ValueError(f"RaggedTile.block_k={self.block_k} must be a power of two >= 16")
         if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"RaggedBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, 8 "
-                             "or 16")
+            raise ValueError(f"RaggedTile.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
         if self.num_stages < 1:
-            raise ValueError(f"RaggedBlockSizes.num_stages={self.num_stages} must be >= 1")
+            raise ValueError(f"RaggedTile.num_stages={self.num_stages} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RaggedBlockSizes:
+    """Tiles of the ragged paged kernel's two launches. Changes speed, never numbers.
+
+    One query tile cannot suit both kinds of sequence in a step: a decode (one new token)
+    fills G rows of a tile, so it wants the smallest one, [max(16, G), H], as the split-KV
+    decode kernel uses; a prefill chunk wants large tiles (fewer re-reads of each key tile,
+    larger MMAs), as the flash forward uses. So the same kernel body is launched twice, each
+    over its own sequences, writing disjoint rows of one output:
+
+        decode:  sequences of at most decode.block_q new tokens, one program each
+        prefill: the others (prefill chunks), in tiles of prefill.block_q new tokens
+
+    A step whose max_q_len <= decode.block_q (decode only) runs the decode launch only.
+    """
+
+    # The best of experiments/bench_decode.py --sweep ragged (H200, BENCHMARKS.md).
+    decode: RaggedTile = RaggedTile(block_q=1, block_k=128, num_warps=4, num_stages=2)
+    prefill: RaggedTile = RaggedTile(block_q=32, block_k=64, num_warps=4, num_stages=3)
+
+    def __post_init__(self):
+        for name in ("decode", "prefill"):
+            if not isinstance(getattr(self, name), RaggedTile):
+                raise ValueError(f"RaggedBlockSizes.{name} must be a RaggedTile, got "
+                                 f"{getattr(self, name)!r}")
 
     def resolve(self, *, max_q_len: int) -> RaggedBlockSizes:
-        """No query tile longer than the longest run of new tokens (decode-only steps: 1)."""
-        return dataclasses.replace(self, block_q=min(self.block_q,
-                                                     pl.next_power_of_2(max(1, max_q_len))))
+        """No query tile longer than the longest run of new tokens (decode-only steps: 1).
+        Rounding up to a power of two keeps every sequence on the launch it had."""
+        longest = pl.next_power_of_2(max(1, max_q_len))
+
+        def shrink(tile):
+            return dataclasses.replace(tile, block_q=min(tile.block_q, longest))
+
+        return dataclasses.replace(self, decode=shrink(self.decode), prefill=shrink(self.prefill))
 
 
 def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref, work_seq_ref,
-                   work_tile_ref, zeros_ref, o_ref, *, scale, softcap, window_left, block_q,
+                   work_tile_ref, prior_ref, o_ref, *, scale, softcap, window_left, block_q,
                    block_k, group, page_size, pages_per_seq, head_dim, interpret):
     # q_ref, o_ref [T, N, Hp] (every token and head of the step; programs write disjoint
-    # (row, head) pairs; o_ref is aliased to zeros_ref so that rows no sequence owns read 0
-    # rather than uninitialised memory); k_ref, v_ref [P, page_size, Hp] (this kv head's
-    # pool); table_ref [S * pages_per_seq] (all block tables, flattened); ctx_ref [S],
-    # start_ref [S + 1]; nseq_ref [1]; work_seq_ref, work_tile_ref [W]: program w serves query
-    # tile work_tile[w] of sequence work_seq[w] (S: nothing to do).
-    del zeros_ref
+    # (row, head) pairs; o_ref is aliased to prior_ref, zeros for the first launch and its
+    # output for the second, so that rows this launch does not own keep what they hold: the
+    # other launch's rows, or 0 for rows of no sequence, never uninitialised memory);
+    # k_ref, v_ref [P, page_size, Hp] (this kv head's pool); table_ref [S * pages_per_seq]
+    # (all block tables, flattened); ctx_ref [S], start_ref [S + 1]; nseq_ref [1];
+    # work_seq_ref, work_tile_ref [W]: program w serves query tile work_tile[w] of sequence
+    # work_seq[w] (S: nothing to do).
+    del prior_ref
     work, kv_head = pl.program_id(0), pl.program_id(1)
     num_slots = ctx_ref.shape[0]
     seq_or_none = jnp.sum(work_seq_ref[pl.ds(work, 1)])
@@ -204,56 +237,81 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     context_lens[s] - q_len_s + r and attends causally. Sequences >= num_seqs are padding.
     max_q_len bounds any sequence's new tokens (static; None = T). Rows of no sequence are 0.
     A program serves block_q new tokens of one sequence for all G query heads of one kv head.
-    Grid (W, K) over a work list built on device from query_start: one entry per (sequence,
-    query tile) that exists, so a step of 248 decodes and 8 prefill chunks of 512 launches
-    ~250 + 8 * 512 / block_q programs per kv head, not S * 512 / block_q (most of which would
-    have nothing to do). Inputs are trusted (`fastattn.ragged_paged_attention` validates
-    them); any page size.
+    Two launches of the same kernel (`RaggedBlockSizes`), each on a grid (W, K) over a work
+    list built on device from query_start: one entry per (sequence, query tile) that exists.
+    The decode launch takes the decodes (q_len <= decode.block_q), one program each (W = S);
+    the prefill launch the chunks, so a step of 248 decodes and 8 prefill chunks of 512
+    launches ~8 * 512 / block_q programs per kv head there, not S * 512 / block_q (most of
+    which would have nothing to do). The second launch writes into the first's output
+    (aliased): disjoint rows, no copy.
+    Inputs are trusted (`fastattn.ragged_paged_attention` validates them); any page size.
     """
     T, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
     S, pages_per_seq = block_tables.shape
     Hp = pl.next_power_of_2(H)
-    bs = (block_sizes or RaggedBlockSizes()).resolve(max_q_len=max_q_len or T)
-    kernel = functools.partial(
-        _ragged_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
-        softcap=softcap, window_left=window_left, block_q=bs.block_q, block_k=bs.block_k,
-        group=N // K, page_size=page_size, pages_per_seq=pages_per_seq, head_dim=H,
-        interpret=interpret)
-    work_seq, work_tile = _work_list(query_start, num_seqs, S, T, max_q_len or T, bs.block_q)
-    W = work_seq.shape[0]
+    max_q_len = max_q_len or T
+    bs = (block_sizes or RaggedBlockSizes()).resolve(max_q_len=max_q_len)
+    starts = query_start.astype(jnp.int32)
+    q_lens = jnp.where(jnp.arange(S) < num_seqs, starts[1:] - starts[:-1], 0)  # [S]
+    is_decode = q_lens <= bs.decode.block_q
+    metadata = (block_tables.astype(jnp.int32).reshape(-1), context_lens.astype(jnp.int32),
+                starts, jnp.asarray(num_seqs, jnp.int32).reshape(1))
     every_row = pl.BlockSpec((T, N, Hp), lambda w, h: (0, 0, 0))
     pool = pl.BlockSpec((None, P, page_size, Hp), lambda w, h: (h, 0, 0, 0))
     whole = lambda n: pl.BlockSpec((n,), lambda w, h: (0,))
-    return pl.pallas_call(
-        kernel,
-        grid=(W, K),
-        in_specs=[every_row, pool, pool, whole(S * pages_per_seq), whole(S), whole(S + 1),
-                  whole(1), whole(W), whole(W), every_row],
-        out_specs=every_row,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        interpret=interpret,
-        input_output_aliases={9: 0},
-        name="ragged_paged_attention",
-    )(q, k_pages, v_pages, block_tables.astype(jnp.int32).reshape(-1),
-      context_lens.astype(jnp.int32), query_start.astype(jnp.int32),
-      jnp.asarray(num_seqs, jnp.int32).reshape(1), work_seq, work_tile, jnp.zeros_like(q))
+
+    def launch(out, tile, covered, num_programs, name):
+        """Runs the kernel on the sequences `covered` [S] in `tile`s, writing into `out`."""
+        work_seq, work_tile = _work_list(q_lens, covered, block_q=tile.block_q,
+                                         num_programs=num_programs)
+        kernel = functools.partial(
+            _ragged_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+            softcap=softcap, window_left=window_left, block_q=tile.block_q,
+            block_k=tile.block_k, group=N // K, page_size=page_size,
+            pages_per_seq=pages_per_seq, head_dim=H, interpret=interpret)
+        return pl.pallas_call(
+            kernel,
+            grid=(num_programs, K),
+            in_specs=[every_row, pool, pool, whole(S * pages_per_seq), whole(S), whole(S + 1),
+                      whole(1), whole(num_programs), whole(num_programs), every_row],
+            out_specs=every_row,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            compiler_params=plgpu.CompilerParams(num_warps=tile.num_warps,
+                                                 num_stages=tile.num_stages),
+            interpret=interpret,
+            input_output_aliases={9: 0},
+            name=name,
+        )(q, k_pages, v_pages, *metadata, work_seq, work_tile, out)
+
+    out = launch(jnp.zeros_like(q), bs.decode, is_decode, S, "ragged_paged_attention_decode")
+    if max_q_len > bs.decode.block_q:  # static: a decode-only step has no prefill launch
+        # W bounds the tiles of any step: sum_s ceil(q_len_s / block_q) <= S + T / block_q,
+        # and <= S * ceil(max_q_len / block_q).
+        bq = bs.prefill.block_q
+        out = launch(out, bs.prefill, ~is_decode,
+                     min(S + pl.cdiv(T, bq), S * pl.cdiv(max_q_len, bq)),
+                     "ragged_paged_attention_prefill")
+    return out
 
 
-def _work_list(query_start, num_seqs, S, T, max_q_len, block_q):
-    """(sequence, query tile) of each program, [W] each; entries past the real work name
-    sequence S. W bounds the tiles of any step: sum_s ceil(q_len_s / block_q) <= S + T /
-    block_q, and <= S * ceil(max_q_len / block_q)."""
-    W = min(S + pl.cdiv(T, block_q), S * pl.cdiv(max_q_len, block_q))
-    starts = query_start.astype(jnp.int32)
-    q_lens = jnp.where(jnp.arange(S) < num_seqs, starts[1:] - starts[:-1], 0)
-    tiles = (q_lens + block_q - 1) // block_q
+def _work_list(q_lens, covered, *, block_q, num_programs):
+    """(sequence, query tile) of each of num_programs programs, [num_programs] each, over the
+    sequences `covered` [S] bool with q_lens [S] new tokens; entries past the real work name
+    sequence S. num_programs must bound sum over covered s of ceil(q_lens[s] / block_q)."""
+    S = q_lens.shape[0]
+    tiles = jnp.where(covered, (q_lens + block_q - 1) // block_q, 0)
     ends = jnp.cumsum(tiles)
-    w = jnp.arange(W, dtype=jnp.int32)
+    w = jnp.arange(num_programs, dtype=jnp.int32)
     seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)  # S past the last tile
     tile = w - (ends - tiles)[jnp.minimum(seq, S - 1)]
     return seq, tile.astype(jnp.int32)
+
+
+# One compilation per (q_len, context) shape: the op-by-op dense reference costs ~5x more
+# compile time per shape, and the tests run it on many ragged shapes.
+_dense_reference = jax.jit(flash_attention_reference,
+                           static_argnames=("causal", "window", "softcap", "scale"))
 
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, context_lens,
@@ -262,15 +320,14 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, context_
     """Per sequence (host loop over concrete metadata): gather its pages into dense K/V and
     run the dense causal reference on its new rows. Rows of no sequence are 0."""
     starts, ctx = np.asarray(query_start), np.asarray(context_lens)
-    out = jnp.zeros_like(q)
     k_dense, v_dense = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    window = None if window_left is None else (window_left, None)
+    rows = []  # the sequences own consecutive rows from 0: concatenate, then pad with zeros
     for s in range(int(num_seqs)):
         lo, hi, n = int(starts[s]), int(starts[s + 1]), int(ctx[s])
-        if hi == lo:
-            continue
-        o, _ = flash_attention_reference(
-            q[None, lo:hi], k_dense[s:s + 1, :n], v_dense[s:s + 1, :n], causal=True,
-            window=None if window_left is None else (window_left, None), softcap=softcap,
-            scale=scale)
-        out = out.at[lo:hi].set(o[0])
-    return out
+        if hi > lo:
+            o, _ = _dense_reference(q[None, lo:hi], k_dense[s:s + 1, :n], v_dense[s:s + 1, :n],
+                                    causal=True, window=window, softcap=softcap, scale=scale)
+            rows.append(o[0])
+    rows.append(jnp.zeros((q.shape[0] - int(starts[int(num_seqs)]), *q.shape[1:]), q.dtype))
+    return jnp.concatenate(rows)

@@ -15,6 +15,7 @@ import pytest
 import fastattn
 from pallas_kernels.paged_attention import (
     RaggedBlockSizes,
+    RaggedTile,
     paged_attention_reference,
     ragged_paged_attention_reference,
 )
@@ -67,7 +68,10 @@ RAGGED_CASES = [  # contexts, new tokens, page_size, N, K, H, options, block siz
     ([2048, 700, 33, 1, 1000, 517, 64], [512, 1, 33, 1, 64, 1, 17], 16, 32, 8, 128, {}, None),
     ([1024, 300, 2000], [256, 1, 1], 32, 16, 4, 64, dict(sliding_window=(128, 0)), None),
     ([900, 90, 9], [100, 1, 9], 16, 8, 1, 80, dict(softcap=20.0),
-     RaggedBlockSizes(block_q=32, block_k=128)),
+     RaggedBlockSizes(decode=RaggedTile(block_q=1, block_k=64, num_stages=3),
+                      prefill=RaggedTile(block_q=16, block_k=128, num_warps=8))),
+    ([2048, 5, 700, 1, 3000], [1, 1, 1, 1, 1], 16, 32, 8, 128, {}, None),  # decode launch only
+    ([1500, 64], [300, 64], 32, 32, 8, 128, {}, None),  # the decode launch idles
 ]
 
 

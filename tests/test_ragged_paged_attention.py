@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 import fastattn
-from pallas_kernels.paged_attention import RaggedBlockSizes, ragged_paged_attention_reference
+from pallas_kernels.paged_attention import (
+    RaggedBlockSizes,
+    RaggedTile,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 from tests.paging import shuffled_pool
 from tests.tolerance import assert_within_policy
 
@@ -48,16 +53,69 @@ def test_mixed_step_matches_float64_oracle(case):
     assert np.all(np.asarray(out)[int(starts[n]):] == 0), "padding rows must be 0"
 
 
-@pytest.mark.parametrize("bs", [RaggedBlockSizes(block_q=2, block_k=16),
-                                RaggedBlockSizes(block_q=8, block_k=32)], ids=str)
+@pytest.mark.parametrize("bs", [
+    RaggedBlockSizes(decode=RaggedTile(block_q=1, block_k=16, num_stages=1),
+                     prefill=RaggedTile(block_q=2, block_k=16, num_warps=8, num_stages=3)),
+    RaggedBlockSizes(decode=RaggedTile(block_q=2, block_k=32, num_warps=2),
+                     prefill=RaggedTile(block_q=8, block_k=32)),
+], ids=["d1x16-p2x16", "d2x32-p8x32"])
 def test_tiles_and_head_groups_of_any_size(bs):
     """G = 3 query heads per kv head (a tile of block_q * 3 rows, padded), pages of 8 keys
-    under key tiles of 16 or 32, and query tiles shorter than a chunk."""
-    q, kp, vp, tables, ctx, starts, n, _ = _step([21, 9, 40], [13, 1, 6], 8, N=6, K=2, H=40)
+    under key tiles of 16 or 32, query tiles shorter than a chunk, and a decode launch that
+    also takes the 2-token sequence when its block_q is 2."""
+    q, kp, vp, tables, ctx, starts, n, _ = _step([21, 9, 40, 5], [13, 1, 6, 2], 8, N=6, K=2,
+                                                 H=40)
     out = fastattn.ragged_paged_attention(q, kp, vp, tables, ctx, starts, n,
                                           implementation="pallas", block_sizes=bs)
     ref = ragged_paged_attention_reference(q, kp, vp, tables, ctx, starts, n)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+SMALL_TILES = RaggedBlockSizes(decode=RaggedTile(block_q=1, block_k=16, num_warps=2),
+                               prefill=RaggedTile(block_q=4, block_k=32, num_warps=8))
+
+
+def test_decode_and_prefill_launches_share_one_output():
+    """The decode launch (q_len 1) and the prefill launch (q_len > 1) each write only their
+    own sequences' rows of one aliased output, whichever kinds a step holds and in any order
+    (sequences with no new tokens take no program); rows of no sequence stay exactly 0 even
+    where q holds NaN; a decode-only step (static max_q_len = 1) launches one kernel. One
+    pool and one T for all three steps, so that they share compilations."""
+    ctx = [30, 7, 18, 1, 25]
+    q, kp, vp, tables, ctx_a, _, _, _ = _step(ctx, [1] * 5, 8, N=8, K=2, pad_rows=19,
+                                              pad_seqs=2, seed=3)  # T = 24 rows
+    steps = [  # name, new tokens per sequence (num_seqs = its length), max_q_len, launches
+        ("interleaved", [1, 7, 1, 1, 9], None, ["decode", "prefill"]),
+        ("decode-only", [1, 1, 1, 1, 1], 1, ["decode"]),
+        ("prefill-only", [0, 7, 2, 0, 9], None, ["decode", "prefill"]),  # decode launch idles
+    ]
+    for name, q_lens, max_q_len, launches in steps:
+        n, used = len(q_lens), sum(q_lens)
+        starts = jnp.asarray(np.cumsum([0] + q_lens + [0] * (len(ctx) + 2 - n)), jnp.int32)
+        args = (q.at[used:].set(jnp.nan), kp, vp, tables, ctx_a, starts, n)
+        out = np.asarray(fastattn.ragged_paged_attention(
+            *args, implementation="pallas", max_q_len=max_q_len, block_sizes=SMALL_TILES))
+        ref = np.asarray(ragged_paged_attention_reference(*args))
+        np.testing.assert_allclose(out[:used], ref[:used], atol=2e-5, rtol=2e-5, err_msg=name)
+        assert np.all(out[used:] == 0), f"{name}: rows of no sequence must be 0"
+        jaxpr = str(jax.make_jaxpr(lambda *a, m=max_q_len: ragged_paged_attention(
+            *a, max_q_len=m, block_sizes=SMALL_TILES, interpret=True))(*args))
+        assert [kind for kind in ("decode", "prefill")
+                if f"ragged_paged_attention_{kind}" in jaxpr] == launches, name
+
+
+def test_block_sizes_are_validated_and_resolved():
+    with pytest.raises(ValueError, match=r"RaggedTile.block_q=3 must be a power of two"):
+        RaggedTile(block_q=3, block_k=64)
+    with pytest.raises(ValueError, match=r"RaggedTile.block_k=8 must be a power of two >= 16"):
+        RaggedTile(block_q=1, block_k=8)
+    with pytest.raises(ValueError, match=r"RaggedBlockSizes.prefill must be a RaggedTile"):
+        RaggedBlockSizes(prefill=(32, 64, 8, 3))
+    # No query tile longer than the longest run of new tokens (rounded up to a power of two).
+    bs = RaggedBlockSizes(decode=RaggedTile(block_q=2, block_k=64),
+                          prefill=RaggedTile(block_q=32, block_k=64)).resolve(max_q_len=5)
+    assert (bs.decode.block_q, bs.prefill.block_q) == (2, 8)
+    assert RaggedBlockSizes().resolve(max_q_len=1).prefill.block_q == 1
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
