@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from fastattn import sharding
 from fastattn._xla_attention import xla_attention
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
+from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu
 
 MAX_PALLAS_HEAD_DIM = 256
 _PALLAS_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -57,9 +58,22 @@ def _pallas(c: _Call):
 
 
 def _pallas_mosaic(c: _Call):
-    raise NotImplementedError(
-        "implementation='pallas_mosaic' (the Hopper wgmma/TMA kernel) is not built yet; "
-        "use implementation='pallas' or None")
+    """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, the Triton
+    kernel's recomputing backward. Off a GPU it runs in Mosaic GPU's interpret mode."""
+    missing = [name for name, on in (("segment_ids", c.q_segment_ids is not None),
+                                     ("sliding_window", c.window is not None),
+                                     ("softcap", c.softcap is not None)) if on]
+    if missing:
+        raise NotImplementedError(
+            f"implementation='pallas_mosaic' does not take {', '.join(missing)} yet; use "
+            "implementation='pallas'")
+    if c.block_sizes is not None:
+        raise NotImplementedError(
+            "implementation='pallas_mosaic' takes no fastattn.BlockSizes (its tiles are "
+            "pallas_kernels.flash_attention_mgpu.MosaicBlockSizes); use implementation='pallas'")
+    # Raises NotImplementedError for dtypes, head dims and lengths the kernel does not take.
+    return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, scale=c.scale,
+                                interpret=jax.default_backend() != "gpu")
 
 
 def _xla(c: _Call):

@@ -242,8 +242,12 @@ def test_bad_block_sizes_raise(field, value):
 
 def test_implementations_that_cannot_take_the_inputs_raise():
     q, k, v = _ok()
-    with pytest.raises(NotImplementedError, match="pallas_mosaic"):
-        fastattn.attention(q, k, v, implementation="pallas_mosaic")
+    with pytest.raises(NotImplementedError, match="bfloat16 or float16.*implementation='pallas'"):
+        fastattn.attention(q, k, v, implementation="pallas_mosaic")  # f32
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    seg = (jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32))
+    with pytest.raises(NotImplementedError, match="pallas_mosaic' does not take segment_ids"):
+        fastattn.attention(q16, k16, v16, segment_ids=seg, implementation="pallas_mosaic")
     big = jnp.ones((1, 4, 1, 264))
     with pytest.raises(NotImplementedError, match="head_dim <= 256"):
         fastattn.attention(big, big, big, implementation="pallas")

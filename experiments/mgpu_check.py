@@ -1,0 +1,177 @@
+"""Mosaic GPU check: does the Hopper forward kernel compile, agree with cuDNN and our Triton
+kernel, and how fast is it next to them?
+
+Question (issue 7): on an H100, does `pallas_kernels.flash_attention_mgpu` reach cuDNN's
+forward throughput (~600 TFLOP/s at H=128, T >= 4k) on the team's shapes, and is it correct?
+
+Run (on the GPU machine, from the repo root; well under 8 minutes):
+    PYTHONPATH=. python experiments/mgpu_check.py [--configs SUBSTR] [--no-variants]
+        [--tiny]
+Also times a few MosaicBlockSizes variants of ours (VARIANTS, per head dim) on each config.
+Prints one line per (config, impl) as it goes (errors in full, truncated to ~3000 chars),
+then a table: TFLOP/s of ours (mgpu), cuDNN and our Triton kernel (pallas), ours/cudnn, and
+ours' relative L2 error against cuDNN and against Triton (out, and lse against Triton).
+Writes JSON {device, jax, date, rows: [...]} to $OUT/mgpu_check.json (OUT defaults to ./out).
+FLOPs = 4 B N T S H, halved for causal. --tiny: one small config, ours in interpret mode
+against the Triton kernel (interpret mode too on a CPU); the tests run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import fastattn
+from experiments.bench_attention import rel_err, time_fn
+from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
+
+# (name, B, T, N, H, causal): T = S, MHA (K = N), bf16
+CONFIGS = [
+    ("b4 s4096 h16 d128 causal", 4, 4096, 16, 128, True),
+    ("b4 s4096 h16 d128 full", 4, 4096, 16, 128, False),
+    ("b16 s1024 h16 d128 causal", 16, 1024, 16, 128, True),
+    ("b16 s1024 h16 d128 full", 16, 1024, 16, 128, False),
+    ("b4 s4096 h32 d64 full", 4, 4096, 32, 64, False),
+    ("b1 s16384 h16 d128 causal", 1, 16384, 16, 128, True),
+]
+TINY = [("b1 s128 h2 d64 causal (interpret)", 1, 128, 2, 64, True)]
+
+# Tried besides the default, per head dim (name -> MosaicBlockSizes).
+VARIANTS = {
+    128: {
+        "bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4),
+        "regs 232/40": MosaicBlockSizes(block_k=128, num_stages=2, consumer_registers=232,
+                                        producer_registers=40),
+    },
+    64: {
+        "bk128 st2": MosaicBlockSizes(block_k=128, num_stages=2),
+        "bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4),
+        "bk256 st2": MosaicBlockSizes(block_k=256, num_stages=2),
+    },
+}
+TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
+TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}  # the interpreter takes seconds
+
+
+def _error_text(e: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return text if len(text) <= 3000 else text[:1500] + "\n[...]\n" + text[-1500:]
+
+
+def _impls(causal, block_sizes, interpret):
+    """name -> jitted fn(q, k, v) -> (out, lse or None)."""
+    ours = jax.jit(lambda q, k, v: flash_attention_mgpu(
+        q, k, v, causal=causal, block_sizes=block_sizes, interpret=interpret))
+    pallas = jax.jit(lambda q, k, v: fastattn.attention(
+        q, k, v, causal=causal, return_lse=True, implementation="pallas"))
+    cudnn = jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"), None))
+    return {"mgpu": ours, "cudnn": cudnn, "pallas": pallas}
+
+
+def run_config(cfg, *, variant=None, block_sizes=None, interpret=False,
+               peers=("cudnn", "pallas"), peer_results=None):
+    """Rows for one config; returns (rows, {impl: (out, lse)}). peer_results: the peers'
+    outputs from an earlier run of the same config (block-size variants skip the peers)."""
+    name, B, T, N, H, causal = cfg
+    label = name if variant is None else f"{name} [{variant}]"
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (B, T, N, H), jnp.bfloat16) for key in (kq, kk, kv))
+    flops = 4 * B * N * T * T * H * (0.5 if causal else 1.0)
+    impls = _impls(causal, block_sizes, interpret)
+    wanted = ["mgpu", *peers]
+    rows, results = [], dict(peer_results or {})
+    for impl in wanted:
+        row = {"config": label, "impl": impl, "ms": None, "tflops": None}
+        rows.append(row)
+        try:
+            t0 = time.perf_counter()
+            out, lse = jax.block_until_ready(impls[impl](q, k, v))
+            row["first_call_s"] = time.perf_counter() - t0  # compile + one run
+            results[impl] = (out, lse)
+            row["ms"] = time_fn(impls[impl], q, k, v, **(TINY_TIMING if interpret else TIMING))
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            print(f"{label:44s} {impl:7s} {row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s "
+                  f"(first call {row['first_call_s']:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 -- one failure must not stop the others
+            row["error"] = _error_text(e)
+            print(f"{label:44s} {impl:7s} ERROR\n{row['error']}", flush=True)
+    if "mgpu" in results:
+        out, lse = results["mgpu"]
+        mine = rows[0]
+        for peer in ("cudnn", "pallas"):
+            if peer in results:
+                mine[f"err_vs_{peer}"] = rel_err(out, results[peer][0])
+        if "pallas" in results:
+            ref_lse = results["pallas"][1]
+            mine["lse_err_vs_pallas"] = float(jnp.max(jnp.abs(lse - ref_lse)))
+        errs = {key: f"{val:.2e}" for key, val in mine.items() if "err_vs" in key}
+        print(f"{label:44s} mgpu    errors {errs}", flush=True)
+    return rows, results
+
+
+def print_table(rows):
+    by = {(r["config"], r["impl"]): r for r in rows}
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    width = max(len(c) for c in configs) + 2
+    cols = ["mgpu", "cudnn", "pallas", "mgpu/cudnn", "err/cudnn", "err/pallas", "lse err"]
+    print("\nTFLOP/s (err = failed, - = not run); errors are relative L2 (lse: max abs)")
+    print("config".ljust(width) + "".join(c.rjust(11) for c in cols))
+    for c in configs:
+        cells = []
+        for impl in ("mgpu", "cudnn", "pallas"):
+            r = by.get((c, impl))
+            cells.append("-" if r is None else "err" if "error" in r else f"{r['tflops']:.1f}")
+        ours, cudnn = by.get((c, "mgpu"), {}), by.get((c, "cudnn"), {})
+        ratio = (ours.get("tflops") or 0) / (cudnn.get("tflops") or float("inf"))
+        cells.append(f"{ratio:.2f}" if ratio else "-")
+        for key in ("err_vs_cudnn", "err_vs_pallas", "lse_err_vs_pallas"):
+            cells.append(f"{ours[key]:.1e}" if key in ours else "-")
+        print(c.ljust(width) + "".join(x.rjust(11) for x in cells))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="", help="keep configs whose name contains this")
+    p.add_argument("--no-variants", action="store_true", help="default block sizes only")
+    p.add_argument("--tiny", action="store_true", help="one small config, interpret mode (CPU)")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"),
+                                                 "mgpu_check.json"))
+    args = p.parse_args(argv)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, {device.device_kind} "
+          f"(compute capability {getattr(device, 'compute_capability', '?')})", flush=True)
+    start = time.perf_counter()
+    rows = []
+    for cfg in TINY if args.tiny else CONFIGS:
+        if args.configs not in cfg[0]:
+            continue
+        new, results = run_config(cfg, interpret=args.tiny,
+                                  peers=("pallas",) if args.tiny else ("cudnn", "pallas"))
+        rows += new
+        if not (args.no_variants or args.tiny):
+            peers = {impl: res for impl, res in results.items() if impl != "mgpu"}
+            for variant, bs in VARIANTS.get(cfg[4], {}).items():
+                rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
+                                   peer_results=peers)[0]
+        del results
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    result = {"device": device.device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
