@@ -64,12 +64,12 @@ def _workload(n: int, vocab: int, prompt_range, output_range):
     return prompts, sampling
 
 
-def correctness(n: int, emit) -> None:
+def correctness(n: int, emit, requests: int = 32) -> None:
     """Greedy tokens: one device vs tensor parallel over n vs n replicas. Training losses of
     4 steps: one device vs data parallel n vs tensor parallel n (f32)."""
     model = Llama(CHECK_CONFIG)
     params = _params(model, jnp.float32)
-    prompts, sampling = _workload(32, CHECK_CONFIG.vocab_size, (4, 120), (4, 24))
+    prompts, sampling = _workload(requests, CHECK_CONFIG.vocab_size, (4, 120), (4, 24))
     config = EngineConfig(page_size=16, num_pages=512, token_budget=128, max_num_seqs=16,
                           max_model_len=160)
     single = [c.token_ids for c in Engine(model, params, config).generate(prompts, sampling)]
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     for part in args.parts.split(","):
         print(f"== {part}", flush=True)
         if part == "correctness":
-            correctness(n, emit)
+            correctness(n, emit, requests=8 if args.tiny else 32)
         elif part == "train":
             train_scaling(n, *train_args, emit)
         elif part == "engine":

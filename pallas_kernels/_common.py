@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,25 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
+WARP_COUNTS = (1, 2, 4, 8, 16)
+
+
+def check_tile_fields(config, *, smallest_block: int = 16, smallest: dict | None = None) -> None:
+    """The one validation of every kernel's frozen tile dataclass (call it from
+    __post_init__): `block_*` fields powers of two >= smallest_block (per-field overrides in
+    `smallest`), `num_warps*` one of WARP_COUNTS, `num_stages*` >= 1. The ValueError names
+    the class, the field and its value."""
+    cls = type(config).__name__
+    for field in dataclasses.fields(config):
+        name, value = field.name, getattr(config, field.name)
+        if name.startswith("block_"):
+            low = (smallest or {}).get(name, smallest_block)
+            if not (isinstance(value, int) and value >= low and value & (value - 1) == 0):
+                raise ValueError(f"{cls}.{name}={value} must be a power of two >= {low}")
+        elif name.startswith("num_warps") and value not in WARP_COUNTS:
+            raise ValueError(f"{cls}.{name}={value} must be one of {WARP_COUNTS}")
+        elif name.startswith("num_stages") and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{cls}.{name}={value} must be >= 1")
 
 
 def dot(a, b, *, contract: tuple[int, int]):
@@ -44,6 +64,7 @@ def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_
     A tile spans as many pages as it needs, so its size is the kernel's choice, not the page
     size. Keys that are not `valid` read page 0 instead of their table entry (table entries
     past a sequence's pages may hold anything); their K/V loads must be masked by the caller.
+    valid None: every key of the tile exists (no mask on the table reads).
     Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised.
     table_offset: where the sequence's table starts in table_ref (a flattened [S *
     pages_per_seq] table of several sequences)."""

@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, dot, online_softmax_finish, online_softmax_init, online_softmax_step, paged_kv_index)
+    LOG2E, check_tile_fields, dot, online_softmax_finish, online_softmax_init,
+    online_softmax_step, paged_kv_index)
 
 GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 
@@ -60,14 +61,9 @@ class DecodeBlockSizes:
         return cls() if paged else cls(num_stages=3, waves=1)
 
     def __post_init__(self):
-        if self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"DecodeBlockSizes.block_k={self.block_k} must be a power of two >= 16")
+        check_tile_fields(self)
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"DecodeBlockSizes.num_splits={self.num_splits} must be >= 1")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"DecodeBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
-        if self.num_stages < 1:
-            raise ValueError(f"DecodeBlockSizes.num_stages={self.num_stages} must be >= 1")
         if self.waves < 1:
             raise ValueError(f"DecodeBlockSizes.waves={self.waves} must be >= 1")
 

@@ -42,13 +42,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, dot, exp2, online_softmax_finish, online_softmax_init, online_softmax_step)
+    LOG2E, check_tile_fields, dot, exp2, online_softmax_finish, online_softmax_init,
+    online_softmax_step)
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,14 +69,7 @@ class BlockSizes:
     num_stages_dq: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.startswith("block_") and not (_is_power_of_two(value) and value >= 16):
-                raise ValueError(f"BlockSizes.{field.name}={value} must be a power of two >= 16")
-            if field.name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
-                raise ValueError(f"BlockSizes.{field.name}={value} must be one of 1, 2, 4, 8, 16")
-            if field.name.startswith("num_stages") and value < 1:
-                raise ValueError(f"BlockSizes.{field.name}={value} must be >= 1")
+        check_tile_fields(self)
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool) -> "BlockSizes":

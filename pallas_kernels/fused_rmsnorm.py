@@ -38,14 +38,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._common import check_tile_fields
+
 GPU_SMS = 132  # H100 SXM; the backward's program count only needs the order of magnitude
 _ROW_ELEMENTS = 4096  # elements of a forward program's [block_rows, Dp] tile, when D allows
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,11 +62,7 @@ class NormBlockSizes:
     dw_partials: int = 4 * GPU_SMS
 
     def __post_init__(self):
-        if not _is_power_of_two(self.block_rows):
-            raise ValueError(f"NormBlockSizes.block_rows={self.block_rows} must be a power of two")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"NormBlockSizes.num_warps={self.num_warps} must be one of "
-                             "1, 2, 4, 8, 16")
+        check_tile_fields(self, smallest_block=1)
         if self.dw_partials < 1:
             raise ValueError(f"NormBlockSizes.dw_partials={self.dw_partials} must be >= 1")
 

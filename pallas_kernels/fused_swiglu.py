@@ -42,13 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import dot
+from pallas_kernels._common import check_tile_fields, dot
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,15 +65,7 @@ class SwigluBlockSizes:
     group_m: int = 8
 
     def __post_init__(self):
-        for name in ("block_m", "block_f", "block_d"):
-            value = getattr(self, name)
-            if not (_is_power_of_two(value) and value >= 16):
-                raise ValueError(f"SwigluBlockSizes.{name}={value} must be a power of two >= 16")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"SwigluBlockSizes.num_warps={self.num_warps} must be one of "
-                             "1, 2, 4, 8, 16")
-        if self.num_stages < 1:
-            raise ValueError(f"SwigluBlockSizes.num_stages={self.num_stages} must be >= 1")
+        check_tile_fields(self)
         if self.group_m < 1:
             raise ValueError(f"SwigluBlockSizes.group_m={self.group_m} must be >= 1")
 

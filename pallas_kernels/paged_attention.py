@@ -34,6 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
     LOG2E,
+    check_tile_fields,
     dot,
     online_softmax_finish,
     online_softmax_init,
@@ -108,14 +109,7 @@ class RaggedTile:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.block_q < 1 or self.block_q & (self.block_q - 1):
-            raise ValueError(f"RaggedTile.block_q={self.block_q} must be a power of two")
-        if self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"RaggedTile.block_k={self.block_k} must be a power of two >= 16")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"RaggedTile.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
-        if self.num_stages < 1:
-            raise ValueError(f"RaggedTile.num_stages={self.num_stages} must be >= 1")
+        check_tile_fields(self, smallest={"block_q": 1})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,17 +195,23 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             lowest = jnp.maximum(ctx - q_len + row0 - window_left, 0)
             first = jax.lax.div(lowest, block_k) * block_k
 
-        def body(t, carry):
+        def key_tile(t, carry, *, masked):
             cols = first + t * block_k + jnp.arange(block_k)
-            col_ok = cols < last_key
+            col_ok = cols < last_key if masked else None  # None: every key exists
+            if masked:
+                kv_mask = col_ok[:, None] & head_ok
+            else:  # ... and every row sees it
+                kv_mask = None if hp == head_dim else head_ok
             index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp,
                                    table_offset=seq * pages_per_seq)
-            kv_mask = col_ok[:, None] & head_ok
             k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
             v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
             s = dot(q, k, contract=(1, 1)) * scale  # [rows, block_k]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
+            if not masked:
+                return online_softmax_step(carry, s * LOG2E, v, may_be_empty=False,
+                                           interpret=interpret)
             vis = col_ok[None, :] & (cols[None, :] <= pos[:, None])  # causal among new tokens
             if window_left is not None:
                 vis &= cols[None, :] >= pos[:, None] - window_left
@@ -219,7 +219,17 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
 
         n_tiles = jax.lax.div(jnp.maximum(last_key - first, 0) + block_k - 1, block_k)
-        carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(i.shape[0], hp))
+        # Tiles wholly before the tile's first new token are seen by every row: no mask,
+        # no masked loads (a prefill chunk's context is mostly such tiles; flash forward
+        # skips the mask there too). With a window every tile keeps its mask.
+        n_interior = 0
+        if window_left is None:
+            n_interior = jnp.minimum(jax.lax.div(ctx - q_len + row0 + 1, block_k), n_tiles)
+        carry = online_softmax_init(i.shape[0], hp)
+        carry = jax.lax.fori_loop(0, n_interior,
+                                  functools.partial(key_tile, masked=False), carry)
+        carry = jax.lax.fori_loop(n_interior, n_tiles,
+                                  functools.partial(key_tile, masked=True), carry)
         out, _ = online_softmax_finish(carry)
         plgpu.store(o_ref.at[rows], out.astype(o_ref.dtype), mask=q_mask)
 

@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from fastattn.kv_cache import check_slot_mapping, write_kv
+from pallas_kernels._common import check_tile_fields
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,13 +64,7 @@ class RopeWriteBlockSizes:
     num_stages: int = 1
 
     def __post_init__(self):
-        if self.block_t < 1 or self.block_t & (self.block_t - 1):
-            raise ValueError(f"RopeWriteBlockSizes.block_t={self.block_t} must be a power of two")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"RopeWriteBlockSizes.num_warps={self.num_warps} must be 1, 2, 4, "
-                             "8 or 16")
-        if self.num_stages < 1:
-            raise ValueError(f"RopeWriteBlockSizes.num_stages={self.num_stages} must be >= 1")
+        check_tile_fields(self, smallest_block=1)
 
     @classmethod
     def default_for(cls, *, num_tokens: int, head_dim: int) -> RopeWriteBlockSizes:
@@ -242,6 +236,8 @@ def rope_write_kv(q, k_new, v_new, k_pages, v_pages, slot_mapping, positions, in
     if np.shape(inv_freq) != (H // 2,):
         raise ValueError(f"inv_freq must be [H/2={H // 2}], got shape {np.shape(inv_freq)}")
     if not isinstance(slot_mapping, jax.core.Tracer):
+        from fastattn.kv_cache import check_slot_mapping  # fastattn imports this module
+
         check_slot_mapping(slot_mapping, P, page_size)
     if T == 0:
         return q, k_pages, v_pages
@@ -272,6 +268,8 @@ def rope_write_kv_reference(q, k_new, v_new, k_pages, v_pages, slot_mapping, pos
                             inv_freq):
     """The unfused path: rotate q and k in jnp, then `fastattn.write_kv`. Same returns."""
     positions = jnp.asarray(positions)
+    from fastattn.kv_cache import write_kv  # fastattn imports this module
+
     k_pages, v_pages = write_kv(k_pages, v_pages, _rope_reference(k_new, positions, inv_freq),
                                 v_new, slot_mapping)
     return _rope_reference(q, positions, inv_freq), k_pages, v_pages
