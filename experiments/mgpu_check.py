@@ -19,8 +19,6 @@ against the Triton kernel (interpret mode too on a CPU); the tests run it.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import time
 import traceback
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 
 import fastattn
 from experiments.bench_attention import rel_err, time_fn
+from experiments.results import write_results
 from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
 
 # (name, B, T, N, H, causal): T = S, MHA (K = N), bf16
@@ -164,13 +163,7 @@ def main(argv=None):
         del results
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    result = {"device": device.device_kind, "jax": jax.__version__,
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
-    return result
+    return write_results(args.out, rows)
 
 
 if __name__ == "__main__":

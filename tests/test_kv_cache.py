@@ -19,16 +19,7 @@ from fastattn.kv_cache import (
     write_kv,
     write_kv_donated,
 )
-
-
-def _bits(x):
-    """The raw bits of an array, so that equality is bitwise and NaN equals itself."""
-    x = np.asarray(x)
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
-def _assert_bitwise_equal(actual, expected):
-    np.testing.assert_array_equal(_bits(actual), _bits(expected))
+from tests.tolerance import assert_bitwise_equal
 
 
 def _write_jit(*args):
@@ -85,8 +76,8 @@ def test_write_kv_writes_named_slots_only(writer, pages_dtype):
 
     out_k, out_v = WRITERS[writer](k_pages, v_pages, k_new, v_new, jnp.asarray(slots))
     assert out_k.dtype == pages_dtype and out_k.shape == (K, P, page_size, H)
-    _assert_bitwise_equal(out_k, expected_k.reshape(K, P, page_size, H))
-    _assert_bitwise_equal(out_v, expected_v.reshape(K, P, page_size, H))
+    assert_bitwise_equal(out_k, expected_k.reshape(K, P, page_size, H))
+    assert_bitwise_equal(out_v, expected_v.reshape(K, P, page_size, H))
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -98,8 +89,8 @@ def test_write_kv_all_padding_changes_nothing(writer):
     expected_k, expected_v = np.asarray(k_pages), np.asarray(v_pages)
     new = jnp.full((5, 2, 16), 7.0)
     out_k, out_v = WRITERS[writer](k_pages, v_pages, new, new, jnp.full((5,), -1, jnp.int32))
-    _assert_bitwise_equal(out_k, expected_k)
-    _assert_bitwise_equal(out_v, expected_v)
+    assert_bitwise_equal(out_k, expected_k)
+    assert_bitwise_equal(out_v, expected_v)
 
 
 def test_write_kv_under_jit_drops_every_out_of_range_slot():
@@ -110,8 +101,8 @@ def test_write_kv_under_jit_drops_every_out_of_range_slot():
     new = jnp.ones((4, 1, 4))
     slots = jnp.array([-5, -1, 16, 1000], jnp.int32)
     out_k, out_v = jax.jit(write_kv)(pages, pages, new, new, slots)
-    _assert_bitwise_equal(out_k, np.zeros(shape, np.float32))
-    _assert_bitwise_equal(out_v, np.zeros(shape, np.float32))
+    assert_bitwise_equal(out_k, np.zeros(shape, np.float32))
+    assert_bitwise_equal(out_v, np.zeros(shape, np.float32))
 
 
 def test_write_kv_validates_concrete_slots():
@@ -173,8 +164,8 @@ def test_write_by_slot_then_gather_by_block_table_gives_dense_sequences():
         # [K, pages, page_size, H] -> [pages * page_size, K, H], cut to the sequence length
         gathered_k = k_np[:, table].reshape(K, -1, H).transpose(1, 0, 2)
         gathered_v = v_np[:, table].reshape(K, -1, H).transpose(1, 0, 2)
-        _assert_bitwise_equal(gathered_k[:n], dense_k[s])
-        _assert_bitwise_equal(gathered_v[:n], dense_v[s])
+        assert_bitwise_equal(gathered_k[:n], dense_k[s])
+        assert_bitwise_equal(gathered_v[:n], dense_v[s])
         # The tail of the last page was never written: still the NaN it started with.
         assert np.isnan(gathered_k[n:]).all() and np.isnan(gathered_v[n:]).all()
     assert np.isnan(k_np[:, free_pages]).all() and np.isnan(v_np[:, free_pages]).all()
@@ -302,8 +293,8 @@ def test_kv_cache_update_writes_the_right_rows(jit, dtype):
     if jit:
         update = jax.jit(update, static_argnums=1)
     out = update(cache, layer, k_new, v_new, jnp.asarray(positions))
-    _assert_bitwise_equal(out.k, expected_k)
-    _assert_bitwise_equal(out.v, expected_v)
+    assert_bitwise_equal(out.k, expected_k)
+    assert_bitwise_equal(out.v, expected_v)
     np.testing.assert_array_equal(out.lengths, cache.lengths)
 
 
@@ -329,7 +320,7 @@ def test_kv_cache_update_under_jit_drops_out_of_range_tokens():
     expected[2, 0, 10:12] = 7.0
     expected[2, 1, 0:4] = 7.0
     expected[2, 2, 0:1] = 7.0
-    _assert_bitwise_equal(out.k, expected)
+    assert_bitwise_equal(out.k, expected)
 
 
 def test_kv_cache_advance():

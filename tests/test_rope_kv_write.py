@@ -26,15 +26,7 @@ from pallas_kernels.rope_kv_write import (
     rope_write_kv,
     rope_write_kv_reference,
 )
-
-
-def _bits(x):
-    x = np.asarray(x)
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
-def _assert_bitwise(actual, expected, what):
-    np.testing.assert_array_equal(_bits(actual), _bits(expected), err_msg=what)
+from tests.tolerance import assert_bitwise_equal
 
 
 def _ulp(y, dtype):
@@ -93,12 +85,12 @@ def _assert_matches_unfused(got, want, q, k, kp, vp, slots):
     written = (slots >= 0) & (slots < P * page_size)
     _assert_rotation_close(flat(got[1])[:, slots[written]], flat(want[1])[:, slots[written]],
                            np.swapaxes(np.asarray(k, np.float32)[written], 0, 1), "k_pages")
-    _assert_bitwise(got[2], want[2], "v_pages")
+    assert_bitwise_equal(got[2], want[2], "v_pages")
     # Independently of the reference: every slot not written keeps its bits.
     untouched = np.ones(P * page_size, bool)
     untouched[slots[written]] = False
     for name, new, old in (("k_pages", got[1], kp), ("v_pages", got[2], vp)):
-        _assert_bitwise(flat(new)[:, untouched], flat(old)[:, untouched],
+        assert_bitwise_equal(flat(new)[:, untouched], flat(old)[:, untouched],
                         f"{name}: an untouched slot changed")
 
 
@@ -154,8 +146,8 @@ def test_all_slots_skipped_leaves_pools_untouched():
     slots[:] = -1
     inv_freq = _inv_freq(64)
     q_rot, k_out, v_out = rope_write_kv(q, k, v, kp, vp, slots, positions, inv_freq)
-    _assert_bitwise(k_out, kp, "k_pages")
-    _assert_bitwise(v_out, vp, "v_pages")
+    assert_bitwise_equal(k_out, kp, "k_pages")
+    assert_bitwise_equal(v_out, vp, "v_pages")
     _assert_rotation_close(q_rot, apply_rope(q[None], positions[None], inv_freq)[0], q, "q_rot")
 
 
@@ -180,12 +172,12 @@ def test_deterministic_and_no_tokens():
     inv_freq = _inv_freq(64)
     first, second = rope_write_kv(*args, inv_freq), rope_write_kv(*args, inv_freq)
     for a, b in zip(first, second):
-        _assert_bitwise(a, b, "two runs")
+        assert_bitwise_equal(a, b, "two runs")
     q, k, v, kp, vp, _, _ = _problem(T=0, N=4, K=2, H=64, page_size=8, P=2)
     empty = np.zeros((0,), np.int32)
     out = rope_write_kv(q, k, v, kp, vp, empty, empty, inv_freq)
     assert out[0].shape == (0, 4, 64)
-    _assert_bitwise(out[1], kp, "k_pages")
+    assert_bitwise_equal(out[1], kp, "k_pages")
 
 
 def _bad(**changes):

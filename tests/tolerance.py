@@ -35,3 +35,13 @@ def assert_within_policy(what, actual, oracle, low_precision, *, dtype, factor):
         f"{what}: max error {worst:.3e} (mean {float(np.mean(err)):.3e}) exceeds "
         f"{factor} x low-precision reference error {float(np.max(base, initial=0.0)):.3e} "
         f"+ floor {floor_for(dtype) * scale:.3e}")
+
+
+def assert_bitwise_equal(actual, expected, what: str = "") -> None:
+    """Equal to the last bit (NaN equals itself, -0.0 differs from 0.0): the raw bits of the
+    two arrays compared as unsigned integers."""
+    def bits(x):
+        x = np.asarray(x)
+        return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+    np.testing.assert_array_equal(bits(actual), bits(expected), err_msg=what)
