@@ -65,12 +65,20 @@ def run(model, params, prompts, sampling, config: EngineConfig) -> dict:
     tpot = np.array(engine._stats["tpot"])
     pct = {f"{name}_p{q}_s": float(np.percentile(x, q)) for name, x in
            (("ttft", ttft), ("tpot", tpot)) for q in (50, 90, 99) if x.size}
+    num_pages = engine.num_pages
     del engine
-    gc.collect()  # the next mode's engine sizes its pool from the memory this one held
+    gc.collect()  # the next mode's engine needs the memory this one held
     return {"wall_s": wall, "tok_per_s": useful / wall, "output_tokens": useful,
+            "num_pages": num_pages, "device_bytes_in_use_after": _bytes_in_use(),
             "ready_s": ready_s, "compile_s": compile_s, "recompiles_after_warmup": recompiles,
             **m, **pct,
             "tokens": [c.token_ids for c in out]}
+
+
+def _bytes_in_use() -> int | None:
+    """Device memory still allocated (None where the backend does not say): after an engine
+    is deleted this should be about the weights, or the next engine cannot get its pool."""
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
 
 
 def run_hf(cfg, n, batch, lengths) -> dict:
@@ -152,6 +160,8 @@ def main(argv=None) -> dict:
     for mode in args.modes.split(","):
         config = dataclasses.replace(base, mode=mode, max_num_seqs=static_batch) \
             if mode == "static" else base
+        if rows:  # the same pool in every mode: the first engine sized it from free memory
+            config = dataclasses.replace(config, num_pages=rows[0]["num_pages"])
         r = run(model, params, prompts, sampling, config)
         tokens[mode] = r.pop("tokens")
         rows.append({"config": "workload" if not args.tiny else "tiny", "impl": f"fastattn_{mode}",
@@ -161,6 +171,9 @@ def main(argv=None) -> dict:
               f"TPOT {1e3 * (r['tpot_mean_s'] or 0):.1f} ms  KV fill {r['kv_fill_mean']:.0%}  "
               f"preempted {r['preemptions']}  ready in {r['ready_s']:.1f} s  "
               f"recompiles {r['recompiles_after_warmup']}")
+        if r["device_bytes_in_use_after"] is not None:
+            print(f"    after the engine is deleted: {r['device_bytes_in_use_after'] / 1e9:.2f} "
+                  "GB still allocated on the device")
     if len(tokens) == 2:
         same = tokens["continuous"] == tokens["static"]
         print(f"  continuous and static give identical tokens: {same}")
