@@ -63,7 +63,6 @@ class _InFlight:
     pending_rows: dict[int, int]  # seq_id -> the row that samples its newest (pending) token
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """page_size: tokens per KV page. num_pages: pool size (None: what fits in

@@ -302,6 +302,10 @@ def train(config: TrainConfig, *, model: nn.Module, dataset: PackedDataset,
     """
     if dataset.num_rows < 1:
         raise ValueError("dataset has no rows")
+    if config.fused_loss and not hasattr(model, "lm_head_inputs"):
+        raise ValueError(f"TrainConfig.fused_loss=True needs a model with lm_head_inputs "
+                         f"(models.Llama has it); {type(model).__name__} has not: set "
+                         "fused_loss=False")
     if mesh is not None:
         _check_mesh(config, mesh)
     elif fsdp:

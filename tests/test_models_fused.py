@@ -92,3 +92,13 @@ def test_training_with_the_fused_loss_follows_the_plain_loss_curve():
             for fused in (False, True)]
     plain, fused = ([r["loss"] for r in run.history] for run in runs)
     np.testing.assert_allclose(fused, plain, rtol=1e-4)
+
+
+def test_fused_loss_on_a_model_without_lm_head_inputs_raises_before_training():
+    from models import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    data = pack_documents(np.random.default_rng(4).integers(0, 256, (4, 40)).tolist(), 32)
+    with pytest.raises(ValueError, match="fused_loss=True needs a model with lm_head_inputs"):
+        train(TrainConfig(steps=1, batch_size=2, progress=False, fused_loss=True),
+              model=model, dataset=data)
