@@ -3,7 +3,8 @@
 Question: on the GPUs of one host, how much of N x one GPU's throughput do our meshes keep,
           and do sharded runs give the single-device results?
 Run:      NCCL_NVLS_ENABLE=0 PYTHONPATH=. python experiments/bench_scaling.py
-              [--parts correctness,train,engine] [--gpus N] [--out benchmarks/scaling.json]
+              [--parts correctness,train,engine] [--gpus N] [--model 0.85b|8b]
+              [--out benchmarks/scaling.json]
           --tiny: small shapes on fake CPU devices (XLA_FLAGS=
               --xla_force_host_platform_device_count=N), what CI runs.
 Prints:   correctness (greedy tokens of a sharded engine and a router vs one device; training
@@ -36,7 +37,7 @@ from fastattn.engine import Engine, EngineConfig
 from fastattn.router import Router
 from fastattn.sampling import SamplingParams
 from fastattn.training import TrainConfig, train
-from models import LLAMA_0_85B, TINY, Llama, train_flops_per_token
+from models import LLAMA3_8B, LLAMA_0_85B, TINY, Llama, train_flops_per_token
 
 # f32 so that sharded and single-device results can be compared closely; 8 kv heads split
 # over 2, 4 or 8 devices.
@@ -103,7 +104,10 @@ def correctness(n: int, emit, requests: int = 32) -> None:
 
 def train_scaling(n: int, cfg, seq_len: int, rows_per_gpu: int, steps: int, emit) -> None:
     """Train-step tokens/s on 1 GPU and on meshes of n: data parallel (n x the rows),
-    tensor parallel (the same rows), FSDP (data parallel with sharded state)."""
+    tensor parallel (the same rows), FSDP (data parallel with sharded state), and FSDP x
+    tensor parallel (n / 2 x 2) when n >= 4. Efficiency is per-GPU throughput over that of
+    the first variant that ran (one GPU; for a model whose training state does not fit one
+    GPU, e.g. the 8B shape, the first mesh that fits)."""
     model = Llama(cfg)
     data = _dataset(cfg.vocab_size, seq_len, rows_per_gpu * n * 2)
     flops = train_flops_per_token(cfg, seq_len)
@@ -111,7 +115,10 @@ def train_scaling(n: int, cfg, seq_len: int, rows_per_gpu: int, steps: int, emit
                 (f"dp{n}", dict(data=n), False, rows_per_gpu * n),
                 (f"tp{n}", dict(model=n), False, rows_per_gpu),
                 (f"fsdp{n}", dict(data=n), True, rows_per_gpu * n)]
-    base = None
+    if n >= 4:
+        variants.append((f"fsdp{n // 2}xtp2", dict(data=n // 2, model=2), True,
+                         rows_per_gpu * n // 2))
+    base = None  # tokens/s per GPU of the first variant that ran
     for name, axes, fsdp, batch in variants:
         mesh = None if axes is None else sharding.make_mesh(**axes)
         gpus = 1 if mesh is None else mesh.devices.size
@@ -125,14 +132,14 @@ def train_scaling(n: int, cfg, seq_len: int, rows_per_gpu: int, steps: int, emit
             print(f"  {name:<8} ERROR {str(e)[:300]}", flush=True)
             continue
         tps = result.tokens_per_s
-        base = tps if name == "1 GPU" else base
+        base = base or tps / gpus
         row = {"config": f"train {cfg.num_layers}L d{cfg.hidden_size} T{seq_len}", "impl": name,
                "gpus": gpus, "rows_per_step": batch, "tokens_per_s": tps, "mfu": result.mfu,
-               "scaling_efficiency": tps / (gpus * base) if base else None}
+               "scaling_efficiency": tps / (gpus * base)}
         emit(row)
         del result
         gc.collect()
-        eff = f"{100 * row['scaling_efficiency']:.0f}%" if row["scaling_efficiency"] else "-"
+        eff = f"{100 * row['scaling_efficiency']:.0f}%"
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
         print(f"  {name:<8} {gpus} GPU  {batch:3d} rows  {tps:12,.0f} tok/s  MFU {mfu}  "
               f"efficiency {eff}", flush=True)
@@ -180,6 +187,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="correctness,train,engine")
     parser.add_argument("--gpus", type=int, default=None, help="mesh size (default: all)")
+    parser.add_argument("--model", choices=("0.85b", "8b"), default="0.85b",
+                        help="the 0.85B Llama of TARGETS.md or the Llama-3-8B shape "
+                             "(random weights)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks/scaling.json")
     args = parser.parse_args(argv)
@@ -194,6 +204,11 @@ def main(argv=None) -> dict:
         engine_args = (train_cfg, 8, EngineConfig(page_size=16, num_pages=256, token_budget=64,
                                                   max_num_seqs=8, max_model_len=128),
                        (8, 60), (4, 16))
+    elif args.model == "8b":  # 2 rows of 2048 per GPU: the activations of 32 layers fit
+        train_args = (LLAMA3_8B, 2048, 2, 4)
+        engine_args = (LLAMA3_8B, 128, EngineConfig(
+            page_size=16, token_budget=512, max_num_seqs=128, max_model_len=1024,
+            gpu_memory_utilization=0.4), (64, 512), (16, 256))
     else:
         train_args = (LLAMA_0_85B, 2048, 8, 6)
         engine_args = (LLAMA_0_85B, 128, EngineConfig(
