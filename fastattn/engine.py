@@ -381,7 +381,9 @@ class Engine:
 
     def _process(self, step: _InFlight) -> None:
         """Reads a launched step's tokens back and applies them: commits, forks, stops."""
-        tokens, logprobs = np.asarray(step.out.tokens), np.asarray(step.out.logprobs)
+        # Python lists: one conversion each, not one numpy scalar per row (a hot path).
+        tokens = np.asarray(step.out.tokens).tolist()
+        logprobs = np.asarray(step.out.logprobs).tolist()
         top_ids = np.asarray(step.out.top_token_ids) if step.num_logprobs else None
         top_lps = np.asarray(step.out.top_logprobs) if step.num_logprobs else None
         now = time.perf_counter()
@@ -390,19 +392,20 @@ class Engine:
             if seq.is_finished:  # aborted, or stopped by an earlier token
                 continue
             if out_index is not None:
-                seq.output[out_index] = int(tokens[i])
+                seq.output[out_index] = tokens[i]
             if seq.epoch == epoch and seq.status is Status.RUNNING:  # not preempted since
                 self.blocks.commit(seq.seq_id,
                                    seq.token_slice(chunk.start, chunk.start + chunk.length))
-                siblings = self._requests[seq.request_id]
-                if out_index is None and seq.index == 0 and len(siblings) > 1 \
-                        and not seq.children and seq.num_computed == len(seq.prompt) - 1:
-                    self.scheduler.fork(seq, siblings[1:])  # the shared prefix is computed
+                if out_index is None and seq.index == 0 and not seq.children \
+                        and len(self._requests[seq.request_id]) > 1 \
+                        and seq.num_computed == len(seq.prompt) - 1:
+                    # The shared prefix is computed: the other samples fork from it.
+                    self.scheduler.fork(seq, self._requests[seq.request_id][1:])
             if out_index is None:
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            seq.logprobs.append(float(logprobs[i]))
+            seq.logprobs.append(logprobs[i])
             if seq.params.logprobs:
                 k = seq.params.logprobs
                 seq.top_logprobs.append({int(t): float(lp) for t, lp in
