@@ -2,7 +2,8 @@
 
 Question: how close does one optimizer step (bf16 compute, f32 master weights, AdamW) get to the
           GPU's peak, with our Pallas attention and with the XLA attention path?
-Run:      PYTHONPATH=. python experiments/bench_train.py [--impls pallas,xla] [--out FILE]
+Run:      PYTHONPATH=. python experiments/bench_train.py [--impls pallas,xla,cudnn,pallas+fused_loss]
+          [--unpacked] [--out FILE]  (cuDNN attention always runs without segment ids)
           --tiny: a seconds-long CPU variant (CI).
 Prints:   the measured bf16 matmul ceiling; per implementation: ms per step, tokens/s,
           model TFLOP/s and MFU against the datasheet peak and against that ceiling
@@ -27,7 +28,10 @@ from experiments.results import write_results
 from models import LLAMA_0_85B, TINY, Llama, train_flops_per_token
 
 
-def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int) -> dict:
+def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int,
+          packed: bool = True, fused_loss: bool = False) -> dict:
+    """packed: attention gets the rows' segment ids (what packed training runs); False: none
+    (each row here is one document, so the masks agree; cuDNN takes no segment ids)."""
     model = Llama(config)
     rng = np.random.default_rng(0)
     docs = rng.integers(0, config.vocab_size, (batch_size, seq_len)).tolist()
@@ -35,11 +39,13 @@ def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int) ->
     batch = data.batch(0, batch_size, seed=0)
     batch = {k: jnp.asarray(getattr(batch, k)) for k in
              ("tokens", "targets", "weights", "positions", "segment_ids")}
+    if not packed:
+        batch["segment_ids"] = None
     params = jax.jit(lambda key: model.init(key, batch["tokens"][:1])["params"])(
         jax.random.PRNGKey(0))
     optimizer = make_optimizer(OptimizerConfig(), 1000)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-    step = make_train_step(model, optimizer, grad_accum)
+    step = make_train_step(model, optimizer, grad_accum, fused_loss=fused_loss)
     for _ in range(2):  # compile + one warm step
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -73,7 +79,11 @@ def matmul_ceiling(n: int, dtype) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--impls", default="pallas,xla,cudnn",
+                        help="attention implementations; a name with '+fused_loss' also "
+                             "computes the loss chunked (e.g. pallas+fused_loss)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="no segment ids for any implementation (cuDNN never gets them)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -89,14 +99,26 @@ def main(argv=None) -> dict:
     ceiling = matmul_ceiling(256 if args.tiny else 8192, base.dtype)
     print(f"measured {base.dtype} matmul ceiling: {ceiling:.1f} TFLOP/s")
     rows = []
-    for impl in args.impls.split(","):
+    for name in args.impls.split(","):
+        impl, _, option = name.partition("+")
+        if option not in ("", "fused_loss"):
+            raise ValueError(f"--impls: unknown option {option!r} in {name!r}")
+        packed = not args.unpacked and impl != "cudnn"  # cuDNN takes no segment ids
         config = dataclasses.replace(base, attention_implementation=impl)
-        r = bench(config, seq_len, batch, args.grad_accum, steps)
+        try:
+            r = bench(config, seq_len, batch, args.grad_accum, steps, packed=packed,
+                      fused_loss=option == "fused_loss")
+        except Exception as e:  # e.g. cuDNN off a GPU: report and go on with the others
+            rows.append({"config": f"T{seq_len} b{batch}", "impl": name, "error": str(e)[:1500]})
+            print(f"  {name:<10} ERROR {str(e).splitlines()[0][:200]}")
+            continue
         r["mfu_of_measured_ceiling"] = r["tflops"] / ceiling
+        r["segment_ids"] = packed
         rows.append({"config": f"llama {r['params'] / 1e9:.2f}B T{seq_len} b{batch}",
-                     "impl": f"fastattn_{impl}", **r})
+                     "impl": "cudnn" if impl == "cudnn" else f"fastattn_{name}", **r})
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"  {impl:<10} {r['ms']:9.1f} ms/step {r['tokens_per_s']:12,.0f} tok/s "
+        print(f"  {name:<10} {'packed' if packed else 'unpacked':<8} "
+              f"{r['ms']:9.1f} ms/step {r['tokens_per_s']:12,.0f} tok/s "
               f"{r['tflops']:8.1f} TFLOP/s  MFU {mfu} (datasheet), "
               f"{100 * r['mfu_of_measured_ceiling']:.1f}% (measured ceiling)")
     return write_results(args.out, rows, matmul_ceiling_tflops=ceiling)

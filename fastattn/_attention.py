@@ -76,6 +76,36 @@ def _pallas_mosaic(c: _Call):
                                 interpret=jax.default_backend() != "gpu")
 
 
+def _cudnn(c: _Call):
+    """cuDNN's fused attention through `jax.nn.dot_product_attention` (the peer the benchmarks
+    measure), for runs that want it inside a model. cuDNN aligns causal masks top-left, takes
+    no segment ids or softcap here, and returns no lse: those raise (bf16 / f16 only)."""
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError(
+            f"implementation='cudnn' needs an NVIDIA GPU (backend {jax.default_backend()!r}); "
+            "use implementation='xla'")
+    missing = [name for name, on in (("segment_ids", c.q_segment_ids is not None),
+                                     ("sliding_window", c.window is not None),
+                                     ("softcap", c.softcap is not None),
+                                     ("block_sizes", c.block_sizes is not None)) if on]
+    if missing:
+        raise NotImplementedError(
+            f"implementation='cudnn' does not take {', '.join(missing)}; use "
+            "implementation='pallas'")
+    if c.causal and c.q.shape[1] != c.k.shape[1]:
+        raise NotImplementedError(
+            f"implementation='cudnn' aligns a causal mask top-left, ours is bottom-right; they "
+            f"agree only when T == S (got T={c.q.shape[1]}, S={c.k.shape[1]}); use "
+            "implementation='pallas'")
+    if not any(c.q.dtype == d for d in (jnp.bfloat16, jnp.float16)):
+        raise NotImplementedError(
+            f"implementation='cudnn' takes bfloat16 or float16, got {c.q.dtype}; use "
+            "implementation='pallas'")
+    out = jax.nn.dot_product_attention(c.q, c.k, c.v, scale=c.scale, is_causal=c.causal,
+                                       implementation="cudnn")
+    return out, None  # no lse: `attention` refuses return_lse for it before any work
+
+
 def _xla(c: _Call):
     left, right = c.window if c.window is not None else (None, None)
     return xla_attention(
@@ -94,7 +124,10 @@ IMPLEMENTATIONS: dict[str, Callable[[_Call], tuple[jax.Array, jax.Array]]] = {
     "pallas_mosaic": _pallas_mosaic,
     "xla": _xla,
     "reference": _reference,
+    "cudnn": _cudnn,
 }
+# Implementations that compute no lse (return_lse=True raises for them).
+_NO_LSE = frozenset({"cudnn"})
 # Opaque to XLA's partitioner: run per shard on a mesh.
 _KERNELS = frozenset({"pallas", "pallas_mosaic"})
 
@@ -124,7 +157,9 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     scale: multiplies q.k; None means 1 / sqrt(H).
     return_lse: also return lse [B, N, T] float32, the natural-log log-sum-exp of each row.
     implementation: None (best for the backend), "pallas", "pallas_mosaic", "xla" (chunked,
-        memory-efficient pure JAX), "reference" (naive, for tests).
+        memory-efficient pure JAX), "reference" (naive, for tests), "cudnn" (cuDNN through
+        jax.nn.dot_product_attention: GPU, bf16/f16, no segment ids / window / softcap / lse,
+        causal only with T == S).
     block_sizes: tiles of the Pallas kernels (speed only); None picks them per shape.
 
     A row that sees no key returns 0 (never NaN) and its lse is -inf. Differentiable in q, k, v.
@@ -137,6 +172,9 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
                      implementation, block_sizes)
     name = implementation if implementation is not None else default_implementation(q)
+    if return_lse and name in _NO_LSE:
+        raise NotImplementedError(f"implementation={name!r} returns no lse; use "
+                                  "implementation='pallas' or 'xla' with return_lse=True")
     if name in _KERNELS:
         out, lse = _per_shard(IMPLEMENTATIONS[name], call)
     else:

@@ -248,6 +248,11 @@ def test_implementations_that_cannot_take_the_inputs_raise():
     seg = (jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32))
     with pytest.raises(NotImplementedError, match="pallas_mosaic' does not take segment_ids"):
         fastattn.attention(q16, k16, v16, segment_ids=seg, implementation="pallas_mosaic")
+    with pytest.raises(NotImplementedError, match="'cudnn' returns no lse"):
+        fastattn.attention(q16, k16, v16, return_lse=True, implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="'cudnn' needs an NVIDIA GPU"):
+            fastattn.attention(q16, k16, v16, implementation="cudnn")
     big = jnp.ones((1, 4, 1, 264))
     with pytest.raises(NotImplementedError, match="head_dim <= 256"):
         fastattn.attention(big, big, big, implementation="pallas")

@@ -56,10 +56,16 @@ def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
 def test_bench_train_tiny_writes_json(tmp_path):
     from experiments import bench_train
 
-    result = bench_train.main(["--tiny", "--impls", "xla", "--out", str(tmp_path / "t.json")])
-    (row,) = result["rows"]
-    assert row["impl"] == "fastattn_xla" and row["tokens_per_s"] > 0 and row["tflops"] > 0
-    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["ms"] == row["ms"]
+    result = bench_train.main(["--tiny", "--impls", "xla,xla+fused_loss,cudnn", "--out",
+                               str(tmp_path / "t.json")])
+    xla, fused, cudnn = result["rows"]
+    assert xla["impl"] == "fastattn_xla" and xla["tokens_per_s"] > 0 and xla["tflops"] > 0
+    assert xla["segment_ids"] is True
+    assert fused["impl"] == "fastattn_xla+fused_loss" and fused["tokens_per_s"] > 0
+    # the same step with the loss computed chunked: the same loss
+    assert abs(fused["loss"] - xla["loss"]) < 1e-3 * abs(xla["loss"])
+    assert "NVIDIA GPU" in cudnn["error"]  # a CPU: reported, the run goes on
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["ms"] == xla["ms"]
 
 
 def test_bench_serving_tiny_writes_json(tmp_path):
