@@ -249,6 +249,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     A program serves block_q new tokens of one sequence for all G query heads of one kv head.
     Two launches of the same kernel (`RaggedBlockSizes`), each on a grid (W, K) over a work
     list built on device from query_start: one entry per (sequence, query tile) that exists.
+    A decode-only step (static max_q_len == 1) runs the split-KV paged decode kernel instead
+    (it splits long contexts; faster on decodes, BENCHMARKS.md).
     The decode launch takes the decodes (q_len <= decode.block_q), one program each (W = S);
     the prefill launch the chunks, so a step of 248 decodes and 8 prefill chunks of 512
     launches ~8 * 512 / block_q programs per kv head there, not S * 512 / block_q (most of
@@ -294,6 +296,17 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
             name=name,
         )(q, k_pages, v_pages, *metadata, work_seq, work_tile, out)
 
+    if max_q_len == 1:
+        # A decode-only step (static): the split-KV paged decode kernel, which also splits
+        # long contexts over programs; it beat this kernel's decode launch on the decode half
+        # of the mixed step (0.501 vs 0.572 ms, H200, BENCHMARKS.md). Row starts[s] is
+        # sequence s's token; sequences without one get length 0 and their result is dropped.
+        has_row = q_lens == 1
+        o, _ = paged_decode_attention(
+            q[jnp.minimum(starts[:S], T - 1)], k_pages, v_pages, block_tables,
+            jnp.where(has_row, context_lens, 0), softcap=softcap, window_left=window_left,
+            scale=scale, interpret=interpret)
+        return jnp.zeros_like(q).at[jnp.where(has_row, starts[:S], T)].set(o, mode="drop")
     out = launch(jnp.zeros_like(q), bs.decode, is_decode, S, "ragged_paged_attention_decode")
     if max_q_len > bs.decode.block_q:  # static: a decode-only step has no prefill launch
         # W bounds the tiles of any step: sum_s ceil(q_len_s / block_q) <= S + T / block_q,

@@ -79,14 +79,15 @@ def test_decode_and_prefill_launches_share_one_output():
     """The decode launch (q_len 1) and the prefill launch (q_len > 1) each write only their
     own sequences' rows of one aliased output, whichever kinds a step holds and in any order
     (sequences with no new tokens take no program); rows of no sequence stay exactly 0 even
-    where q holds NaN; a decode-only step (static max_q_len = 1) launches one kernel. One
-    pool and one T for all three steps, so that they share compilations."""
+    where q holds NaN; a decode-only step (static max_q_len = 1) runs the split-KV paged
+    decode kernel alone. One pool and one T for all steps, so that they share compilations."""
     ctx = [30, 7, 18, 1, 25]
     q, kp, vp, tables, ctx_a, _, _, _ = _step(ctx, [1] * 5, 8, N=8, K=2, pad_rows=19,
                                               pad_seqs=2, seed=3)  # T = 24 rows
     steps = [  # name, new tokens per sequence (num_seqs = its length), max_q_len, launches
         ("interleaved", [1, 7, 1, 1, 9], None, ["decode", "prefill"]),
-        ("decode-only", [1, 1, 1, 1, 1], 1, ["decode"]),
+        ("decode-only", [1, 1, 1, 1, 1], 1, ["paged_decode"]),
+        ("decode-only, one idle sequence", [1, 0, 1, 1, 1], 1, ["paged_decode"]),
         ("prefill-only", [0, 7, 2, 0, 9], None, ["decode", "prefill"]),  # decode launch idles
     ]
     for name, q_lens, max_q_len, launches in steps:
@@ -100,8 +101,10 @@ def test_decode_and_prefill_launches_share_one_output():
         assert np.all(out[used:] == 0), f"{name}: rows of no sequence must be 0"
         jaxpr = str(jax.make_jaxpr(lambda *a, m=max_q_len: ragged_paged_attention(
             *a, max_q_len=m, block_sizes=SMALL_TILES, interpret=True))(*args))
-        assert [kind for kind in ("decode", "prefill")
-                if f"ragged_paged_attention_{kind}" in jaxpr] == launches, name
+        kernels = {"decode": "ragged_paged_attention_decode",
+                   "prefill": "ragged_paged_attention_prefill",
+                   "paged_decode": "name=paged_decode_attention"}
+        assert [kind for kind, kernel in kernels.items() if kernel in jaxpr] == launches, name
 
 
 def test_block_sizes_are_validated_and_resolved():
