@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The measurements still owed (BENCHMARKS.md marks each "not yet measured"), one step per
+# device call of at most 10 minutes. Results and logs -> $OUT.
+#   bash experiments/gpu_pending.sh decode     # H100: decode defaults (waves, stages), ragged
+#                                              #   interior tiles + paged decode for decode-only
+#   bash experiments/gpu_pending.sh fused      # H100: bench_fused (cross-entropy's baseline fixed)
+#   bash experiments/gpu_pending.sh train      # H100: MFU with pallas, xla, cudnn, fused loss
+#   bash experiments/gpu_pending.sh serving    # H100: engine profile + serving (+ HF baseline)
+#   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel check + its GPU tests
+#   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
+set -uo pipefail
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OUT/env.txt"
+for step in "$@"; do
+  start=$SECONDS
+  case $step in
+    decode)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_paged_gpu.py tests/test_ragged_paged_attention.py 2>&1 | tail -3
+      timeout 330 python3 experiments/bench_decode.py --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/bench_decode.txt" | tail -14
+      timeout 100 python3 experiments/bench_decode.py --sweep ragged 2>&1 | grep -v "^\s*$" \
+        | tee "$OUT/sweep_ragged.txt" | tail -8 ;;
+    fused) timeout 300 python3 experiments/bench_fused.py --out "$OUT/fused.json" 2>&1 \
+             | tee "$OUT/bench_fused.txt" | tail -16 ;;
+    train) timeout 500 python3 experiments/bench_train.py \
+             --impls pallas,pallas+fused_loss,xla,cudnn --out "$OUT/train.json" 2>&1 \
+             | tee "$OUT/bench_train.txt" | tail -8 ;;
+    serving)
+      timeout 150 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
+        | tee "$OUT/profile_engine.txt" | tail -3
+      timeout 400 python3 experiments/bench_serving.py --hf --out "$OUT/serving.json" 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -12 ;;
+    mosaic)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py 2>&1 | tail -3
+      timeout 200 python3 experiments/mgpu_check.py --out "$OUT/mgpu_check.json" 2>&1 \
+        | tee "$OUT/mgpu_check.txt" | tail -25 ;;
+    scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
+                 --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
+                 | grep -v "^wrote" | tail -20 ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "== $step took $((SECONDS - start)) s"
+done
