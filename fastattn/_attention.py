@@ -57,20 +57,23 @@ def _pallas(c: _Call):
         interpret=jax.default_backend() != "gpu")
 
 
+def _refuse_unsupported(c: _Call, name: str) -> None:
+    """NotImplementedError naming every option of `c` that implementation `name` (one without
+    masks beyond causal, and without fastattn.BlockSizes) does not take."""
+    used = [option for option, on in (("segment_ids", c.q_segment_ids is not None),
+                                      ("sliding_window", c.window is not None),
+                                      ("softcap", c.softcap is not None),
+                                      ("block_sizes", c.block_sizes is not None)) if on]
+    if used:
+        raise NotImplementedError(f"implementation={name!r} does not take {', '.join(used)}; "
+                                  "use implementation='pallas'")
+
+
 def _pallas_mosaic(c: _Call):
     """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, the Triton
-    kernel's recomputing backward. Off a GPU it runs in Mosaic GPU's interpret mode."""
-    missing = [name for name, on in (("segment_ids", c.q_segment_ids is not None),
-                                     ("sliding_window", c.window is not None),
-                                     ("softcap", c.softcap is not None)) if on]
-    if missing:
-        raise NotImplementedError(
-            f"implementation='pallas_mosaic' does not take {', '.join(missing)} yet; use "
-            "implementation='pallas'")
-    if c.block_sizes is not None:
-        raise NotImplementedError(
-            "implementation='pallas_mosaic' takes no fastattn.BlockSizes (its tiles are "
-            "pallas_kernels.flash_attention_mgpu.MosaicBlockSizes); use implementation='pallas'")
+    kernel's recomputing backward. Off a GPU it runs in Mosaic GPU's interpret mode. Its
+    tiles are pallas_kernels.flash_attention_mgpu.MosaicBlockSizes (chosen per shape)."""
+    _refuse_unsupported(c, "pallas_mosaic")
     # Raises NotImplementedError for dtypes, head dims and lengths the kernel does not take.
     return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, scale=c.scale,
                                 interpret=jax.default_backend() != "gpu")
@@ -84,14 +87,7 @@ def _cudnn(c: _Call):
         raise NotImplementedError(
             f"implementation='cudnn' needs an NVIDIA GPU (backend {jax.default_backend()!r}); "
             "use implementation='xla'")
-    missing = [name for name, on in (("segment_ids", c.q_segment_ids is not None),
-                                     ("sliding_window", c.window is not None),
-                                     ("softcap", c.softcap is not None),
-                                     ("block_sizes", c.block_sizes is not None)) if on]
-    if missing:
-        raise NotImplementedError(
-            f"implementation='cudnn' does not take {', '.join(missing)}; use "
-            "implementation='pallas'")
+    _refuse_unsupported(c, "cudnn")
     if c.causal and c.q.shape[1] != c.k.shape[1]:
         raise NotImplementedError(
             f"implementation='cudnn' aligns a causal mask top-left, ours is bottom-right; they "
