@@ -114,8 +114,9 @@ def make_step(attn, mode, do):
 
 
 def rel_err(a, b):
+    """Relative L2 error of a against b (b all zero: the absolute error, never NaN)."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
 def run_config(cfg, impls, block_sizes, timing):

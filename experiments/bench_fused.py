@@ -28,9 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from experiments.bench_attention import time_fn
+from experiments.bench_attention import rel_err, time_fn
 from experiments.results import write_results
 from fastattn import kv_cache
 from fastattn._linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -41,11 +40,6 @@ from pallas_kernels.rope_kv_write import rope_write_kv
 
 OPS = ("add_rmsnorm", "rope_write_kv", "linear_ce", "swiglu")
 EPS = 1e-5
-
-
-def _rel_err(a, b) -> float:
-    a, b = (np.asarray(x, np.float32) for x in (a, b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _temp_mb(fn, *args) -> float | None:
@@ -176,7 +170,7 @@ def bench_rope_write_kv(T, N, K, H, P, page_size, dtype, interpret):
         try:
             out = step(q, k_new, v_new, *state["pools"])
             state["pools"] = out[1:]
-            err = max(_rel_err(a, b) for a, b in zip(written(out), want))
+            err = max(rel_err(a, b) for a, b in zip(written(out), want))
             rows.append({"config": name, "impl": impl, "ms": time_fn(call, q, k_new, v_new),
                          "rel_err": err})
         except Exception as e:  # report and go on with the other rows
@@ -188,7 +182,7 @@ def bench_rope_write_kv(T, N, K, H, P, page_size, dtype, interpret):
 def _timed(name, impl, fn, args, want) -> dict:
     try:
         got = fn(*args)
-        err = max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
         row = {"config": name, "impl": impl, "ms": time_fn(fn, *args), "rel_err": err}
     except Exception as e:  # report and go on with the other rows
         row = {"config": name, "impl": impl, "error": str(e)[:2000]}

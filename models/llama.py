@@ -254,6 +254,13 @@ class DecoderLayer(nn.Module):
         return (x, MLP(c, name="mlp")(h)), kv
 
 
+def _positions(tokens, positions):
+    """positions [B, T], defaulting to 0 .. T - 1 in every row."""
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return positions
+
+
 class Llama(nn.Module):
     """logits [B, T, V] = Llama(config).apply(params, tokens [B, T]).
 
@@ -279,7 +286,7 @@ class Llama(nn.Module):
 
     def _final_norm(self, stream):
         x, delta = stream
-        return self.norm(delta, x)[0] if delta is not None else self.norm(x)[0]
+        return self.norm(x, delta)[0]  # RMSNorm(x + delta); delta None: RMSNorm(x)
 
     def _logits(self, stream):
         x = self._final_norm(stream)
@@ -304,9 +311,7 @@ class Llama(nn.Module):
         """(hidden [B, T, D] after the final norm, the LM head's weight in the compute dtype,
         its layout "DV" or "VD" (tied embedding)): what `fastattn.linear_cross_entropy` needs
         to compute the loss without materialising the [B, T, V] logits."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        stream, _ = self._layers(tokens, positions, segment_ids, None)
+        stream, _ = self._layers(tokens, _positions(tokens, positions), segment_ids, None)
         hidden = self._final_norm(stream)
         dtype = self.config.dtype
         if self.config.tie_word_embeddings:
@@ -314,9 +319,7 @@ class Llama(nn.Module):
         return hidden, self.lm_head.variables["params"]["kernel"].astype(dtype), "DV"
 
     def __call__(self, tokens, positions=None, segment_ids=None):
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self._run(tokens, positions, segment_ids, None)[0]
+        return self._run(tokens, _positions(tokens, positions), segment_ids, None)[0]
 
     def prefill(self, tokens, cache):
         """Runs prompts [B, T] (all of length T) on an empty cache; returns (logits [B, T, V],
