@@ -39,15 +39,34 @@ XLA_SCORES_LIMIT = 16e9  # bytes of f32 scores above which the xla peer OOMs
 ERR_FLAG = 2e-2
 
 
-def time_fn(fn, *args, min_time=0.3, min_iters=10, samples=7):
+def chained(fn, repeats: int):
+    """One jitted call that runs fn(*args) `repeats` times in a row, each run's inputs made to
+    depend on the previous run's output (an optimization barrier), so XLA can neither merge
+    the runs nor hoist them. Its time / repeats is the device time of one run: calls from
+    Python cost ~20-80 us of host dispatch each, which exceeds a ~50 us decode kernel, so
+    back-to-back Python calls would time the host, not the kernel."""
+    def many(*args):
+        out = fn(*args)
+        for _ in range(repeats - 1):
+            args, _ = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+    return jax.jit(many)
+
+
+def time_fn(fn, *args, min_time=0.3, min_iters=10, samples=7, repeats=1):
     """Median per-call ms of `fn(*args)`.
 
     Calls are issued back to back (JAX dispatches asynchronously, so the GPU never waits on
     Python) and the clock stops when the last result is ready; per-call time = batch time /
     calls. The median over `samples` batches is reported. Timing each call up to
     block_until_ready instead would add the dispatch and sync latency (tens of us) to every
-    kernel and understate sub-millisecond ones.
+    kernel and understate sub-millisecond ones. repeats > 1: each call runs fn that many
+    times inside one jitted program (`chained`), for kernels shorter than a dispatch.
     """
+    if repeats > 1:
+        return time_fn(chained(fn, repeats), *args, min_time=min_time, min_iters=min_iters,
+                       samples=samples) / repeats
     jax.block_until_ready(fn(*args))  # compile
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))

@@ -41,6 +41,10 @@ N, K, H = 32, 8, 128
 
 
 PAGE_SIZE = 16
+# Runs of a kernel per jitted call when timing (bench_attention.chained): one decode of the
+# small rows takes ~50 us, less than a call's host dispatch, so one run per call would time
+# the host. Every row (peers and copy ceiling too) is timed the same way.
+REPEATS = 10
 RAGGED_STEP = (8, 512, 248, 2048)  # prefill chunks, new tokens per chunk, decodes, context
 RAGGED_TINY = (2, 32, 6, 64)
 
@@ -102,7 +106,7 @@ def run(configs, out_path, ragged):
         kv_bytes = 2 * k.size * k.dtype.itemsize
         paged = (*_to_pages(k, v, page_size=PAGE_SIZE, seed=B + S), q * H ** -0.5)
         copy = jax.jit(lambda x: x * jnp.asarray(1, x.dtype))  # reads and writes every byte
-        ms = time_fn(copy, k)
+        ms = time_fn(copy, k, repeats=REPEATS)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
                          gbps=2 * k.size * k.dtype.itemsize / ms / 1e6))
         ref = None
@@ -115,7 +119,7 @@ def run(configs, out_path, ragged):
                     ref = out
                 else:
                     row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-                row["ms"] = time_fn(fn, q, k, v, lengths)
+                row["ms"] = time_fn(fn, q, k, v, lengths, repeats=REPEATS)
                 row["gbps"] = kv_bytes / row["ms"] / 1e6
             except Exception as e:  # one failing peer must not stop the run
                 row["error"] = str(e).splitlines()[0][:200]
@@ -165,9 +169,10 @@ def run_ragged(chunks, chunk_len, decodes, context):
                                  decode(q[chunks * chunk_len:], k_pages, v_pages)])
     rows = []
     for impl, timer in (
-            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages)),
-            ("fastattn_split", lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks])
-             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages))):
+            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages, repeats=REPEATS)),
+            ("fastattn_split",
+             lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks], repeats=REPEATS)
+             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages, repeats=REPEATS))):
         row = dict(config=name, impl=impl)
         try:
             if impl == "fastattn_ragged":  # one step must equal the two separate kernels
@@ -228,7 +233,7 @@ def sweep(configs, kernel="decode", tiny=False):
                     fn = jax.jit(lambda q, k, v, n, bs=bs: fastattn.decode_attention(
                         q, k, v, n, implementation="pallas", block_sizes=bs))
                 try:
-                    ms = time_fn(fn, q, k, v, lengths, min_time=0.1)
+                    ms = time_fn(fn, q, k, v, lengths, min_time=0.1, repeats=REPEATS)
                 except Exception as e:  # e.g. a tile over the shared-memory limit
                     print(f"   {(block_k, warps, stages, splits)}: {str(e).splitlines()[0][:90]}")
                     continue
@@ -264,7 +269,7 @@ def sweep_ragged(chunks, chunk_len, decodes, context):
 
     def timed(label, fn, args, nbytes):
         try:
-            ms = time_fn(fn, *args, min_time=0.1)
+            ms = time_fn(fn, *args, min_time=0.1, repeats=REPEATS)
         except Exception as e:  # e.g. a tile over the shared-memory limit
             print(f"   {label}: {str(e).splitlines()[0][:90]}", flush=True)
             return None

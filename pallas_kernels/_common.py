@@ -68,8 +68,9 @@ def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_
     Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised.
     table_offset: where the sequence's table starts in table_ref (a flattened [S *
     pages_per_seq] table of several sequences)."""
-    page = plgpu.load(table_ref.at[table_offset + jax.lax.div(keys, page_size)], mask=valid,
-                      other=0)
+    entries = table_ref.at[table_offset + jax.lax.div(keys, page_size)]
+    # Triton takes a fill value only together with a mask.
+    page = plgpu.load(entries) if valid is None else plgpu.load(entries, mask=valid, other=0)
     return page[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
 
 

@@ -204,8 +204,10 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
                 kv_mask = None if hp == head_dim else head_ok
             index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp,
                                    table_offset=seq * pages_per_seq)
-            k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
-            v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
+            # Triton takes a fill value only with a mask: unmasked tiles load plainly.
+            fill = {} if kv_mask is None else dict(mask=kv_mask, other=0.0)
+            k = plgpu.load(k_ref.at[index], **fill)
+            v = plgpu.load(v_ref.at[index], **fill)
             s = dot(q, k, contract=(1, 1)) * scale  # [rows, block_k]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)

@@ -1,0 +1,99 @@
+"""Every Pallas GPU kernel lowers for CUDA, checked on the CPU.
+
+The interpret-mode tests check the numbers but not the lowering: Triton's and Mosaic GPU's
+lowering rules refuse things the interpreter runs happily (a fill value without a mask, a
+layout the hardware lacks), and such a kernel first fails on the GPU, in a benchmark. JAX
+lowers for a platform it does not run on (`lower(lowering_platforms=("cuda",))`): the Pallas
+kernels become Triton IR / Mosaic GPU MLIR here, no GPU needed. What this cannot see: errors
+of the Triton / ptxas compile that XLA runs on the GPU, and anything about speed.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.fused_rmsnorm import add_rmsnorm
+from pallas_kernels.fused_swiglu import swiglu
+from pallas_kernels.paged_attention import paged_decode_attention, ragged_paged_attention
+from pallas_kernels.rope_kv_write import rope_write_kv
+
+BF16 = jnp.bfloat16
+
+
+def lowers_for_cuda(fn, *args):
+    """fn(*args) traced and lowered for CUDA; returns the module's text (raises on failure)."""
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "custom_call" in text, "no kernel in the lowered module: interpret mode ran?"
+    return text
+
+
+def zeros(*shape, dtype=BF16):
+    return jnp.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize("causal,window,softcap,segments,T,S,H", [
+    (False, None, None, False, 128, 128, 64),
+    (True, None, None, False, 128, 256, 128),
+    (True, (32, 0), None, False, 200, 200, 64),  # ragged lengths, sliding window
+    (False, (16, 16), 30.0, True, 128, 96, 64),
+    (True, None, None, True, 256, 256, 96),  # padded head dim
+])
+def test_flash_attention_forward_and_backward_lower(causal, window, softcap, segments, T, S, H):
+    q, k = zeros(2, T, 4, H), zeros(2, S, 2, H)
+    seg = (jnp.zeros((2, T), jnp.int32), jnp.zeros((2, S), jnp.int32)) if segments else (None,
+                                                                                         None)
+
+    def loss(q, k, v):
+        out, _ = flash_attention(q, k, v, *seg, causal=causal, window=window, softcap=softcap)
+        return out.astype(jnp.float32).sum()
+
+    lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)
+
+
+@pytest.mark.parametrize("window_left,softcap", [(None, None), (100, 20.0)])
+def test_decode_kernels_lower(window_left, softcap):
+    B, S, K, H, page = 3, 512, 2, 128, 16
+    q, k = zeros(B, 8, H), zeros(B, S, K, H)
+    lengths = jnp.full((B,), S, jnp.int32)
+    lowers_for_cuda(lambda q, k, v: decode_attention(q, k, v, lengths, window_left=window_left,
+                                                      softcap=softcap), q, k, k)
+    pages = zeros(K, B * S // page, page, H)
+    tables = jnp.zeros((B, S // page), jnp.int32)
+    lowers_for_cuda(lambda q, kp, vp: paged_decode_attention(
+        q, kp, vp, tables, lengths, window_left=window_left, softcap=softcap), q, pages, pages)
+
+
+@pytest.mark.parametrize("max_q_len", [1, 16, 64])  # decode-only, decode launch, both
+@pytest.mark.parametrize("window_left,softcap", [(None, None), (8, 5.0)])
+def test_ragged_paged_attention_lowers(max_q_len, window_left, softcap):
+    T, N, H, K, P, page, S = 64, 4, 64, 2, 16, 16, 4
+    pages = zeros(K, P, page, H)
+    tables = jnp.zeros((S, 4), jnp.int32)
+    ctx = jnp.full((S,), 64, jnp.int32)
+    starts = jnp.asarray([0, 16, 32, 48, 64], jnp.int32)
+    lowers_for_cuda(lambda q, kp, vp: ragged_paged_attention(
+        q, kp, vp, tables, ctx, starts, S, max_q_len=max_q_len, window_left=window_left,
+        softcap=softcap), zeros(T, N, H), pages, pages)
+
+
+def test_fused_kernels_lower():
+    x, w = zeros(64, 256), zeros(256)
+
+    def norm_loss(x, r, w):
+        normed, summed = add_rmsnorm(x, r, w, eps=1e-6, interpret=False)
+        return (normed.astype(jnp.float32).sum() + summed.astype(jnp.float32).sum())
+
+    lowers_for_cuda(jax.value_and_grad(norm_loss, argnums=(0, 1, 2)), x, x, w)
+    w_gate = zeros(256, 512)
+    lowers_for_cuda(jax.value_and_grad(lambda x, g, u: swiglu(x, g, u, interpret=False).astype(
+        jnp.float32).sum(), argnums=(0, 1, 2)), x, w_gate, w_gate)
+    T, N, K, H, P, page = 32, 4, 2, 64, 8, 16
+    inv_freq = jnp.ones((H // 2,), jnp.float32)
+    slots, positions = jnp.arange(T, dtype=jnp.int32), jnp.arange(T, dtype=jnp.int32)
+    lowers_for_cuda(lambda q, kn, vn, kp, vp: rope_write_kv(
+        q, kn, vn, kp, vp, slots, positions, inv_freq, interpret=False),
+        zeros(T, N, H), zeros(T, K, H), zeros(T, K, H), zeros(K, P, page, H),
+        zeros(K, P, page, H))
