@@ -40,17 +40,29 @@ ERR_FLAG = 2e-2
 
 
 def chained(fn, repeats: int):
-    """One jitted call that runs fn(*args) `repeats` times in a row, each run's inputs made to
-    depend on the previous run's output (an optimization barrier), so XLA can neither merge
-    the runs nor hoist them. Its time / repeats is the device time of one run: calls from
-    Python cost ~20-80 us of host dispatch each, which exceeds a ~50 us decode kernel, so
-    back-to-back Python calls would time the host, not the kernel."""
+    """One jitted call that runs fn(*args) `repeats` times in a row. Its time / repeats is the
+    device time of one run: calls from Python cost ~20-80 us of host dispatch each, more than
+    a ~50 us decode kernel, so back-to-back Python calls would time the host, not the kernel.
+
+    Run i + 1 must not be merged with run i (same inputs: XLA's CSE would), so its smallest
+    floating-point input x (pass the one fn reads, e.g. q, as an argument, not a closure) is
+    made to depend on run i's output: `x + (d != d)` with d one element of that output —
+    zero unless d is NaN, which XLA cannot assume. That is one tiny fused kernel per run
+    (~2 us on a [B, N, H] query, the same for every implementation timed; keep x small).
+    Every run's output is returned, so
+    none is dead code. (An optimization barrier alone did not do it: on the CPU XLA drops the
+    barrier and merged the runs, and a version that returned only the last output lost the
+    other runs on the GPU: decode "read" 28 TB/s.)"""
     def many(*args):
-        out = fn(*args)
+        outs = [fn(*args)]
+        floats = [i for i, x in enumerate(args) if jnp.issubdtype(x.dtype, jnp.floating)]
+        smallest = min(floats, key=lambda i: args[i].size * args[i].dtype.itemsize)
         for _ in range(repeats - 1):
-            args, _ = jax.lax.optimization_barrier((args, out))
-            out = fn(*args)
-        return out
+            d = jnp.ravel(jax.tree_util.tree_leaves(outs[-1])[0])[0]
+            x = args[smallest]
+            args = (*args[:smallest], x + (d != d).astype(x.dtype), *args[smallest + 1:])
+            outs.append(fn(*args))
+        return outs
     return jax.jit(many)
 
 

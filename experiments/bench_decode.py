@@ -41,9 +41,10 @@ N, K, H = 32, 8, 128
 
 
 PAGE_SIZE = 16
-# Runs of a kernel per jitted call when timing (bench_attention.chained): one decode of the
-# small rows takes ~50 us, less than a call's host dispatch, so one run per call would time
-# the host. Every row (peers and copy ceiling too) is timed the same way.
+# Runs of a kernel per jitted call when timing the decode rows (bench_attention.chained): one
+# decode of the small rows takes ~50 us, less than a call's host dispatch, so one run per call
+# would time the host. Every decode row (peers and copy ceiling too) is timed the same way;
+# the mixed ragged step (~1 ms) is timed call by call.
 REPEATS = 10
 RAGGED_STEP = (8, 512, 248, 2048)  # prefill chunks, new tokens per chunk, decodes, context
 RAGGED_TINY = (2, 32, 6, 64)
@@ -64,7 +65,7 @@ def _to_pages(k, v, *, page_size, seed):
 
 
 def _impls(on_gpu, paged):
-    k_pages, v_pages, tables, q_scaled = paged
+    k_pages, v_pages, tables, _ = paged
 
     def ours(q, k, v, lengths):
         return fastattn.decode_attention(q, k, v, lengths, implementation="pallas")
@@ -82,9 +83,10 @@ def _impls(on_gpu, paged):
         return jdecode.gqa(q, k, v, kv_seq_len=lengths)
 
     def jax_pallas_paged(q, k, v, lengths):  # its defaults: 8 pages per tile, 16 splits
-        # It applies no 1/sqrt(H) to the logits: it gets q pre-scaled, outside the timed call.
+        # It applies no 1/sqrt(H) to the logits: `run` passes it q pre-scaled (outside the
+        # timed call) as its q.
         from jax.experimental.pallas.ops.gpu import paged_attention as jpaged
-        return jpaged.paged_attention(q_scaled, k_pages, v_pages, tables, lengths)
+        return jpaged.paged_attention(q, k_pages, v_pages, tables, lengths)
 
     impls = {"fastattn_decode": ours, "fastattn_paged": ours_paged, "xla": dpa("xla")}
     if on_gpu:
@@ -105,21 +107,22 @@ def run(configs, out_path, ragged):
         lengths = jnp.full((B,), S, jnp.int32)
         kv_bytes = 2 * k.size * k.dtype.itemsize
         paged = (*_to_pages(k, v, page_size=PAGE_SIZE, seed=B + S), q * H ** -0.5)
-        copy = jax.jit(lambda x: x * jnp.asarray(1, x.dtype))  # reads and writes every byte
-        ms = time_fn(copy, k, repeats=REPEATS)
+        copy = jax.jit(lambda x, one: x * one)  # reads and writes every byte
+        ms = time_fn(copy, k, jnp.ones((), k.dtype), repeats=REPEATS)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
                          gbps=2 * k.size * k.dtype.itemsize / ms / 1e6))
         ref = None
         for impl, fn in _impls(on_gpu, paged).items():
             row = dict(config=name, impl=impl)
+            args = (paged[3] if impl == "jax_pallas_paged" else q, k, v, lengths)
             try:
                 fn = jax.jit(fn)
-                out = jax.block_until_ready(fn(q, k, v, lengths)).astype(jnp.float32)
+                out = jax.block_until_ready(fn(*args)).astype(jnp.float32)
                 if ref is None:
                     ref = out
                 else:
                     row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-                row["ms"] = time_fn(fn, q, k, v, lengths, repeats=REPEATS)
+                row["ms"] = time_fn(fn, *args, repeats=REPEATS)
                 row["gbps"] = kv_bytes / row["ms"] / 1e6
             except Exception as e:  # one failing peer must not stop the run
                 row["error"] = str(e).splitlines()[0][:200]
@@ -169,10 +172,10 @@ def run_ragged(chunks, chunk_len, decodes, context):
                                  decode(q[chunks * chunk_len:], k_pages, v_pages)])
     rows = []
     for impl, timer in (
-            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages, repeats=REPEATS)),
+            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages)),
             ("fastattn_split",
-             lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks], repeats=REPEATS)
-             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages, repeats=REPEATS))):
+             lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks])
+             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages))):
         row = dict(config=name, impl=impl)
         try:
             if impl == "fastattn_ragged":  # one step must equal the two separate kernels
@@ -269,7 +272,7 @@ def sweep_ragged(chunks, chunk_len, decodes, context):
 
     def timed(label, fn, args, nbytes):
         try:
-            ms = time_fn(fn, *args, min_time=0.1, repeats=REPEATS)
+            ms = time_fn(fn, *args, min_time=0.1)
         except Exception as e:  # e.g. a tile over the shared-memory limit
             print(f"   {label}: {str(e).splitlines()[0][:90]}", flush=True)
             return None

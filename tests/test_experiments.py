@@ -26,6 +26,21 @@ def test_bench_attention_tiny_writes_json(tmp_path):
         assert ours["rel_err"] < 2e-2
 
 
+def test_chained_timing_runs_every_repeat():
+    """bench_attention.chained must run fn `repeats` times: merged or dead runs made decode
+    "read" 28 TB/s once. Counted in the compiled program: one sine per run."""
+    import jax
+    import jax.numpy as jnp
+
+    def fn(q, big):
+        return jnp.sin(q) @ big[:64]
+
+    q, big = jnp.ones((64, 64)), jnp.ones((256, 64))
+    hlo = bench_attention.chained(fn, 4).lower(q, big).compile().as_text()
+    assert hlo.count(" sine(") == 4
+    assert bench_attention.time_fn(fn, q, big, min_time=0.0, min_iters=2, repeats=3) > 0
+
+
 def test_bench_decode_tiny_writes_json(tmp_path):
     from experiments import bench_decode
 
