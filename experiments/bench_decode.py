@@ -45,7 +45,7 @@ PAGE_SIZE = 16
 # decode of the small rows takes ~50 us, less than a call's host dispatch, so one run per call
 # would time the host. Every decode row (peers and copy ceiling too) is timed the same way;
 # the mixed ragged step (~1 ms) is timed call by call.
-REPEATS = 10
+REPEATS = 5
 RAGGED_STEP = (8, 512, 248, 2048)  # prefill chunks, new tokens per chunk, decodes, context
 RAGGED_TINY = (2, 32, 6, 64)
 

@@ -16,9 +16,10 @@ for step in "$@"; do
   start=$SECONDS
   case $step in
     decode)
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
-        tests/test_paged_gpu.py tests/test_ragged_paged_attention.py 2>&1 | tail -3
-      timeout 330 python3 experiments/bench_decode.py --out "$OUT/decode.json" 2>&1 \
+      timeout 100 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_paged_gpu.py tests/test_ragged_paged_attention.py 2>&1 \
+        | tee "$OUT/tests_decode.txt" | tail -3
+      timeout 380 python3 experiments/bench_decode.py --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/bench_decode.txt" | tail -14
       timeout 100 python3 experiments/bench_decode.py --sweep ragged 2>&1 | grep -v "^\s*$" \
         | tee "$OUT/sweep_ragged.txt" | tail -8 ;;
