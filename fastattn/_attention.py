@@ -71,11 +71,19 @@ def _refuse_unsupported(c: _Call, name: str) -> None:
 
 def _pallas_mosaic(c: _Call):
     """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, the Triton
-    kernel's recomputing backward. Off a GPU it runs in Mosaic GPU's interpret mode. Its
-    tiles are pallas_kernels.flash_attention_mgpu.MosaicBlockSizes (chosen per shape)."""
-    _refuse_unsupported(c, "pallas_mosaic")
+    kernel's recomputing backward; both take segment ids, sliding windows and softcap. Off a
+    GPU it runs in Mosaic GPU's interpret mode. Its tiles are
+    pallas_kernels.flash_attention_mgpu.MosaicBlockSizes (chosen per shape), so a
+    fastattn.BlockSizes (the Triton kernel's tiles) is refused."""
+    if c.block_sizes is not None:
+        raise NotImplementedError(
+            "implementation='pallas_mosaic' does not take block_sizes (a fastattn.BlockSizes "
+            "sets the Triton kernel's tiles; this kernel picks its own per shape); use "
+            "implementation='pallas'")
+    segments = None if c.q_segment_ids is None else (c.q_segment_ids, c.kv_segment_ids)
     # Raises NotImplementedError for dtypes, head dims and lengths the kernel does not take.
-    return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, scale=c.scale,
+    return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, segment_ids=segments,
+                                window=c.window, softcap=c.softcap, scale=c.scale,
                                 interpret=jax.default_backend() != "gpu")
 
 

@@ -596,21 +596,34 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal=
     return _flash(q, k, v, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32), st)
 
 
-def flash_attention_backward(q, k, v, out, lse, d_out, d_lse, *, causal=False, scale=None,
-                             block_sizes=None, interpret=False):
+def flash_attention_backward(q, k, v, out, lse, d_out, d_lse, *, causal=False, segment_ids=None,
+                             window=None, softcap=None, scale=None, block_sizes=None,
+                             interpret=False):
     """(dq, dk, dv) of attention from a forward's out [B,T,N,H] and natural-log lse [B,N,T],
     through this file's recomputing backward kernels: the backward of any forward kernel
-    that returns the same (out, lse), e.g. the Mosaic GPU one (no segment ids or windows)."""
+    that returns the same (out, lse), e.g. the Mosaic GPU one.
+
+    The mask and score arguments must be the forward's: causal, segment_ids (q_segment_ids
+    [B, T], kv_segment_ids [B, S] integers, or None), window ((left, right), None = no bound
+    on that side), softcap (float > 0 or None), scale (None: 1 / sqrt(H)); see the module
+    docstring. Inputs are trusted (the forward's wrapper validated them). Segment ids get no
+    gradient."""
     B, T, N, H = q.shape
     S = k.shape[1]
     if block_sizes is None:
-        block_sizes = BlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=causal)
-    st = _Static(mask=MaskSpec.make(causal=causal, window=None, has_segments=False),
-                 scale=float(1.0 / math.sqrt(H) if scale is None else scale), softcap=None,
+        block_sizes = BlockSizes.default_for(q_len=T, kv_len=S, head_dim=H,
+                                             causal=causal or window is not None)
+    has_segments = segment_ids is not None
+    st = _Static(mask=MaskSpec.make(causal=causal, window=window, has_segments=has_segments),
+                 scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+                 softcap=None if softcap is None else float(softcap),
                  block_sizes=block_sizes.fit(q_len=T, kv_len=S), interpret=interpret,
                  backward="pallas")
-    no_segments = (jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32))
-    return _flash_bwd(q, k, v, *no_segments, out, lse, d_out, d_lse, st)
+    if has_segments:
+        q_seg, kv_seg = (ids.astype(jnp.int32) for ids in segment_ids)
+    else:  # placeholders the kernels never read
+        q_seg, kv_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    return _flash_bwd(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, st)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -7,27 +7,37 @@ this kernel takes (anything else raises NotImplementedError before any GPU work)
     dtype bfloat16 or float16; H in (64, 128, 256); T a multiple of block_q, S of block_k.
     returns out [B, T, N, H] (q's dtype) and lse [B, N, T] float32, natural log.
 
-Causal masking is bottom-right aligned (FlashAttention >= 2.1): query i sits at absolute
-position i + (S - T) and sees keys j <= i + S - T. With T = 3, S = 5:
+Masks (the `fastattn.attention` contract; `flash_attention.MaskSpec` describes them for both
+kernels). Query i sits at absolute position i + (S - T) (bottom-right alignment,
+FlashAttention >= 2.1).
+  causal: query i sees keys j <= i + S - T.
+  window (left, right), inclusive, None = unbounded side: i + S - T - left <= j <= i + S - T
+      + right; with causal the right bound becomes min(right, 0).
+  segment ids (q_segment_ids [B, T], kv_segment_ids [B, S]): only keys of the query's segment.
+With T = 3, S = 5, causal (left) and window (1, 0) without causal (right):
 
-         keys j:  0 1 2 3 4
-    query 0       x x x . .
-    query 1       x x x x .
-    query 2       x x x x x
+         keys j:  0 1 2 3 4              keys j:  0 1 2 3 4
+    query 0       x x x . .         query 0       . x x . .
+    query 1       x x x x .         query 1       . . x x .
+    query 2       x x x x x         query 2       . . . x x
 
-When T > S the first T - S rows see no key: they return 0 and lse = -inf.
+A row that sees no key (the first T - S rows when causal and T > S, or a query whose segment
+has no visible key) returns 0 and lse = -inf.
+softcap c: scores become c * tanh(scale * q.k / c) before the softmax (Gemma 2).
 
 Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
 
     grid (T / block_q, B, N); head is the fastest axis, so the G query heads that share a kv
-    head run side by side and read the same K/V tiles from L2. Causal grids launch the
-    bottom query tiles (the longest rows) first so that they do not end up as a tail.
+    head run side by side and read the same K/V tiles from L2. Grids with a right bound
+    (causal) launch the bottom query tiles (the longest rows) first so that they do not end
+    up as a tail.
 
     warpgroup 2, producer  (few registers: setmaxnreg down)
-        TMA K_t, V_t -> stage t % num_stages, completion on k_ready / v_ready[stage];
+        TMA K_t, V_t -> stage t % num_stages, completion on k_ready / v_ready[stage] (the
+        key tile's kv segment ids ride with K, on the same k_ready);
         before reusing a stage it waits until every consumer that read it released it.
     warpgroups 0 and 1, consumers  (setmaxnreg up), each owns block_q / 2 query rows:
-        Q tile -> SMEM once (TMA), then per key tile j
+        Q tile (and its q segment ids) -> SMEM once (TMA), then per key tile j
           [ S_j = Q K_j^T  and  O += P_{j-1} V_{j-1} ]   two wgmmas issued back to back
           softmax_j on S_j (f32, exp2)  ->  P_j in registers (the A operand of the next PV)
         Pingpong: the bracketed GEMMs of the two consumers alternate through a pair of
@@ -35,16 +45,25 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
         tensor cores busy (FA-3 section 3.1).
 
     shared memory: Q/O [2, block_q/2, H], K and V [num_stages, block_k, H] (128-byte
-        swizzle, the layout wgmma reads), lse [2, block_q/2] f32.
+        swizzle, the layout wgmma reads), lse [2, block_q/2] f32; with segment ids also
+        q ids [2, block_q/2] and kv ids [num_stages, block_k] int32.
 
-Causal block skipping: a consumer visits only the key tiles its rows can see; the tiles wholly
-below the diagonal run without any mask arithmetic, only the diagonal tiles build one. The
-producer loads the union (the lower consumer's tiles); consumer 0, which finishes first, keeps
-passing the turn to consumer 1 until that one is done.
+Block skipping: the CTA visits key tiles [lo, end) with step index j the absolute tile index
+(stage j % num_stages everywhere). lo is the first tile the CTA's top row sees (left window
+bound), common to both consumers; each consumer's end is the tile past the last key its
+bottom row sees (right bound / causal), so consumer 0 (upper rows) may stop before
+consumer 1. The producer loads the union [lo, end_1); consumer 0, once done, keeps passing
+the turn to consumer 1 until that one is done. Tiles that every row of a consumer sees in
+full run without mask arithmetic; the rest (window edges, causal diagonal, every tile when
+there are segment ids) build a mask from iotas and the segment ids, which are read from
+SMEM in the register layout of the wgmma accumulator (rows for q, columns for kv).
 
 Online softmax (FA-2, Dao 2023, Alg. 1) in the log2 domain: scores are scaled by
-scale * log2(e) and exponentiated with exp2; the running max m is kept in that domain, so
-lse = m ln 2 + ln l.
+scale * log2(e) (softcap: tanh first, then softcap * log2(e)) and exponentiated with exp2;
+the running max m is kept in that domain, so lse = m ln 2 + ln l.
+
+Keys no query may see are not zeroed before P V (the masked probability is an exact 0, but
+0 * NaN = NaN): V must be finite in every key tile that a CTA loads.
 
 Mosaic GPU's Pallas API is young and changes between JAX releases; the few calls whose
 spelling moved are resolved by feature detection in `_kernel_call`, never by version strings.
@@ -56,13 +75,18 @@ import dataclasses
 import functools
 import inspect
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention import flash_attention_backward
+from pallas_kernels.flash_attention import (
+    MaskSpec,
+    _q_tile_ranges,
+    flash_attention_backward,
+)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -134,11 +158,13 @@ class MosaicBlockSizes:
         """Query rows of one consumer warpgroup."""
         return self.block_q // NUM_CONSUMERS
 
-    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows."""
+    def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
+        """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
+        segment ids, the int32 ids of the query rows and of each K stage)."""
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
-        return qo + kv + self.block_q * 4
+        ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
+        return qo + kv + self.block_q * 4 + ids
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
@@ -166,9 +192,13 @@ class MosaicBlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything static about one call (hashable: a jit static argument)."""
+    """Everything static about one call (hashable: a jit static argument and the custom_vjp
+    nondiff argument)."""
 
     causal: bool
+    window: tuple[int | None, int | None] | None  # (left, right) as the caller gave it
+    softcap: float | None
+    has_segments: bool
     scale: float
     block_sizes: MosaicBlockSizes
     q_len: int
@@ -178,14 +208,32 @@ class _Static:
     interpret: bool
 
     @property
+    def mask(self) -> MaskSpec:
+        """The visible band around the diagonal (causal folded into its right bound)."""
+        return MaskSpec.make(causal=self.causal, window=self.window,
+                             has_segments=self.has_segments)
+
+    @property
     def offset(self) -> int:
         """S - T: query i sits at absolute position i + offset."""
         return self.kv_len - self.q_len
 
     @property
+    def masked(self) -> bool:
+        """Some (query, key) pair is hidden: tiles may be skipped, some need a mask."""
+        mask = self.mask
+        return mask.lo is not None or mask.hi is not None or mask.has_segments
+
+    @property
+    def ends_differ(self) -> bool:
+        """A right bound (causal or window): consumer 0, which owns the upper rows, may stop
+        before consumer 1."""
+        return self.mask.hi is not None
+
+    @property
     def some_row_empty(self) -> bool:
-        """Causal with T > S: the first T - S rows see no key at all."""
-        return self.causal and self.offset < 0
+        """Some query may see no key at all (T > S with a right bound, or segment ids)."""
+        return self.mask.some_row_empty(self.q_len, self.kv_len)
 
     @property
     def num_kv_tiles(self) -> int:
@@ -195,43 +243,85 @@ class _Static:
 # ----------------------------------------------------------------------------- kernel
 
 
-def _kv_tiles(q_start, st: _Static):
-    """Key tiles that query rows [q_start, q_start + rows) visit: (n_tiles, n_unmasked).
-    Tiles [0, n_unmasked) are seen in full by every row; [n_unmasked, n_tiles) straddle the
-    causal diagonal. At least one tile, also for rows that see no key (they come out 0 with
-    lse -inf through the masked path), so that every consumer runs the same protocol."""
-    if not st.causal:
-        return st.num_kv_tiles, st.num_kv_tiles
-    bk = st.block_sizes.block_k
-    # one past the last key the bottom row sees, and the last key the top row sees
-    end = q_start + st.block_sizes.rows + st.offset
-    top = q_start + st.offset
-    n_tiles = jnp.clip(lax.div(jnp.maximum(end, 0) + (bk - 1), bk), 1, st.num_kv_tiles)
-    n_unmasked = jnp.minimum(lax.div(jnp.maximum(top + 1, 0), bk), n_tiles)
-    return n_tiles, n_unmasked
+class _Gmem(NamedTuple):
+    """The kernel's operands in global memory (Pallas refs); q_seg [B, T] and kv_seg [B, S]
+    are None without segment ids."""
+
+    q: Any
+    k: Any
+    v: Any
+    q_seg: Any
+    kv_seg: Any
+    out: Any
+    lse: Any
+
+
+class _Smem(NamedTuple):
+    """One CTA's shared-memory buffers and barriers (Pallas refs, allocated in
+    _flash_fwd_mgpu_kernel); q_seg and kv_seg are None without segment ids."""
+
+    qo: Any  # [2, rows, H]: Q, then O
+    k: Any  # [num_stages, block_k, H]
+    v: Any  # [num_stages, block_k, H]
+    lse: Any  # [2, rows] f32
+    q_seg: Any  # [2, rows] int32
+    kv_seg: Any  # [num_stages, block_k] int32, loaded with K
+    q_ready: Any
+    k_ready: Any
+    v_ready: Any
+    k_free: Any  # [consumer * num_stages + stage]
+    v_free: Any
+    turn: Any
+
+
+def _kv_tiles(cta_start, wg, st: _Static):
+    """Key tiles that consumer wg of the CTA whose query tile starts at row cta_start visits:
+    (lo, full_lo, full_hi, end). It runs steps lo, ..., end - 1 (step j reads key tile j,
+    stage j % num_stages); tiles [full_lo, full_hi) every one of its rows sees in full (no
+    mask), the others are masked.
+
+    lo is the first tile that the CTA's top row sees, the same for both consumers, so that
+    they read the stages in the same order as the producer fills them. end >= lo + 1 also
+    for rows that see no key (they come out 0 with lse -inf through the masked path), so
+    that every consumer runs the same protocol. wg: traced (a consumer) or an int (the
+    producer)."""
+    nk = st.num_kv_tiles
+    if not st.masked:
+        return 0, 0, nk, nk
+    bs = st.block_sizes
+    ranges = functools.partial(_q_tile_ranges, q_len=st.q_len, kv_len=st.kv_len,
+                               block_k=bs.block_k, mask=st.mask)
+    lo = jnp.minimum(ranges(cta_start, bs.block_q)[0], nk - 1)
+    _, full_lo, full_hi, end = ranges(cta_start + wg * bs.rows, bs.rows)
+    end = jnp.clip(end, lo + 1, nk)
+    full_lo = jnp.clip(full_lo, lo, end)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, end), end
 
 
 def _q_tile_index(st: _Static, num_q_tiles: int):
     tile = lax.axis_index("q_tile")
-    # Causal: the bottom tiles have the most keys to visit; start them first.
-    return num_q_tiles - 1 - tile if st.causal else tile
+    # A right bound (causal): the bottom tiles have the most keys to visit; start them first.
+    return num_q_tiles - 1 - tile if st.ends_differ else tile
 
 
-def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
-              k_ready, v_ready, k_free, v_free, turn, *, st: _Static, num_q_tiles: int):
+def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     """One consumer warpgroup: rows [q_start, q_start + rows) of this CTA's query tile."""
     plgpu = _plgpu()
     bs = st.block_sizes
     rows, bk, depth = bs.rows, bs.block_k, bs.num_stages
-    dtype = q_ref.dtype
+    dtype = gm.q.dtype
     batch, head = lax.axis_index("batch"), lax.axis_index("head")
     other = 1 - wg
-    q_start = _q_tile_index(st, num_q_tiles) * bs.block_q + wg * rows
-    n_tiles, n_unmasked = _kv_tiles(q_start, st)
-    q_tile = qo_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, rows), head], q_tile,
-                            q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
+    cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
+    q_start = cta_start + wg * rows
+    lo, full_lo, full_hi, end = _kv_tiles(cta_start, wg, st)
+    q_tile = sm.qo.at[wg]
+    plgpu.copy_gmem_to_smem(gm.q.at[batch, pl.ds(q_start, rows), head], q_tile,
+                            sm.q_ready.at[wg])
+    if st.has_segments:  # the second of q_ready's two arrivals
+        plgpu.copy_gmem_to_smem(gm.q_seg.at[batch, pl.ds(q_start, rows)], sm.q_seg.at[wg],
+                                sm.q_ready.at[wg])
+    plgpu.barrier_wait(sm.q_ready.at[wg])
 
     def stage(j):
         return lax.rem(j, depth)
@@ -245,10 +335,41 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
         layout = plgpu.Layout.WGMMA.reduce(1) if rows_of else plgpu.Layout.WGMMA
         return plgpu.layout_cast(x, layout)
 
+    def load_ids(ref, axis):
+        """Segment ids [n] from shared memory, laid out along axis `axis` of a wgmma
+        accumulator (0: one per row, 1: one per column), ready to broadcast against it."""
+        if st.interpret:  # the interpreter has neither layouts nor plgpu.load
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+    def visible(j):
+        """[rows, bk] bool: query q_start + r sees key j * bk + c (see MaskSpec)."""
+        mask = st.mask
+        ok = None
+        if mask.lo is not None or mask.hi is not None:
+            r = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 0))
+            c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
+            # key j*bk + c minus the diagonal of query q_start + r is (c - r) - base
+            base = q_start + st.offset - j * bk
+            if mask.hi is not None:
+                ok = c - r <= base + mask.hi
+            if mask.lo is not None:
+                inside = c - r >= base + mask.lo
+                ok = inside if ok is None else ok & inside
+        if st.has_segments:
+            # The query ids are re-read per tile (never overwritten) rather than held in
+            # registers through the loop; the kv ids are this stage's, loaded with K.
+            q_ids = load_ids(sm.q_seg.at[wg], 0)
+            kv_ids = load_ids(sm.kv_seg.at[stage(j)], 1)
+            same = (lax.broadcast_in_dim(q_ids, (rows, bk), [0])
+                    == lax.broadcast_in_dim(kv_ids, (rows, bk), [1]))
+            ok = same if ok is None else ok & same
+        return ok
+
     def issue_qk(j, s_ref):
         """Issues S_j = Q K_j^T into s_ref; returns a function that awaits and reads it."""
-        k_tile = k_smem.at[stage(j)]
-        plgpu.barrier_wait(k_ready.at[stage(j)])
+        k_tile = sm.k.at[stage(j)]
+        plgpu.barrier_wait(sm.k_ready.at[stage(j)])
         if st.interpret:  # the interpreter (JAX 0.10) cannot transpose a wgmma operand
             s = lax.dot_general(q_tile[...], k_tile[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
@@ -259,8 +380,8 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
     def accumulate_pv(j, acc, p, then):
         """acc + P V_j, once complete; `then()` runs as soon as the wgmma is issued. The
         wgmma accumulates into acc's registers in place (run_state)."""
-        v_tile = v_smem.at[stage(j)]
-        plgpu.barrier_wait(v_ready.at[stage(j)])
+        v_tile = sm.v.at[stage(j)]
+        plgpu.barrier_wait(sm.v_ready.at[stage(j)])
         if st.interpret:  # the interpreter (JAX 0.10) takes no register operand in a wgmma
             then()
             return acc + lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
@@ -276,8 +397,8 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
         """Tensor-core work of step j under this warpgroup's turn: S_j = Q K_j^T, and
         O += P_{j-1} V_{j-1} unless j is the first step. The turn passes to the other
         consumer as soon as both are issued, before they complete."""
-        plgpu.barrier_wait(turn.at[wg])
-        pass_turn = functools.partial(plgpu.barrier_arrive, turn.at[other])
+        plgpu.barrier_wait(sm.turn.at[wg])
+        pass_turn = functools.partial(plgpu.barrier_arrive, sm.turn.at[other])
 
         def with_scores(s_ref):
             read_scores = issue_qk(j, s_ref)
@@ -289,28 +410,33 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
             return read_scores(), acc_new
 
         s, acc = pl.run_scoped(with_scores, plgpu.ACC((rows, bk), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[wg * depth + stage(j)])
+        if not st.has_segments:  # with segment ids the softmax still reads the stage's ids
+            plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
         if p_prev is not None:
-            plgpu.barrier_arrive(v_free.at[wg * depth + stage(j - 1)])
+            plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return s, acc
 
     def softmax(j, s, acc, m, l, *, masked: bool):
         """Folds scores s [rows, bk] of key tile j into (acc, m, l); returns P_j in q's
         dtype for the next PV product (FA-2 Alg. 1 lines 8-10, log2 domain)."""
-        c = st.scale * LOG2E
-        if masked:
-            r = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 0))
-            k = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
-            # key j*bk + k visible to query q_start + r  <=>  k - r <= q_start + off - j*bk
-            s = jnp.where(k - r <= q_start + st.offset - j * bk, s, -jnp.inf)
-        if c > 0:  # max before scaling: one multiply per row instead of per score
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
+        if st.softcap is None:
+            c = st.scale * LOG2E
         else:
+            # Gemma 2's cap, tanh first: what is left to scale by, softcap * log2(e), is > 0
+            # and folds in after the max like the plain scale does.
+            s = jnp.tanh(s * (st.scale / st.softcap))
+            c = st.softcap * LOG2E
+        if c <= 0:  # the max does not commute with this scale: apply it to every score
             s = s * c
             c = 1.0
-            m_new = jnp.maximum(m, s.max(axis=1))
-        # A row that has seen no key yet has m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if st.some_row_empty else m_new
+        if masked:  # after any sign flip, so that a hidden score stays -inf
+            s = jnp.where(visible(j), s, -jnp.inf)
+        # c > 0: the max before scaling, one multiply per row instead of per score
+        row_max = s.max(axis=1)
+        m_new = jnp.maximum(m, row_max if c == 1.0 else row_max * c)
+        # On a masked tile a row may have seen no key yet (m_new = -inf): shift it by 0 so
+        # that exp2 gives 0, not NaN. A tile that a row sees in full gives it a finite max.
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_shift)
         p = jnp.exp2(s * c - lax.broadcast_in_dim(m_shift, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
@@ -320,60 +446,68 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
     def step(j, carry, *, masked):
         acc, m, l, p_prev = carry
         s, acc = gemms(j, acc, p_prev)
-        return softmax(j, s, acc, m, l, masked=masked)
+        carry = softmax(j, s, acc, m, l, masked=masked)
+        if st.has_segments:  # the kv ids are read: now the producer may refill the stage
+            plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
+        return carry
 
     acc = in_wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32))
     m = in_wgmma_layout(jnp.full((rows,), -jnp.inf, jnp.float32), rows_of=True)
     l = in_wgmma_layout(jnp.zeros((rows,), jnp.float32), rows_of=True)
 
-    # Step 0 has no PV product before it; it is masked whenever causal (harmless on a tile
-    # that every row sees in full, and it saves a second copy of the step).
-    s, acc = gemms(0, acc, None)
-    carry = softmax(0, s, acc, m, l, masked=st.causal)
-    first_masked = jnp.maximum(n_unmasked, 1) if st.causal else n_tiles
-    carry = lax.fori_loop(1, first_masked, functools.partial(step, masked=False), carry)
-    if st.causal:
-        carry = lax.fori_loop(first_masked, n_tiles, functools.partial(step, masked=True),
-                              carry)
+    # Step lo has no PV product before it; it is masked whenever anything is (harmless on
+    # a tile that every row sees in full, and it saves a second copy of the step).
+    carry = step(lo, (acc, m, l, None), masked=st.masked)
+    unmasked_step = functools.partial(step, masked=False)
+    masked_step = functools.partial(step, masked=True)
+    if not st.masked:
+        carry = lax.fori_loop(lo + 1, end, unmasked_step, carry)
+    elif st.has_segments:  # no tile is known to be seen in full
+        carry = lax.fori_loop(lo + 1, end, masked_step, carry)
+    else:  # window's left edge, tiles seen in full, diagonal / right edge
+        first_full = jnp.maximum(full_lo, lo + 1)
+        past_full = jnp.maximum(full_hi, first_full)
+        carry = lax.fori_loop(lo + 1, first_full, masked_step, carry)
+        carry = lax.fori_loop(first_full, past_full, unmasked_step, carry)
+        carry = lax.fori_loop(past_full, end, masked_step, carry)
     acc, m, l, p_last = carry
 
-    # Steps that the last consumer (the lowest rows) visits beyond this one's n_tiles.
-    n_tiles_last = (_kv_tiles(q_start + (NUM_CONSUMERS - 1 - wg) * rows, st)[0]
-                    if st.causal else n_tiles)
+    # Steps that the last consumer (the lowest rows) runs beyond this one's end.
+    end_last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3] if st.ends_differ else end
 
     def observe_ready(ready, j):
         """Waits for the load of step j that only the other consumer reads. Each turn
         handed to it is preceded by such a wait for the data that turn uses, so this
         consumer takes every phase of k_ready / v_ready in order and never falls a phase
         behind (the producer reloads a stage as soon as the other consumer is done)."""
-        pl.when(j < n_tiles_last)(functools.partial(plgpu.barrier_wait, ready.at[stage(j)]))
+        pl.when(j < end_last)(functools.partial(plgpu.barrier_wait, ready.at[stage(j)]))
 
     def hand_over_last():
         # Consumer 1 finishes last and keeps the turn, so that every turn handed over is
         # taken (which the interpreter checks).
         @pl.when(wg == 0)
         def _():
-            if st.causal:
-                observe_ready(k_ready, n_tiles)
-            plgpu.barrier_arrive(turn.at[other])
+            if st.ends_differ:
+                observe_ready(sm.k_ready, end)
+            plgpu.barrier_arrive(sm.turn.at[other])
 
     # The last PV product, alone under the turn.
-    plgpu.barrier_wait(turn.at[wg])
-    acc = accumulate_pv(n_tiles - 1, acc, p_last, hand_over_last)
-    plgpu.barrier_arrive(v_free.at[wg * depth + stage(n_tiles - 1)])
+    plgpu.barrier_wait(sm.turn.at[wg])
+    acc = accumulate_pv(end - 1, acc, p_last, hand_over_last)
+    plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(end - 1)])
 
-    if st.causal:
+    if st.ends_differ:
         # Consumer 0 ran fewer steps than consumer 1 (it owns the upper rows): keep passing
         # the turn until consumer 1 is done, or consumer 1 would wait on it forever. Turn j
         # lets consumer 1 run S_{j+1} and O += P_j V_j.
         def pass_turn(j, carry):
-            plgpu.barrier_wait(turn.at[wg])
-            observe_ready(k_ready, j + 1)
-            observe_ready(v_ready, j)
-            plgpu.barrier_arrive(turn.at[other])
+            plgpu.barrier_wait(sm.turn.at[wg])
+            observe_ready(sm.k_ready, j + 1)
+            observe_ready(sm.v_ready, j)
+            plgpu.barrier_arrive(sm.turn.at[other])
             return carry
 
-        lax.fori_loop(n_tiles, n_tiles_last, pass_turn, None)
+        lax.fori_loop(end, end_last, pass_turn, None)
 
     if st.some_row_empty:
         seen = l > 0
@@ -383,112 +517,127 @@ def _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_
     if st.some_row_empty:
         lse = jnp.where(seen, lse, -jnp.inf)
     q_tile[...] = out.astype(dtype)  # Q is dead: its tile stages O for the TMA store
-    lse_smem.at[wg][...] = lse
+    sm.lse.at[wg][...] = lse
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, pl.ds(q_start, rows), head])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, rows)])
+    plgpu.copy_smem_to_gmem(q_tile, gm.out.at[batch, pl.ds(q_start, rows), head])
+    plgpu.copy_smem_to_gmem(sm.lse.at[wg], gm.lse.at[batch, head, pl.ds(q_start, rows)])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *,
-              st: _Static, num_q_tiles: int):
-    """The producer warpgroup: streams the K/V tiles that either consumer needs through the
-    num_stages-deep ring, K ahead of V (S = Q K^T comes first in every step)."""
+def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
+    """The producer warpgroup: streams the K/V tiles [lo, end) that either consumer needs
+    through the num_stages-deep ring, K ahead of V (S = Q K^T comes first in every step).
+    Tile t goes to stage t % num_stages, the stage the consumers read at step t."""
     plgpu = _plgpu()
     bs = st.block_sizes
     bk, depth = bs.block_k, bs.num_stages
     batch, head = lax.axis_index("batch"), lax.axis_index("head")
     kv_head = lax.div(head, st.group)
-    tile_start = _q_tile_index(st, num_q_tiles) * bs.block_q
+    cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
+    lo = _kv_tiles(cta_start, 0, st)[0]
     # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-    n_tiles = [_kv_tiles(tile_start + wg * bs.rows, st)[0] for wg in range(NUM_CONSUMERS)]
+    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(NUM_CONSUMERS)]
+    last = ends[-1]
 
-    def load(t, src_ref, dst_smem, ready):
+    def load_k(t):
+        s, keys = lax.rem(t, depth), pl.ds(t * bk, bk)
+        plgpu.copy_gmem_to_smem(gm.k.at[batch, keys, kv_head], sm.k.at[s], sm.k_ready.at[s])
+        if st.has_segments:  # the tile's kv ids: the second of k_ready's two arrivals
+            plgpu.copy_gmem_to_smem(gm.kv_seg.at[batch, keys], sm.kv_seg.at[s],
+                                    sm.k_ready.at[s])
+
+    def load_v(t):
         s = lax.rem(t, depth)
-        plgpu.copy_gmem_to_smem(src_ref.at[batch, pl.ds(t * bk, bk), kv_head], dst_smem.at[s],
-                                ready.at[s])
+        plgpu.copy_gmem_to_smem(gm.v.at[batch, pl.ds(t * bk, bk), kv_head], sm.v.at[s],
+                                sm.v_ready.at[s])
 
     def await_release(t, free):
         """Waits until every consumer that read stage t % depth for step t - depth is done."""
         s, previous = lax.rem(t, depth), t - depth
         for wg in range(NUM_CONSUMERS):
-            if st.causal and wg < NUM_CONSUMERS - 1:
-                pl.when(previous < n_tiles[wg])(
+            if st.ends_differ and wg < NUM_CONSUMERS - 1:
+                pl.when(previous < ends[wg])(
                     functools.partial(plgpu.barrier_wait, free.at[wg * depth + s]))
             else:
                 plgpu.barrier_wait(free.at[wg * depth + s])
 
-    for t in range(min(depth, st.num_kv_tiles)):  # fill the ring
-        def first_loads(t=t):
-            load(t, k_ref, k_smem, k_ready)
-            load(t, v_ref, v_smem, v_ready)
-        if st.causal:
-            pl.when(t < n_tiles[-1])(first_loads)
-        else:
-            first_loads()
+    for i in range(depth):  # fill the ring: tiles lo, ..., lo + depth - 1 (those that exist)
+        def first_loads(t=lo + i):
+            load_k(t)
+            load_v(t)
+        pl.when(lo + i < last)(first_loads)  # a Python bool without masks: static
 
     def refill(t, carry):
-        await_release(t, k_free)
-        load(t, k_ref, k_smem, k_ready)
-        await_release(t, v_free)
-        load(t, v_ref, v_smem, v_ready)
+        await_release(t, sm.k_free)
+        load_k(t)
+        await_release(t, sm.v_free)
+        load_v(t)
         return carry
 
-    lax.fori_loop(depth, n_tiles[-1], refill, None)
+    lax.fori_loop(lo + depth, last, refill, None)
 
     def drain(t, carry):
-        await_release(t, k_free)
-        await_release(t, v_free)
+        await_release(t, sm.k_free)
+        await_release(t, sm.v_free)
         return carry
 
     # Take the releases of the last stages too, as if refilling them: nothing waits on the
     # producer any more, and every barrier phase is then observed (the interpreter checks).
-    first = jnp.maximum(n_tiles[-1], depth) if st.causal else max(n_tiles[-1], depth)
-    lax.fori_loop(first, n_tiles[-1] + depth, drain, None)
+    first = jnp.maximum(last, lo + depth) if st.masked else max(last, depth)
+    lax.fori_loop(first, last + depth, drain, None)
 
 
-def _flash_fwd_mgpu_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, st: _Static,
-                           num_q_tiles: int):
+def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
+    # refs: q, k, v, (q_seg, kv_seg with segment ids), out, lse
     plgpu = _plgpu()
+    if st.has_segments:
+        gm = _Gmem(*refs)
+    else:
+        q_ref, k_ref, v_ref, out_ref, lse_ref = refs
+        gm = _Gmem(q_ref, k_ref, v_ref, None, None, out_ref, lse_ref)
     bs = st.block_sizes
-    dtype = q_ref.dtype
+    dtype = gm.q.dtype
     swizzle = plgpu.find_swizzle(st.head_dim * jnp.dtype(dtype).itemsize * 8)
     # The layout wgmma and TMA agree on: 8-row tiles, `swizzle` bytes wide, XOR-swizzled.
     tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
              plgpu.SwizzleTransform(swizzle))
-    smem = {
-        "qo_smem": plgpu.SMEM((NUM_CONSUMERS, bs.rows, st.head_dim), dtype, transforms=tiled),
-        "k_smem": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "v_smem": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "lse_smem": plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.float32),
-        "q_ready": plgpu.Barrier(num_barriers=NUM_CONSUMERS),
-        "k_ready": plgpu.Barrier(num_barriers=bs.num_stages),
+    # With segment ids two TMA copies complete on each q_ready (Q and its ids) and each
+    # k_ready (K and its ids).
+    arrivals = 2 if st.has_segments else 1
+    scratch = {
+        "qo": plgpu.SMEM((NUM_CONSUMERS, bs.rows, st.head_dim), dtype, transforms=tiled),
+        "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
+        "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
+        "lse": plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.float32),
+        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=NUM_CONSUMERS),
+        "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
         # [consumer * num_stages + stage], flat: interpret mode takes 1-D barrier arrays only
         "k_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
         "v_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=NUM_CONSUMERS),
     }
+    if st.has_segments:
+        scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
-    def body(*, qo_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free, v_free,
-             turn):
+    def body(**buffers):
+        sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
             # Consumer 0 takes the first turn: consumer 1 hands it over up front.
-            pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, turn.at[0]))
-            _consumer(wg, q_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
-                      k_ready, v_ready, k_free, v_free, turn, st=st, num_q_tiles=num_q_tiles)
+            pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
+            _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles)
 
         @pl.when(wg == NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.producer_registers, action="decrease")
-            _producer(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, st=st,
-                      num_q_tiles=num_q_tiles)
+            _producer(gm, sm, st=st, num_q_tiles=num_q_tiles)
 
-    pl.run_scoped(body, collective_axes="wg", **smem)
+    pl.run_scoped(body, collective_axes="wg", **scratch)
 
 
 def _kernel_call(plgpu, body, out_types, *, name, **kwargs):
@@ -502,7 +651,7 @@ def _kernel_call(plgpu, body, out_types, *, name, **kwargs):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _flash_fwd_mgpu(q, k, v, st: _Static):
+def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
     plgpu = _plgpu()
     B, T, N, _ = q.shape
     num_q_tiles = T // st.block_sizes.block_q
@@ -522,13 +671,46 @@ def _flash_fwd_mgpu(q, k, v, st: _Static):
         name="flash_attention_fwd_mgpu",
         **kwargs,
     )
-    return call(q, k, v)
+    return call(q, k, v, *(segment_ids or ()))
 
 
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def check_supported(q, k, v, *, causal: bool, block_sizes: MosaicBlockSizes | None = None,
+def _check_mask_options(q, k, segment_ids, window, softcap) -> None:
+    """ValueError naming the field for malformed segment_ids, window or softcap."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    if segment_ids is not None:
+        if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
+            raise ValueError("segment_ids must be a pair (q_segment_ids [B, T], "
+                             f"kv_segment_ids [B, S]) or None, got {segment_ids!r}")
+        for name, ids, want in (("q_segment_ids", segment_ids[0], (B, T)),
+                                ("kv_segment_ids", segment_ids[1], (B, S))):
+            shape, dtype = getattr(ids, "shape", None), getattr(ids, "dtype", None)
+            if shape != want:
+                raise ValueError(f"segment_ids: {name} must have shape {want} (B, T or S of "
+                                 f"{q.shape=}, {k.shape=}), got {name}.shape={shape}")
+            if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+                raise ValueError(f"segment_ids: {name} must be integers, got "
+                                 f"{name}.dtype={dtype}")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"window must be (left, right) or None, got window={window!r}")
+        for side, bound in zip(("left", "right"), window):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                      or bound < 0):
+                raise ValueError(f"window {side} bound must be an int >= 0 or None, got "
+                                 f"window={tuple(window)!r}")
+    if softcap is not None and (isinstance(softcap, bool)
+                                or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got "
+                         f"softcap={softcap!r}")
+
+
+def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, softcap=None,
+                    block_sizes: MosaicBlockSizes | None = None,
                     require_device: bool = True) -> MosaicBlockSizes:
     """Raises (ValueError for malformed arguments, NotImplementedError for inputs this kernel
     does not take) before any GPU work; returns the block sizes the call will use."""
@@ -549,6 +731,7 @@ def check_supported(q, k, v, *, causal: bool, block_sizes: MosaicBlockSizes | No
                          f"{q.shape=} and {k.shape=}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got causal={causal!r}")
+    _check_mask_options(q, k, segment_ids, window, softcap)
     if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
         raise ValueError(f"block_sizes must be a MosaicBlockSizes or None, got {block_sizes!r}")
 
@@ -560,14 +743,14 @@ def check_supported(q, k, v, *, causal: bool, block_sizes: MosaicBlockSizes | No
         raise NotImplementedError(
             f"the Mosaic GPU flash attention kernel takes head_dim in {SUPPORTED_HEAD_DIMS}, "
             f"got {H}; use implementation='pallas'")
-    bs = block_sizes or MosaicBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H,
-                                                     causal=causal)
+    bs = block_sizes or MosaicBlockSizes.default_for(
+        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None)
     if T % bs.block_q or S % bs.block_k:
         raise NotImplementedError(
             f"the Mosaic GPU flash attention kernel needs T a multiple of block_q="
             f"{bs.block_q} and S a multiple of block_k={bs.block_k}, got T={T}, S={S} "
             "(no ragged tiles yet); use implementation='pallas'")
-    need = bs.smem_bytes(H, jnp.dtype(q.dtype).itemsize)
+    need = bs.smem_bytes(H, jnp.dtype(q.dtype).itemsize, segments=segment_ids is not None)
     if need > SMEM_BUDGET:
         raise ValueError(f"{bs} needs {need} bytes of shared memory at head_dim={H}, more "
                          f"than the {SMEM_BUDGET} this kernel allows itself; use fewer "
@@ -583,49 +766,68 @@ def check_supported(q, k, v, *, causal: bool, block_sizes: MosaicBlockSizes | No
     return bs
 
 
-def flash_attention_mgpu(q, k, v, *, causal: bool, scale: float | None = None,
+def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
+                         window: tuple[int | None, int | None] | None = None,
+                         softcap: float | None = None, scale: float | None = None,
                          block_sizes: MosaicBlockSizes | None = None,
                          interpret: bool = False):
     """FlashAttention forward on Hopper; returns (out [B, T, N, H], lse [B, N, T] float32).
 
     q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0 (query head n reads kv head n // G).
     bfloat16 or float16, H in (64, 128, 256), T % block_q == 0 and S % block_k == 0;
-    other inputs raise NotImplementedError before any GPU work. causal is bottom-right
-    aligned (query i sees keys j <= i + S - T); rows that see no key give 0 and lse -inf.
-    scale multiplies q.k (None: 1 / sqrt(H)). lse is the natural-log log-sum-exp.
+    other inputs raise NotImplementedError before any GPU work, malformed ones ValueError.
+    causal: bottom-right aligned, query i sees keys j <= i + S - T.
+    segment_ids: None or (q_segment_ids [B, T], kv_segment_ids [B, S]) integers; a query
+        sees only keys of its own segment.
+    window: None or (left, right), inclusive, each an int >= 0 or None (unbounded): query i
+        sees keys i + S - T - left <= j <= i + S - T + right (and causal still applies).
+    softcap: None or a float > 0: scores become softcap * tanh(scores / softcap) (Gemma 2),
+        scores being scale * q.k.
+    scale multiplies q.k (None: 1 / sqrt(H)). lse is the natural-log log-sum-exp; a row that
+    sees no key gives 0 and lse -inf. V must be finite in the key tiles a query tile loads
+    (masked keys are not zeroed before P V).
     block_sizes: speed only; None picks MosaicBlockSizes.default_for the shape.
     interpret: run in Mosaic GPU interpret mode on the CPU (slow; for debugging only).
-    Differentiable: the backward is the Triton kernel's recomputing backward
-    (`pallas_kernels.flash_attention.flash_attention_backward`), fed this forward's out and
-    lse (a Mosaic GPU backward is not written yet).
+    Differentiable in q, k, v (segment ids get no gradient): the backward is the Triton
+    kernel's recomputing backward (`pallas_kernels.flash_attention.flash_attention_backward`),
+    fed this forward's out and lse and the same masks (a Mosaic GPU backward is not written
+    yet).
     """
-    bs = check_supported(q, k, v, causal=causal, block_sizes=block_sizes,
+    bs = check_supported(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                         softcap=softcap, block_sizes=block_sizes,
                          require_device=not interpret)
     H = q.shape[-1]
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    st = _Static(causal=causal, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+    st = _Static(causal=causal, window=None if window is None else tuple(window),
+                 softcap=None if softcap is None else float(softcap),
+                 has_segments=segment_ids is not None,
+                 scale=float(1.0 / math.sqrt(H) if scale is None else scale),
                  block_sizes=bs, q_len=q.shape[1], kv_len=k.shape[1], head_dim=H,
                  group=q.shape[2] // k.shape[2], interpret=interpret)
-    return _flash_mgpu(q, k, v, st)
+    if segment_ids is not None:
+        segment_ids = tuple(jnp.asarray(ids).astype(jnp.int32) for ids in segment_ids)
+    return _flash_mgpu(q, k, v, segment_ids, st)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash_mgpu(q, k, v, st: _Static):
-    return _flash_fwd_mgpu(q, k, v, st)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash_mgpu(q, k, v, segment_ids, st: _Static):
+    return _flash_fwd_mgpu(q, k, v, segment_ids, st)
 
 
-def _flash_mgpu_vjp_fwd(q, k, v, st):
-    out, lse = _flash_fwd_mgpu(q, k, v, st)
-    return (out, lse), (q, k, v, out, lse)
+def _flash_mgpu_vjp_fwd(q, k, v, segment_ids, st):
+    out, lse = _flash_fwd_mgpu(q, k, v, segment_ids, st)
+    return (out, lse), (q, k, v, segment_ids, out, lse)
 
 
 def _flash_mgpu_vjp_bwd(st, residuals, cotangents):
-    q, k, v, out, lse = residuals
+    q, k, v, segment_ids, out, lse = residuals
     d_out, d_lse = cotangents
-    return flash_attention_backward(q, k, v, out, lse, d_out, d_lse, causal=st.causal,
-                                    scale=st.scale, interpret=st.interpret)
+    dq, dk, dv = flash_attention_backward(
+        q, k, v, out, lse, d_out, d_lse, causal=st.causal, segment_ids=segment_ids,
+        window=st.window, softcap=st.softcap, scale=st.scale, interpret=st.interpret)
+    return dq, dk, dv, None  # integer segment ids: no cotangent
 
 
 _flash_mgpu.defvjp(_flash_mgpu_vjp_fwd, _flash_mgpu_vjp_bwd)

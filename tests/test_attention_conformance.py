@@ -246,8 +246,11 @@ def test_implementations_that_cannot_take_the_inputs_raise():
         fastattn.attention(q, k, v, implementation="pallas_mosaic")  # f32
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
     seg = (jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32))
-    with pytest.raises(NotImplementedError, match="pallas_mosaic' does not take segment_ids"):
+    with pytest.raises(NotImplementedError, match="head_dim in .* got 16"):
         fastattn.attention(q16, k16, v16, segment_ids=seg, implementation="pallas_mosaic")
+    with pytest.raises(NotImplementedError, match="pallas_mosaic' does not take block_sizes"):
+        fastattn.attention(q16, k16, v16, block_sizes=BlockSizes(),
+                           implementation="pallas_mosaic")
     with pytest.raises(NotImplementedError, match="'cudnn' returns no lse"):
         fastattn.attention(q16, k16, v16, return_lse=True, implementation="cudnn")
     if jax.default_backend() != "gpu":

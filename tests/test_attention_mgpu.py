@@ -2,9 +2,12 @@
 
 On a CPU (CI): inputs the kernel does not take raise before any GPU work, and a few tiny
 shapes run in Mosaic GPU interpret mode (TMA copies, barriers and the warp-specialised
-pipeline protocol are simulated; the products there are plain dots, see the module).
+pipeline protocol are simulated; the products there are plain dots, see the module): plain,
+causal, sliding windows (both sides, one side, with causal, T != S, a first tile lo > 0),
+softcap and segment ids (packed, with rows that see no key), and gradients through
+`fastattn.attention(implementation="pallas_mosaic")`.
 On an sm90 GPU: compiled kernel against the f32 reference, several shapes, GQA, causal/full,
-head dims 64/128/256, T != S both ways. Run there with
+windows, softcap, segment ids, head dims 64/128/256, T != S both ways. Run there with
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu.py
 """
 
@@ -34,19 +37,42 @@ def _inputs(B, T, S, N, K, H, dtype, seed=0):
     return make(B, T, N, H), make(B, S, K, H), make(B, S, K, H)
 
 
-def _check(B, T, S, N, K, H, *, causal, dtype="bfloat16", block_sizes=None, interpret=False,
-           seed=0):
+LONELY = 99  # a query segment id that no key has
+
+
+def _packed_segments(B, T, S, seed=0, *, num_segments=4, lonely_rows=5):
+    """Packed sequences: sorted random kv ids in [0, num_segments); query i takes the id of
+    key i + S - T (its own position when T == S; clipped at 0), so that with causal masks
+    and windows some rows reach the start of their segment and some rows' segment starts
+    after every key they may see. The first `lonely_rows` rows of each batch row get an id
+    that no key has: they see no key at all."""
+    rng = np.random.default_rng(seed + 100)
+    kv = np.sort(rng.integers(0, num_segments, (B, S)), axis=1)
+    q = kv[:, np.clip(np.arange(T) + S - T, 0, S - 1)].copy()
+    q[:, :lonely_rows] = LONELY
+    return jnp.asarray(q, jnp.int32), jnp.asarray(kv, jnp.int32)
+
+
+def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=False,
+           scale=None, dtype="bfloat16", block_sizes=None, interpret=False, seed=0):
     q, k, v = _inputs(B, T, S, N, K, H, dtype, seed)
-    out, lse = flash_attention_mgpu(q, k, v, causal=causal, block_sizes=block_sizes,
+    seg = _packed_segments(B, T, S, seed) if segments else None
+    out, lse = flash_attention_mgpu(q, k, v, causal=causal, segment_ids=seg, window=window,
+                                    softcap=softcap, scale=scale, block_sizes=block_sizes,
                                     interpret=interpret)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
-    o_out, o_lse = flash_attention_reference(q, k, v, causal=causal)  # f32, HIGHEST
-    l_out, l_lse = flash_attention_reference(q, k, v, causal=causal,
+    options = {"causal": causal, "window": window, "softcap": softcap, "scale": scale}
+    seg_args = seg if seg is not None else (None, None)
+    o_out, o_lse = flash_attention_reference(q, k, v, *seg_args, **options)  # f32, HIGHEST
+    l_out, l_lse = flash_attention_reference(q, k, v, *seg_args, **options,
                                              compute_dtype=jnp.dtype(dtype))
     assert out.shape == (B, T, N, H) and lse.shape == (B, N, T) and lse.dtype == np.float32
     as_f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
     assert_within_policy("out", out, as_f32(o_out), as_f32(l_out), dtype=dtype, factor=2)
     assert_within_policy("lse", lse, as_f32(o_lse), as_f32(l_lse), dtype=dtype, factor=2)
+    empty = np.isneginf(as_f32(o_lse))  # [B, N, T]: rows that see no key
+    assert np.all(out[np.transpose(empty, (0, 2, 1))] == 0)
+    return empty
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -84,6 +110,36 @@ def test_unsupported_message_names_the_fallback():
     q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
     with pytest.raises(NotImplementedError, match="float32.*implementation='pallas'"):
         flash_attention_mgpu(q, q, q, causal=False)
+
+
+_Q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+_KV = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
+_IDS = (jax.ShapeDtypeStruct((1, 128), jnp.int32), jax.ShapeDtypeStruct((1, 256), jnp.int32))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"window": (-1, None)}, r"window left bound must be an int >= 0.*-1"),
+    ({"window": (4, 2.5)}, r"window right bound must be an int >= 0.*2\.5"),
+    ({"window": (4,)}, r"window must be \(left, right\)"),
+    ({"softcap": 0.0}, r"softcap must be a finite number > 0.*0\.0"),
+    ({"softcap": float("nan")}, r"softcap must be a finite number > 0"),
+    ({"softcap": True}, r"softcap must be a finite number > 0"),
+    ({"segment_ids": _IDS[0]}, r"segment_ids must be a pair"),
+    ({"segment_ids": (_IDS[0], _IDS[0])}, r"kv_segment_ids must have shape \(1, 256\)"),
+    ({"segment_ids": (jax.ShapeDtypeStruct((1, 128), jnp.float32), _IDS[1])},
+     r"q_segment_ids must be integers"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_malformed_mask_options_raise_before_any_gpu_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_supported(_Q, _KV, _KV, causal=False, require_device=False, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        flash_attention_mgpu(_Q, _KV, _KV, causal=False, **kwargs)
+
+
+def test_segment_ids_count_in_the_shared_memory_budget():
+    bs = MosaicBlockSizes(block_k=64, num_stages=4)
+    extra = bs.smem_bytes(64, 2, segments=True) - bs.smem_bytes(64, 2)
+    assert extra == (128 + 4 * 64) * 4  # int32 ids of the query rows and of each K stage
 
 
 @pytest.mark.skipif(_on_hopper(), reason="checks the refusal off Hopper")
@@ -124,6 +180,47 @@ def test_interpret_mode_matches_reference(B, T, S, N, K, H, causal, block_sizes)
     _check(B, T, S, N, K, H, causal=causal, block_sizes=block_sizes, interpret=True)
 
 
+# Tiles of 64 keys, T and S of 128-256 (the interpreter is slow). Each case says what part of
+# the tile-range / pipeline logic it reaches; lo is the CTA's first key tile.
+MASK_INTERPRET_CASES = [
+    # what, T, S, causal, window, softcap, segments, num_stages
+    ("window both sides: masked, full and masked loops, consumer ends differ",
+     256, 256, False, (100, 100), None, False, 2),
+    ("causal + left window: lo > 0, not a multiple of the depth", 256, 256, True, (40, None),
+     None, False, 3),
+    ("left window only, T < S: lo > 0, same ends", 128, 256, False, (50, None), None, False,
+     3),
+    ("right window only, T < S: a shifted diagonal", 128, 256, False, (None, 16), None, False,
+     2),
+    ("window (0, 0), T < S: one key per row", 128, 256, False, (0, 0), None, False, 2),
+    ("window, T > S: the first rows see no key", 256, 128, False, (32, 8), None, False, 2),
+    ("softcap", 128, 256, False, None, 2.0, False, 2),
+    ("segment ids", 128, 256, False, None, None, True, 2),
+    ("segment ids + causal, T > S", 256, 128, True, None, None, True, 2),
+    ("segment ids + causal + left window + softcap", 256, 256, True, (64, None), 5.0, True, 3),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode is the CPU path")
+@pytest.mark.parametrize("what,T,S,causal,window,softcap,segments,num_stages",
+                         MASK_INTERPRET_CASES, ids=[c[0] for c in MASK_INTERPRET_CASES])
+def test_interpret_mode_masks_match_reference(what, T, S, causal, window, softcap, segments,
+                                              num_stages):
+    empty = _check(1, T, S, 2, 1, 64, causal=causal, window=window, softcap=softcap,
+                   segments=segments, interpret=True,
+                   block_sizes=MosaicBlockSizes(block_k=64, num_stages=num_stages))
+    if segments or (T > S and window is not None):
+        assert empty.any() and not empty.all(), "the case must have rows that see no key"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode is the CPU path")
+def test_interpret_mode_negative_scale_keeps_masked_scores_hidden():
+    """A scale <= 0 is applied to every score before the mask (a masked -inf times a
+    negative scale would turn into +inf)."""
+    _check(1, 128, 256, 2, 1, 64, causal=True, window=(None, 0), scale=-0.1, interpret=True,
+           block_sizes=MosaicBlockSizes(block_k=64, num_stages=2))
+
+
 # ----------------------------------------------------------------------------- Hopper GPU
 
 hopper = pytest.mark.skipif(not _on_hopper(), reason="needs an sm90 (Hopper) GPU")
@@ -148,26 +245,62 @@ def test_gpu_matches_reference(B, T, S, N, K, H, causal, dtype):
     _check(B, T, S, N, K, H, causal=causal, dtype=dtype)
 
 
+GPU_MASK_CASES = [
+    # B, T, S, N, K, H, causal, window, softcap, segments, dtype
+    (1, 1024, 1024, 8, 2, 128, True, (256, None), None, False, "bfloat16"),  # lo > 0
+    (1, 1024, 1024, 4, 4, 128, False, (200, 300), None, False, "bfloat16"),  # both sides
+    (1, 1024, 1024, 4, 2, 64, False, (300, None), None, False, "float16"),  # left only
+    (1, 384, 768, 4, 2, 128, True, (100, None), 30.0, False, "float16"),  # T < S
+    (1, 512, 256, 2, 1, 128, False, (64, 0), None, False, "bfloat16"),  # T > S, empty rows
+    (1, 1024, 1024, 4, 2, 128, False, None, 20.0, False, "bfloat16"),  # softcap
+    (2, 1024, 1024, 4, 2, 128, True, None, None, True, "bfloat16"),  # segments
+    (1, 512, 256, 2, 1, 64, True, None, None, True, "bfloat16"),  # segments, T > S
+    (1, 1024, 1024, 4, 2, 64, False, None, 50.0, True, "bfloat16"),  # segments, H = 64
+    (1, 512, 512, 2, 1, 256, False, (64, 64), 50.0, True, "bfloat16"),  # H = 256
+    (2, 2048, 2048, 4, 4, 128, True, (512, None), 30.0, True, "bfloat16"),  # ring wraps
+]
+
+
+@hopper
+@pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments,dtype", GPU_MASK_CASES,
+                         ids=str)
+def test_gpu_masks_match_reference(B, T, S, N, K, H, causal, window, softcap, segments,
+                                   dtype):
+    _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
+           dtype=dtype)
+
+
+GPU_MASKS = [{}, {"window": (300, None)},
+             {"window": (200, 100), "softcap": 30.0, "segments": True}]
+
+
 @hopper
 @pytest.mark.parametrize("block_sizes", [
     MosaicBlockSizes(block_k=64, num_stages=4),
     MosaicBlockSizes(block_k=128, num_stages=2, consumer_registers=232, producer_registers=40),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2),
 ], ids=str)
+@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_block_size_variants_compute_the_same(block_sizes, causal):
-    _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes)
+def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
+    _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes, **masks)
 
 
 @hopper
-def test_gpu_every_output_written_and_deterministic():
+@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
+def test_gpu_every_output_written_and_deterministic(masks):
     q, k, v = _inputs(1, 1024, 1024, 4, 2, 128, "bfloat16", seed=3)
-    first = flash_attention_mgpu(q, k, v, causal=True)
-    second = flash_attention_mgpu(q, k, v, causal=True)
+    seg = _packed_segments(1, 1024, 1024, 3) if masks.get("segments") else None
+    options = {"causal": True, "segment_ids": seg, "window": masks.get("window"),
+               "softcap": masks.get("softcap")}
+    out, lse = first = flash_attention_mgpu(q, k, v, **options)
+    second = flash_attention_mgpu(q, k, v, **options)
+    assert np.all(np.isfinite(np.asarray(jnp.asarray(out, jnp.float32))))
+    lse = np.asarray(lse)
+    assert np.all(np.isfinite(lse) | np.isneginf(lse))  # -inf: rows that see no key
     for a, b in zip(first, second):
-        a = np.asarray(jnp.asarray(a, jnp.float32))
-        assert np.all(np.isfinite(a))
-        np.testing.assert_array_equal(a, np.asarray(jnp.asarray(b, jnp.float32)))
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(a, jnp.float32)),
+                                      np.asarray(jnp.asarray(b, jnp.float32)))
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the tiny variant is the CPU path")
@@ -209,3 +342,60 @@ def test_registry_pallas_mosaic_forward_and_gradients_match_the_reference():
     for name, g, o, lp in zip(("dq", "dk", "dv"), got, oracle, low):
         assert_within_policy(name, as_f32(g), as_f32(o), as_f32(lp), dtype="bfloat16",
                              factor=2)
+
+
+def test_registry_pallas_mosaic_masks_and_gradients_match_the_reference():
+    """fastattn.attention(implementation="pallas_mosaic") with segment ids, a causal sliding
+    window and softcap: forward and the gradients of out and lse (the Triton backward fed
+    the same masks) against the reference implementation; rows that see no key give 0, lse
+    -inf and finite gradients."""
+    import fastattn
+
+    B, T, S, N, K, H = 1, 128, 256, 2, 1, 64
+    q, k, v = _inputs(B, T, S, N, K, H, "bfloat16", 5)
+    seg = _packed_segments(B, T, S, 5, num_segments=3)
+    options = {"causal": True, "sliding_window": (70, None), "softcap": 3.0,
+               "segment_ids": seg, "return_lse": True}
+    d_out = jax.random.normal(jax.random.PRNGKey(9), (B, T, N, H), jnp.float32)
+    d_lse = jax.random.normal(jax.random.PRNGKey(10), (B, N, T), jnp.float32)
+
+    def loss(attend):
+        def f(q, k, v):
+            out, lse = attend(q, k, v)
+            lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows that see no key
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(lse * d_lse)
+        return f
+
+    def results(attend, *args):
+        value = attend(*args)
+        return value, jax.grad(loss(attend), argnums=(0, 1, 2))(*args)
+
+    (out, lse), got = results(lambda q, k, v: fastattn.attention(
+        q, k, v, implementation="pallas_mosaic", **options), q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (o_out, o_lse), oracle = results(lambda q, k, v: fastattn.attention(
+        q, k, v, implementation="reference", **options), *f32)
+    (l_out, l_lse), low = results(lambda q, k, v: flash_attention_reference(
+        q, k, v, *seg, causal=True, window=(70, None), softcap=3.0,
+        compute_dtype=jnp.bfloat16), q, k, v)
+    as_f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
+    empty = np.isneginf(as_f32(o_lse))
+    assert empty.any() and not empty.all()
+    assert np.all(as_f32(out)[np.transpose(empty, (0, 2, 1))] == 0)
+    assert_within_policy("out", as_f32(out), as_f32(o_out), as_f32(l_out), dtype="bfloat16",
+                         factor=2)
+    assert_within_policy("lse", as_f32(lse), as_f32(o_lse), as_f32(l_lse), dtype="bfloat16",
+                         factor=2)
+    for name, g, o, lp in zip(("dq", "dk", "dv"), got, oracle, low):
+        assert np.all(np.isfinite(as_f32(g))), name
+        assert_within_policy(name, as_f32(g), as_f32(o), as_f32(lp), dtype="bfloat16",
+                             factor=3)
+
+
+def test_registry_pallas_mosaic_refuses_triton_block_sizes():
+    import fastattn
+
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="pallas_mosaic' does not take block_sizes"):
+        fastattn.attention(q, q, q, implementation="pallas_mosaic",
+                           block_sizes=fastattn.BlockSizes())
