@@ -200,21 +200,20 @@ def _key_tile(q, k_ref, v_ref, kv_seg_ref, k_start, block_k, *, rows, q_seg, mas
     return k, v, s, vis
 
 
-def _tile_ranges(start, size, *, n_this, n_other, blk_other, d_lo, d_hi, has_segments):
+def _tile_ranges(start, size, *, n_this, n_other, blk_other, d_lo, d_hi):
     """Which tiles of the other axis a tile [start, start+size) of this axis must visit.
 
     Along this axis index x sees other-axis indices y with  x + d_lo <= y <= x + d_hi
     (None: unbounded). Returns tile indices (lo, full_lo, full_hi, hi): tiles in
-    [full_lo, full_hi) are seen by every x of the tile (no mask needed), tiles in
-    [lo, full_lo) and [full_hi, hi) straddle a boundary and are masked.
+    [full_lo, full_hi) are seen by every x of the tile as far as the band goes (no band
+    mask needed), tiles in [lo, full_lo) and [full_hi, hi) straddle a boundary and are
+    masked. Segment ids are not known here: `_visit_tiles` classifies each tile by them.
     """
     end = jnp.minimum(start + size, n_this)  # one past the last real index of this tile
     first = jnp.int32(0) if d_lo is None else jnp.clip(start + d_lo, 0, n_other)
     last = jnp.int32(n_other) if d_hi is None else jnp.clip(end - 1 + d_hi + 1, 0, n_other)
     lo = lax.div(first, blk_other)
     hi = jnp.maximum(lax.div(last + blk_other - 1, blk_other), lo)
-    if has_segments:
-        return lo, hi, hi, hi
     full_first = jnp.int32(0) if d_lo is None else jnp.clip(end - 1 + d_lo, 0, n_other)
     full_last = jnp.int32(n_other) if d_hi is None else jnp.clip(start + d_hi + 1, 0, n_other)
     full_lo = jnp.clip(lax.div(full_first + blk_other - 1, blk_other), lo, hi)
@@ -227,7 +226,7 @@ def _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, mask: MaskSpec):
     return _tile_ranges(
         q_start, block_q, n_this=q_len, n_other=kv_len, blk_other=block_k,
         d_lo=None if mask.lo is None else off + mask.lo,
-        d_hi=None if mask.hi is None else off + mask.hi, has_segments=mask.has_segments)
+        d_hi=None if mask.hi is None else off + mask.hi)
 
 
 def _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, mask: MaskSpec):
@@ -236,21 +235,66 @@ def _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, mask: MaskSpec):
     return _tile_ranges(
         k_start, block_k, n_this=kv_len, n_other=q_len, blk_other=block_q,
         d_lo=None if mask.hi is None else -off - mask.hi,
-        d_hi=None if mask.lo is None else -off - mask.lo, has_segments=mask.has_segments)
+        d_hi=None if mask.lo is None else -off - mask.lo)
 
 
-def _visit_tiles(body, carry, ranges, *, tiles_fit: bool):
+def _segment_range(ids):
+    """(min, max) of a tile's segment ids: two tiles share no segment when their ranges are
+    disjoint, and every pair matches when both ranges are one and the same id. (Rows past
+    the array end load as id 0, which can only widen a range: never a wrong skip.)"""
+    return jnp.min(ids), jnp.max(ids)
+
+
+def _visit_tiles(body, carry, ranges, *, tiles_fit: bool, segments=None):
     """Runs `body` over the tiles of `ranges` (from _tile_ranges): unmasked ones first.
 
     tiles_fit (static) says whether a whole tile fits in the other axis at all; when it does
     not, there are no unmasked tiles, and their loop is not even traced (an unmasked load
     of a tile longer than the array does not trace).
+
+    segments: None, or (this tile's segment-id range, t -> segment-id range of tile t of
+    the other axis). Packed sequences make most tiles either wholly inside one document or
+    wholly across two: the first run without any mask where the band allows it, the second
+    are skipped (document masking), and only tiles that straddle a document boundary pay
+    for the segment mask.
+
+        keys:      doc 0     | doc 1      tiles of a query tile in doc 1:
+        queries  [##########  .........]    doc 0 only  -> skipped
+        in doc 1 [..........  #########]    doc 1 only  -> unmasked (if inside the band)
+                                            both        -> masked
     """
     lo, full_lo, full_hi, hi = ranges
+    unmasked = functools.partial(body, masked=False)
+    masked = functools.partial(body, masked=True)
+    if segments is not None:
+        (this_lo, this_hi), other_range = segments
+
+        def classified(t, carry, *, band_full):
+            other_lo, other_hi = other_range(t)
+            shared = (other_hi >= this_lo) & (other_lo <= this_hi)
+            with_mask = functools.partial(body, t, masked=True)
+            if_shared = lambda c: lax.cond(shared, with_mask, lambda c_: c_, c)
+            if not band_full:
+                return if_shared(carry)
+            one_doc = (this_lo == this_hi) & (other_lo == other_hi) & (this_lo == other_lo)
+            return lax.cond(one_doc, functools.partial(body, t, masked=False), if_shared,
+                            carry)
+
+        unmasked = functools.partial(classified, band_full=True)
+        masked = functools.partial(classified, band_full=False)
     if tiles_fit:
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, unmasked, carry)
+    carry = lax.fori_loop(lo, full_lo, masked, carry)
+    return lax.fori_loop(full_hi, hi, masked, carry)
+
+
+def _key_tile_segments(q_seg, kv_seg_ref, block_k, kv_len):
+    """`_visit_tiles`' segments argument for a query tile with ids q_seg that visits key
+    tiles of block_k keys (None without segment ids)."""
+    if q_seg is None:
+        return None
+    return (_segment_range(q_seg), lambda kb: _segment_range(
+        _load_vec(kv_seg_ref, kb * block_k, block_k, kv_len, other=0)))
 
 
 def _head_index(head):
@@ -327,7 +371,8 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref
 
     ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
     carry = _visit_tiles(body, online_softmax_init(block_q, q_ref.shape[-1]), ranges,
-                         tiles_fit=kv_len >= block_k)
+                         tiles_fit=kv_len >= block_k,
+                         segments=_key_tile_segments(q_seg, kv_seg_ref, block_k, kv_len))
     out, lse = online_softmax_finish(carry)
     _store_rows(o_ref, out, 0, block_q, q_len - q_start, head_dim)
     plgpu.store(lse_ref, lse, mask=rows < q_len)
@@ -418,9 +463,13 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_re
     ranges = _k_tile_ranges(k_start, block_k, q_len, kv_len, block_q, st.mask)
     Hp = k_ref.shape[-1]
     carry = (jnp.zeros((block_k, Hp), jnp.float32), jnp.zeros((block_k, Hp), jnp.float32))
+    segments = None
+    if st.mask.has_segments:
+        segments = (_segment_range(kv_seg), lambda qb: _segment_range(
+            _load_vec(q_seg_ref, qb * block_q, block_q, q_len, other=0)))
     for g in range(group):  # the G query heads that share this kv head
         carry = _visit_tiles(functools.partial(body, g=g), carry, ranges,
-                             tiles_fit=q_len >= block_q)
+                             tiles_fit=q_len >= block_q, segments=segments)
     dk, dv = carry
     _store_rows(dk_ref, dk * st.scale, 0, block_k, kv_len - k_start, head_dim)
     _store_rows(dv_ref, dv, 0, block_k, kv_len - k_start, head_dim)
@@ -464,7 +513,8 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
 
     ranges = _q_tile_ranges(q_start, block_q, q_len, kv_len, block_k, st.mask)
     dq = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)
-    dq = _visit_tiles(body, dq, ranges, tiles_fit=kv_len >= block_k)
+    dq = _visit_tiles(body, dq, ranges, tiles_fit=kv_len >= block_k,
+                      segments=_key_tile_segments(q_seg, kv_seg_ref, block_k, kv_len))
     _store_rows(dq_ref, dq * st.scale, 0, block_q, limit, head_dim)
 
 
