@@ -103,12 +103,29 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
         out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
     device_ms = 1e3 * (time.perf_counter() - start) / 10
+    # Where those ms go: the call alone (inputs already on the device, nothing in flight),
+    # then call + device with a sync after each; and the same with the ragged kernel's decode
+    # launch instead of the split-KV paged decode (max_q_len = T: the mixed-step kernel).
+    split = {}
+    for kernel, step_batch in (("paged decode", batch),
+                               ("ragged launch", batch.replace(max_q_len=T))):
+        dev_args = jax.device_put((step_batch, *args[1:]))
+        call_s = sync_s = 0.0
+        for i in range(8):
+            jax.block_until_ready(engine.kv)
+            t0 = time.perf_counter()
+            out, _, engine.kv = step_fn(engine.params, engine.kv, *dev_args, num_logprobs=0)
+            t1 = time.perf_counter()
+            jax.block_until_ready(out.tokens)
+            if i >= 3:  # the first calls compile (ragged launch) and warm up
+                call_s, sync_s = call_s + t1 - t0, sync_s + time.perf_counter() - t0
+        split[kernel] = (1e3 * call_s / 5, 1e3 * sync_s / 5)
     for i in ids:
         engine.abort(i)
     pool_gb = sum(k.nbytes + v.nbytes for k, v in engine.kv) / 1e9
     del engine
     gc.collect()
-    return step_ms, device_ms, copies_of_pool, pool_gb, phases
+    return step_ms, device_ms, copies_of_pool, pool_gb, phases, split
 
 
 def main(argv=None):
@@ -137,13 +154,16 @@ def main(argv=None):
         pools = tuple(int(p) for p in args.pools.split(","))
     for pages in pools:
         for overlap in (True,) if args.async_only else (False, True):
-            step_ms, device_ms, n_copies, gb, phases = probe(
+            step_ms, device_ms, n_copies, gb, phases, split = probe(
                 model, params, pages, n, prompt_len, new_tokens, overlap, base)
             print(f"  pool {pages:6d} pages ({gb:5.1f} GB) async={overlap!s:5}: step "
                   f"{step_ms:6.2f} ms, device-only {device_ms:6.2f} ms, pool-sized HLO "
                   f"copies {n_copies}")
             print("    host ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                       phases.items()))
+            for kernel, (call_ms, sync_ms) in split.items():
+                print(f"    {kernel:<13}: call alone {call_ms:6.2f} ms, call + device "
+                      f"(synced) {sync_ms:6.2f} ms")
 
 
 if __name__ == "__main__":
