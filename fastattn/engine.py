@@ -82,6 +82,9 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     async_scheduling: bool = True  # schedule step n + 1 while step n runs (see Engine.step)
+    # The fused kernels that won forward-only at engine shapes (INFERENCE_FUSION) on top of
+    # the model's own `fusion`: None = on a GPU without a mesh, True = always, False = never.
+    inference_fusion: bool | None = None
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "token_budget"):
@@ -94,9 +97,19 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} must be None or an int >= 1")
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.mode={self.mode!r} must be 'continuous' or 'static'")
+        if self.inference_fusion not in (None, True, False):
+            raise ValueError(f"EngineConfig.inference_fusion={self.inference_fusion!r} must be "
+                             "None (automatic), True or False")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"EngineConfig.gpu_memory_utilization={self.gpu_memory_utilization}"
                              " must be in (0, 1]")
+
+
+# Fused kernels on the engine's default path on a GPU (issue 8). experiments/bench_fused.py on
+# the H100 (BENCHMARKS.md), forward only at engine shapes (512 rows): SwiGLU 1.23x and RoPE in
+# the KV write 1.04-1.26x of XLA's fusion. add_rmsnorm lost there (0.79x at 512 rows), and
+# in training (forward + backward) none of them wins, so training keeps them off.
+INFERENCE_FUSION = dict(swiglu=True, rope_write_kv=True)
 
 
 @dataclasses.dataclass
@@ -158,7 +171,7 @@ class Engine:
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the "
                              f"model's max_position_embeddings={mc.max_position_embeddings}")
         dtype = jnp.dtype(config.dtype or jax.tree.leaves(params)[0].dtype)
-        self.model = type(model)(dataclasses.replace(mc, dtype=dtype.name))
+        self.model = type(model)(self._serving_config(mc, dtype, config, mesh))
         self.params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
         if mesh is not None:  # checks the heads divide "model" before anything is allocated
             self.params = sharding.shard_params(self.params, mesh, mc)
@@ -210,6 +223,20 @@ class Engine:
                        "busy_seconds": 0.0, "ttft": [], "tpot": [], "kv_usage": [], "kv_fill": []}
 
     # -- memory -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _serving_config(mc, dtype, config: EngineConfig, mesh):
+        """The model config the engine runs: its compute dtype, and INFERENCE_FUSION where
+        `config.inference_fusion` asks for it (models with a `fusion` field only; the
+        kernels are single-device, so not on a mesh)."""
+        mc = dataclasses.replace(mc, dtype=dtype.name)
+        fuse = config.inference_fusion
+        if fuse is None:
+            fuse = jax.default_backend() == "gpu" and mesh is None
+        if fuse and hasattr(mc, "fusion"):
+            mc = dataclasses.replace(mc, fusion=dataclasses.replace(mc.fusion,
+                                                                    **INFERENCE_FUSION))
+        return mc
 
     def _pages_that_fit(self, mc, dtype) -> int:
         """Pages that fit in `gpu_memory_utilization` of the first device's memory left after
