@@ -82,9 +82,9 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     async_scheduling: bool = True  # schedule step n + 1 while step n runs (see Engine.step)
-    # The fused kernels that won forward-only at engine shapes (INFERENCE_FUSION) on top of
-    # the model's own `fusion`: None = on a GPU without a mesh, True = always, False = never.
-    inference_fusion: bool | None = None
+    # True: the fused kernels of INFERENCE_FUSION on top of the model's own `fusion` (not on
+    # a mesh: the kernels are single-device). Off until measured inside the engine step.
+    inference_fusion: bool = False
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "token_budget"):
@@ -97,18 +97,19 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} must be None or an int >= 1")
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.mode={self.mode!r} must be 'continuous' or 'static'")
-        if self.inference_fusion not in (None, True, False):
+        if not isinstance(self.inference_fusion, bool):
             raise ValueError(f"EngineConfig.inference_fusion={self.inference_fusion!r} must be "
-                             "None (automatic), True or False")
+                             "True or False")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"EngineConfig.gpu_memory_utilization={self.gpu_memory_utilization}"
                              " must be in (0, 1]")
 
 
-# Fused kernels on the engine's default path on a GPU (issue 8). experiments/bench_fused.py on
-# the H100 (BENCHMARKS.md), forward only at engine shapes (512 rows): SwiGLU 1.23x and RoPE in
-# the KV write 1.04-1.26x of XLA's fusion. add_rmsnorm lost there (0.79x at 512 rows), and
-# in training (forward + backward) none of them wins, so training keeps them off.
+# The fused kernels EngineConfig.inference_fusion turns on (issue 8): the two that came out
+# ahead forward-only at engine shapes in experiments/bench_fused.py on the H100 (SwiGLU 1.23x,
+# RoPE in the KV write 1.04-1.26x at 256-512 rows). Those rows took 45-90 us per call, the
+# scale of one host dispatch, so they may time the host rather than the kernels (BENCHMARKS.md):
+# off by default until bench_fused's chained timing, or the serving benchmark, confirms them.
 INFERENCE_FUSION = dict(swiglu=True, rope_write_kv=True)
 
 
@@ -230,10 +231,7 @@ class Engine:
         `config.inference_fusion` asks for it (models with a `fusion` field only; the
         kernels are single-device, so not on a mesh)."""
         mc = dataclasses.replace(mc, dtype=dtype.name)
-        fuse = config.inference_fusion
-        if fuse is None:
-            fuse = jax.default_backend() == "gpu" and mesh is None
-        if fuse and hasattr(mc, "fusion"):
+        if config.inference_fusion and mesh is None and hasattr(mc, "fusion"):
             mc = dataclasses.replace(mc, fusion=dataclasses.replace(mc.fusion,
                                                                     **INFERENCE_FUSION))
         return mc

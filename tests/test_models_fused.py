@@ -50,8 +50,8 @@ def test_fused_model_has_the_same_parameters_logits_and_gradients(tied):
 
 
 def test_engine_with_inference_fusion_gives_the_same_tokens():
-    """EngineConfig.inference_fusion=True (RoPE inside the KV write, fused SwiGLU: the GPU
-    default) gives the plain engine's greedy tokens; None means off without a GPU."""
+    """EngineConfig.inference_fusion=True (RoPE inside the KV write, fused SwiGLU) gives the
+    plain engine's greedy tokens."""
     params = _params(BASE)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 33, 9)]
@@ -59,7 +59,7 @@ def test_engine_with_inference_fusion_gives_the_same_tokens():
     config = EngineConfig(page_size=8, num_pages=48, token_budget=32, max_num_seqs=4,
                           max_model_len=64)
     plain = Engine(Llama(BASE), params, config)
-    assert plain.model.config.fusion == Fusion()  # None: automatic, and this is no GPU
+    assert plain.model.config.fusion == Fusion()
     want = [c.token_ids for c in plain.generate(prompts, greedy)]
     fused = Engine(Llama(BASE), params, dataclasses.replace(config, inference_fusion=True))
     assert fused.model.config.fusion == Fusion(swiglu=True, rope_write_kv=True)
@@ -67,7 +67,7 @@ def test_engine_with_inference_fusion_gives_the_same_tokens():
     assert got == want
 
 
-def test_engine_inference_fusion_must_be_a_bool_or_none():
+def test_engine_inference_fusion_must_be_a_bool():
     with pytest.raises(ValueError, match="inference_fusion='yes'"):
         EngineConfig(inference_fusion="yes")
 
