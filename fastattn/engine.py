@@ -28,6 +28,7 @@ fastattn never imports models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -203,8 +204,13 @@ class Engine:
         shardings = {} if mesh is None else {"out_shardings": (
             sharding.replicated(mesh), sharding.replicated(mesh),
             jax.sharding.NamedSharding(mesh, sharding.kv_pages_spec()))}
-        self._step_fn = jax.jit(self._device_step, donate_argnums=1,
-                                static_argnames=("num_logprobs",), **shardings)
+        # A module-level function, not a bound method: a jitted bound method holds the engine,
+        # the engine holds the jitted function, and on the GPU (jax 0.11) that cycle kept a
+        # deleted engine's whole page pool allocated (57 GB), so the next engine found no room.
+        self._step_fn = jax.jit(functools.partial(_device_step, self.model,
+                                                  config.max_num_seqs),
+                                donate_argnums=1, static_argnames=("num_logprobs",),
+                                **shardings)
         # Step inputs that live on the device are placed like the step's outputs (replicated
         # on a mesh): the step fed by `_no_tokens` and the one fed by the last step's tokens
         # must have one signature, or each bucket compiles twice.
@@ -552,22 +558,6 @@ class Engine:
             prompt_mask = token_counts(jnp.asarray(prompts), self.vocab_size) > 0
         return batch, feed, sampling, steps, counts, prompt_mask
 
-    def _device_step(self, params, kv, batch, sampling, key, steps, counts, prompt_mask, copies,
-                     prev_tokens, feed, num_logprobs):
-        tokens = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], batch.tokens)
-        batch = batch.replace(tokens=tokens)
-        src, dst = copies[0], copies[1]
-        kv = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
-              for k, v in kv]  # copy-on-write before any write of this step
-        logits, kv = self.model.apply({"params": params}, batch, kv,
-                                      method=type(self.model).paged_step)
-        out = sample(logits, sampling, key, steps, counts, prompt_mask,
-                     num_logprobs=num_logprobs)
-        # The next step reads its fed tokens from here: one fixed shape for every bucket.
-        padded = jnp.zeros(self.config.max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(
-            out.tokens)
-        return out, padded, kv
-
     def _stop_reason(self, seq: Seq, token: int, num_output: int) -> str | None:
         p = seq.params
         if num_output >= p.min_tokens:
@@ -693,6 +683,22 @@ class Engine:
             "prefix_cache_hit_rate": self.blocks.prefix_cache_stats.hit_rate,
             "num_pages": self.num_pages,
         }
+
+
+def _device_step(model, max_num_seqs, params, kv, batch, sampling, key, steps, counts,
+                 prompt_mask, copies, prev_tokens, feed, num_logprobs):
+    """One engine step on the device (jitted by Engine): feed the previous step's tokens,
+    copy-on-write pages, the model's paged step, sampling."""
+    tokens = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], batch.tokens)
+    batch = batch.replace(tokens=tokens)
+    src, dst = copies[0], copies[1]
+    kv = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
+          for k, v in kv]  # copy-on-write before any write of this step
+    logits, kv = model.apply({"params": params}, batch, kv, method=type(model).paged_step)
+    out = sample(logits, sampling, key, steps, counts, prompt_mask, num_logprobs=num_logprobs)
+    # The next step reads its fed tokens from here: one fixed shape for every bucket.
+    padded = jnp.zeros(max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
+    return out, padded, kv
 
 
 def _buckets(token_budget: int) -> list[int]:

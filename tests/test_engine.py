@@ -49,6 +49,26 @@ def test_greedy_tokens_equal_plain_generation(mode, overlap, expected):
     _check_idle(engine)
 
 
+def test_deleting_an_engine_frees_its_page_pool_at_once():
+    """No reference cycle may hold the engine (a jitted bound method did: on the GPU the
+    garbage collector never freed it, and the next engine found no memory for its pool)."""
+    import gc
+
+    def pool_bytes():
+        return sum(a.nbytes for a in jax.live_arrays())
+
+    before = pool_bytes()
+    engine = _engine(num_pages=512)
+    engine.generate(PROMPTS[:2], GREEDY)
+    assert pool_bytes() > before
+    gc.disable()  # freed by reference counting alone, not by a later collection
+    try:
+        del engine
+        assert pool_bytes() == before
+    finally:
+        gc.enable()
+
+
 def test_warmup_compiles_every_step_shape(expected):
     """After warmup() no step compiles again: the inputs a real step passes (device-resident
     sampling tensors, every bucket, decode-only and mixed) have the signatures warmup used."""
