@@ -95,6 +95,14 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     hlo = lowered.compile().as_text()
     pool = f"[{model.config.num_kv_heads},{engine.num_pages},"
     copies_of_pool = sum(1 for line in hlo.splitlines() if " copy(" in line and pool in line)
+    # Launches the host issues per step: the entry computation's kernels (fusions, custom
+    # calls incl. Pallas and cuBLAS), and how many of them XLA put into command buffers
+    # (CUDA graphs, launched as one).
+    entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
+    entry = entry[:entry.find("\n}") + 1]
+    launches = {kind: entry.count(f" {kind}(") for kind in ("fusion", "custom-call", "call")}
+    launches["command_buffer"] = hlo.count("command_buffer")
+    print(f"    compiled step: entry kernels {launches}", flush=True)
     for _ in range(3):
         out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
