@@ -466,7 +466,9 @@ class Engine:
 
     def warmup(self) -> float:
         """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
-        batches that write and read nothing; returns the seconds it took."""
+        batches that write and read nothing; returns the seconds it took. Batches whose rows
+        use penalties, top_k / top_p or min_tokens select sampler variants
+        (`SamplingTensors`' static fields) that compile at their first use."""
         start = time.perf_counter()
         for T in self.buckets:
             S = min(T, self.config.max_num_seqs)

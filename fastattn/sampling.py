@@ -215,6 +215,13 @@ class SamplingTensors:
         few shapes are compiled.
       needs_history: static bool; True when a row uses a penalty, so the sampler needs
         ``output_counts`` and ``prompt_mask``. Changing it retraces a jitted caller.
+      filters: static bool; True when a row uses top_k or top_p, so the sampler runs the
+        filters (steps 7-8). Changing it retraces a jitted caller.
+
+    Why static, not decided on the device: a ``lax.cond`` on a device value makes XLA's GPU
+    runtime copy the predicate to the host and wait for it, so an engine step with one blocks
+    the host until the whole model has run (measured: the call of a 256-sequence decode step
+    returned only when its device work was done), and host/device overlap is lost.
     """
 
     temperature: jax.Array
@@ -231,6 +238,7 @@ class SamplingTensors:
     min_tokens: jax.Array
     stop_ids: jax.Array
     needs_history: bool = flax.struct.field(pytree_node=False, default=False)
+    filters: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def num_rows(self) -> int:
@@ -299,6 +307,7 @@ class SamplingTensors:
             min_tokens=col(lambda p: p.min_tokens, np.int32),
             stop_ids=stop_ids,
             needs_history=any(p.uses_penalties for p in params),
+            filters=any(p.top_k != -1 or p.top_p < 1 for p in params if not p.greedy),
         )
 
 
@@ -392,14 +401,18 @@ def _largest_passing(keys, passes, ways):
         n = jnp.sum(passes(t) & (t <= hi[:, None]), -1, dtype=jnp.uint32)  # a prefix of t passes
         return lo + n * step, jnp.minimum(hi, lo + (n + 1) * step - 1)
 
-    lo, _ = jax.lax.fori_loop(0, num_passes, narrow, (keys.min(-1), keys.max(-1)))
+    # Unrolled: a loop would be a while loop on the GPU, whose trip test the runtime reads
+    # back on the host each iteration.
+    lo, _ = jax.lax.fori_loop(0, num_passes, narrow, (keys.min(-1), keys.max(-1)),
+                              unroll=True)
     return lo
 
 
 def _filter_select(x, keep, k, p, row_max, *, ways):
     """Steps 7-8 by radix select on the float bits: per filter, ``32 / log2(ways)`` passes that
-    each compare every logit with ``ways - 1`` thresholds and reduce, no sort. Each filter runs
-    only when some row of the batch uses it."""
+    each compare every logit with ``ways - 1`` thresholds and reduce, no sort. Both filters
+    run (``SamplingTensors.filters`` says whether a batch needs them at all); a row that does
+    not use one gets a threshold every key passes."""
     S, V = x.shape
     keys = _ordered_keys(x)[:, None, :]  # [S, 1, V]
 
@@ -407,8 +420,7 @@ def _filter_select(x, keep, k, p, row_max, *, ways):
         count = lambda t: jnp.where(keys >= t[:, :, None], 1.0, 0.0).sum(-1)
         return _largest_passing(keys[:, 0], lambda t: count(t) >= k[:, None], ways)
 
-    no_threshold = lambda: jnp.zeros((S,), jnp.uint32)  # every key is >= 0
-    keep &= keys[:, 0] >= jax.lax.cond(jnp.any(k < V), kth_largest, no_threshold)[:, None]
+    keep &= keys[:, 0] >= kth_largest()[:, None]  # k = V: the row minimum, every key passes
     weight = jnp.where(keep, jnp.exp(x - row_max), 0.0)  # [S, V] unnormalised kept probs
 
     def nucleus():  # largest t with mass{keys >= t} >= p * total
@@ -417,13 +429,12 @@ def _filter_select(x, keep, k, p, row_max, *, ways):
             keys[:, 0], lambda t: jnp.where(keys >= t[:, :, None], weight[:, None, :], 0.0)
             .sum(-1) >= target, ways)
 
-    tau = jax.lax.cond(jnp.any(p < 1), nucleus, no_threshold)
-    return keep & ((keys[:, 0] >= tau[:, None]) | (p >= 1)[:, None])
+    return keep & ((keys[:, 0] >= nucleus()[:, None]) | (p >= 1)[:, None])
 
 
 def _filter_sort(x, keep, k, p, row_max):
-    """Steps 7-8 from one descending sort of each row: O(V log V) per row, run only when some row
-    of the batch uses top_k or top_p."""
+    """Steps 7-8 from one descending sort of each row: O(V log V) per row (run only when
+    ``SamplingTensors.filters`` says some row of the batch uses top_k or top_p)."""
     S, V = x.shape
 
     def thresholds():
@@ -438,8 +449,7 @@ def _filter_sort(x, keep, k, p, row_max):
                           jnp.take_along_axis(desc, n_keep - 1, -1))
         return tau_k[:, 0], tau_p[:, 0]
 
-    off = lambda: (jnp.full((S,), -jnp.inf), jnp.full((S,), -jnp.inf))
-    tau_k, tau_p = jax.lax.cond(jnp.any(k < V) | jnp.any(p < 1), thresholds, off)
+    tau_k, tau_p = thresholds()
     return keep & (x >= tau_k[:, None]) & (x >= tau_p[:, None])
 
 
@@ -471,8 +481,9 @@ def _filtered(x, t: SamplingTensors, implementation: str):
     x = x / t.temperature[:, None]
     row_max = x.max(-1, keepdims=True)
     keep = x >= row_max + jnp.log(t.min_p)[:, None]  # log(0) = -inf keeps every token
-    k = jnp.where(t.top_k < 1, V, jnp.minimum(t.top_k, V))
-    keep = FILTER_IMPLEMENTATIONS[implementation](x, keep, k, t.top_p, row_max)
+    if t.filters:  # static: some row uses top_k or top_p
+        k = jnp.where(t.top_k < 1, V, jnp.minimum(t.top_k, V))
+        keep = FILTER_IMPLEMENTATIONS[implementation](x, keep, k, t.top_p, row_max)
     return jnp.where(keep, x, -jnp.inf)
 
 
@@ -492,13 +503,13 @@ def _sample(logits, t, key, steps, output_counts, prompt_mask, num_logprobs, imp
     x = _penalised(logits, t, steps, output_counts, prompt_mask)
     greedy_tokens = jnp.argmax(x, -1).astype(jnp.int32)
 
-    def draw():
-        noise = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(
-            _row_keys(t, key, steps))
-        drawn = jnp.argmax(_filtered(x, t, implementation) + noise, -1).astype(jnp.int32)
-        return jnp.where(t.greedy, greedy_tokens, drawn)
-
-    tokens = jax.lax.cond(jnp.all(t.greedy), lambda: greedy_tokens, draw)
+    # Every row draws, greedy ones too (their draw is dropped): deciding on the device to skip
+    # it would be a lax.cond, which blocks the host (SamplingTensors). It costs one Gumbel
+    # noise [S, V] per step.
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(
+        _row_keys(t, key, steps))
+    drawn = jnp.argmax(_filtered(x, t, implementation) + noise, -1).astype(jnp.int32)
+    tokens = jnp.where(t.greedy, greedy_tokens, drawn)
 
     raw = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(raw, -1)

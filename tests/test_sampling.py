@@ -6,6 +6,7 @@ Shapes are few and shared (S x V = 16 x 64, 4096 x 8, small determinism batches)
 compiles a handful of programs and runs in seconds on a CPU.
 """
 
+import functools
 import math
 import re
 
@@ -447,3 +448,23 @@ def test_sampler_passes_under_debug_nans():
             out = sample(logits, t, KEY, np.zeros(S, np.int32), counts, mask, num_logprobs=2,
                          implementation=impl)
             assert np.isfinite(np.asarray(out.logprobs)).all()
+
+
+@pytest.mark.parametrize("params", [
+    [SamplingParams(temperature=0.0)] * 3,
+    [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0)],
+    [SamplingParams(temperature=0.9, top_k=5, top_p=0.8), SamplingParams(min_p=0.1)],
+], ids=["greedy", "temperature", "filters"])
+@pytest.mark.parametrize("implementation", sorted(FILTER_IMPLEMENTATIONS))
+def test_the_sampler_compiles_without_device_branches_or_loops(params, implementation):
+    """No lax.cond or while loop in the compiled sampler: on the GPU each makes the runtime
+    read a device value back on the host, which blocked every engine step's launch until the
+    model had run (BENCHMARKS.md, serving)."""
+    tensors = SamplingTensors.build(params)
+    logits = jnp.zeros((len(params), 64), jnp.float32)
+    text = jax.jit(functools.partial(sample, implementation=implementation)).trace(
+        logits, tensors, jax.random.key(0), jnp.zeros(len(params), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()  # as on the GPU (threefry is a kernel there)
+    for op in ("stablehlo.case", "stablehlo.if", "stablehlo.while"):
+        assert op not in text, f"{op} in the sampler ({tensors.filters=})"
+    assert tensors.filters == any(p.top_k != -1 or p.top_p < 1 for p in params)
