@@ -98,6 +98,14 @@ def _impls(on_gpu, paged):
 def run(configs, out_path, ragged):
     on_gpu = jax.default_backend() == "gpu"
     rows = []
+    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=datetime.date.today().isoformat(), rows=rows)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+
+    def save():  # after every config: a run cut short by a time limit keeps its rows
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+
     for B, S in configs:
         name = f"b{B} kv{S} hq{N} hkv{K} d{H}"
         keys = jax.random.split(jax.random.key(B * S), 3)
@@ -111,6 +119,7 @@ def run(configs, out_path, ragged):
         ms = time_fn(copy, k, jnp.ones((), k.dtype), repeats=REPEATS)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
                          gbps=2 * k.size * k.dtype.itemsize / ms / 1e6))
+        print(name, "copy_ceiling", {"ms": ms, "gbps": rows[-1]["gbps"]}, flush=True)
         ref = None
         for impl, fn in _impls(on_gpu, paged).items():
             row = dict(config=name, impl=impl)
@@ -129,12 +138,9 @@ def run(configs, out_path, ragged):
             rows.append(row)
             print(name, impl, {k_: v_ for k_, v_ in row.items() if k_ not in ("config", "impl")},
                   flush=True)
+        save()
     rows += run_ragged(*ragged)
-    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.date.today().isoformat(), rows=rows)
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     print(f"\nGB/s of K+V read  ({result['device']}, jax {result['jax']})")
     print(f"{'config':<32}" + "".join(f"{i:>17}" for i in impls))
