@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The measurements still owed (BENCHMARKS.md marks each "not yet measured"), one step per
-# device call of at most 10 minutes. Results and logs -> $OUT.
-#   bash experiments/gpu_pending.sh decode     # H100: decode defaults (waves, stages), ragged
-#                                              #   interior tiles + paged decode for decode-only
-#   bash experiments/gpu_pending.sh fused      # H100: bench_fused (cross-entropy's baseline fixed)
-#   bash experiments/gpu_pending.sh train      # H100: MFU with pallas, xla, cudnn, fused loss
-#   bash experiments/gpu_pending.sh serving    # H100: engine profile + serving (+ HF baseline)
-#   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel check + its GPU tests
+# The measurements still owed (BENCHMARKS.md says which), one step per device call of at most
+# 10 minutes. Results and logs -> $OUT.
+#   bash experiments/gpu_pending.sh decode     # H100: GPU decode tests + bench_decode (chained
+#                                              #   timing; JSON saved after every config)
+#   bash experiments/gpu_pending.sh ragged     # H100: the mixed-step tile sweep and its halves
+#   bash experiments/gpu_pending.sh fused      # H100: bench_fused (engine-sized rows chained)
+#   bash experiments/gpu_pending.sh train      # H100: pallas unpacked, pallas_mosaic, cudnn
+#   bash experiments/gpu_pending.sh serving    # H100: engine profile (default and with XLA's
+#                                              #   command buffers off) + serving incl. static
+#   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel's GPU tests + check
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -16,27 +18,34 @@ for step in "$@"; do
   start=$SECONDS
   case $step in
     decode)
-      timeout 100 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
-        tests/test_paged_gpu.py tests/test_ragged_paged_attention.py 2>&1 \
-        | tee "$OUT/tests_decode.txt" | tail -3
-      timeout 380 python3 experiments/bench_decode.py --out "$OUT/decode.json" 2>&1 \
-        | tee "$OUT/bench_decode.txt" | tail -14
-      timeout 100 python3 experiments/bench_decode.py --sweep ragged 2>&1 | grep -v "^\s*$" \
+      timeout 60 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_paged_gpu.py 2>&1 | tee "$OUT/tests_decode.txt" | tail -3
+      timeout 500 python3 experiments/bench_decode.py --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/bench_decode.txt" | tail -14 ;;
+    ragged)
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_ragged_paged_attention.py 2>&1 | tail -3
+      timeout 200 python3 experiments/bench_decode.py --sweep ragged 2>&1 | grep -v "^\s*$" \
         | tee "$OUT/sweep_ragged.txt" | tail -8 ;;
     fused) timeout 300 python3 experiments/bench_fused.py --out "$OUT/fused.json" 2>&1 \
              | tee "$OUT/bench_fused.txt" | tail -16 ;;
-    train) timeout 500 python3 experiments/bench_train.py \
-             --impls pallas,pallas+fused_loss,xla,cudnn --out "$OUT/train.json" 2>&1 \
-             | tee "$OUT/bench_train.txt" | tail -8 ;;
+    train)
+      timeout 280 python3 experiments/bench_train.py --impls pallas,pallas_mosaic,cudnn \
+        --unpacked --out "$OUT/train_unpacked.json" 2>&1 | tee "$OUT/bench_train.txt" | tail -5
+      timeout 250 python3 experiments/bench_train.py --impls pallas,pallas_mosaic \
+        --out "$OUT/train_packed.json" 2>&1 | tee -a "$OUT/bench_train.txt" | tail -4 ;;
     serving)
-      timeout 150 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
-        | tee "$OUT/profile_engine.txt" | tail -3
-      timeout 400 python3 experiments/bench_serving.py --hf --out "$OUT/serving.json" 2>&1 \
+      timeout 120 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
+        | tee "$OUT/profile_engine.txt" | tail -6
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 120 python3 \
+        experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
+        | tee "$OUT/profile_engine_no_cmdbuf.txt" | tail -6
+      timeout 330 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -12 ;;
     mosaic)
-      timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py 2>&1 | tail -3
-      timeout 200 python3 experiments/mgpu_check.py --out "$OUT/mgpu_check.json" 2>&1 \
+      timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py 2>&1 | tee "$OUT/mgpu_tests.txt" | tail -3
+      timeout 230 python3 experiments/mgpu_check.py --out "$OUT/mgpu_check.json" 2>&1 \
         | tee "$OUT/mgpu_check.txt" | tail -25 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
