@@ -29,7 +29,9 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, context_lens, 
     rows = jnp.arange(T, dtype=jnp.int32)
     query_start = query_start.astype(jnp.int32)
     # Sequence of each row: the s with query_start[s] <= r < query_start[s + 1].
-    seq = jnp.searchsorted(query_start[1:], rows, side="right").astype(jnp.int32)
+    # compare_all: no while loop (the GPU runtime would step it from the host).
+    seq = jnp.searchsorted(query_start[1:], rows, side="right",
+                           method="compare_all").astype(jnp.int32)
     row_valid = seq < jnp.minimum(num_seqs, S)
     seq = jnp.minimum(seq, S - 1)
     ctx = context_lens.astype(jnp.int32)[seq]  # [T]

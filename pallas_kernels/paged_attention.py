@@ -328,7 +328,11 @@ def _work_list(q_lens, covered, *, block_q, num_programs):
     tiles = jnp.where(covered, (q_lens + block_q - 1) // block_q, 0)
     ends = jnp.cumsum(tiles)
     w = jnp.arange(num_programs, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)  # S past the last tile
+    # compare_all, not the default binary search: that is a while loop, which XLA's GPU
+    # runtime steps from the host (a device->host read per iteration) and which would block
+    # the engine step's launch until the device caught up.
+    seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(
+        jnp.int32)  # S past the last tile
     tile = w - (ends - tiles)[jnp.minimum(seq, S - 1)]
     return seq, tile.astype(jnp.int32)
 
