@@ -27,6 +27,7 @@ fastattn never imports models.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -468,29 +469,43 @@ class Engine:
         """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
         batches that write and read nothing; returns the seconds it took. Batches whose rows
         use penalties, top_k / top_p or min_tokens select sampler variants
-        (`SamplingTensors`' static fields) that compile at their first use."""
+        (`SamplingTensors`' static fields) that compile at their first use.
+
+        The shapes compile side by side in threads (XLA's compiler releases the GIL; each
+        compiled program lands in the jit's cache), then each runs once, in turn."""
         start = time.perf_counter()
-        for T in self.buckets:
-            S = min(T, self.config.max_num_seqs)
-            # A decode-only step has at most max_num_seqs rows: no such step in larger buckets.
-            for max_q in {1, T} if T <= _bucket(self.config.max_num_seqs, self.buckets) \
-                    else {T}:
-                batch = RaggedBatch(
-                    tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-                    slot_mapping=np.full(T, -1, np.int32),
-                    block_tables=np.zeros((S, self.pages_per_seq), np.int32),
-                    context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
-                    num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
-                sampling = jax.device_put(SamplingTensors.build([], pad_to=S),
-                                          self._replicated)  # as _inputs does
-                copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
-                with sharding.use_mesh(self.mesh):
-                    out, _, self.kv = self._step_fn(
-                        self.params, self.kv, batch, sampling, self._key,
-                        np.zeros(S, np.int32), None, None, copies, self._no_tokens,
-                        np.full(T, -1, np.int32), num_logprobs=0)
+        steps = [self._warmup_args(T, max_q) for T in self.buckets
+                 # A decode-only step has at most max_num_seqs rows: none in larger buckets.
+                 for max_q in sorted({1, T} if T <= _bucket(self.config.max_num_seqs,
+                                                            self.buckets) else {T})]
+
+        def compile_step(args):
+            with sharding.use_mesh(self.mesh):
+                self._step_fn.lower(self.params, self.kv, *args, num_logprobs=0).compile()
+
+        workers = max(1, min(len(steps), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(compile_step, steps))  # re-raises a failed compile here
+        for args in steps:
+            with sharding.use_mesh(self.mesh):
+                out, _, self.kv = self._step_fn(self.params, self.kv, *args, num_logprobs=0)
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - start
+
+    def _warmup_args(self, T: int, max_q: int) -> tuple:
+        """The step's arguments after (params, kv) for an all-padding batch of bucket T, as
+        `_launch` passes them (numpy batch, device-resident sampling tensors)."""
+        S = min(T, self.config.max_num_seqs)
+        batch = RaggedBatch(
+            tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+            slot_mapping=np.full(T, -1, np.int32),
+            block_tables=np.zeros((S, self.pages_per_seq), np.int32),
+            context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
+            num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q)
+        sampling = jax.device_put(SamplingTensors.build([], pad_to=S), self._replicated)
+        copies = np.full((2, S), [[0], [self.num_pages]], np.int32)
+        return (batch, sampling, self._key, np.zeros(S, np.int32), None, None, copies,
+                self._no_tokens, np.full(T, -1, np.int32))
 
     def _inputs(self, chunks: list[Chunk], T: int, S: int, prev: _InFlight | None):
         """The step's host arrays, padded to T rows and S sequences. A token still being
