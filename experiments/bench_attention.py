@@ -56,14 +56,19 @@ def chained(fn, repeats: int):
     def many(*args):
         outs = [fn(*args)]
         floats = [i for i, x in enumerate(args) if jnp.issubdtype(x.dtype, jnp.floating)]
-        smallest = min(floats, key=lambda i: args[i].size * args[i].dtype.itemsize)
+        i = min(floats, key=lambda i: args[i].size * args[i].dtype.itemsize)
         for _ in range(repeats - 1):
-            d = jnp.ravel(jax.tree_util.tree_leaves(outs[-1])[0])[0]
-            x = args[smallest]
-            args = (*args[:smallest], x + (d != d).astype(x.dtype), *args[smallest + 1:])
+            args = (*args[:i], depending_on(outs[-1], args[i]), *args[i + 1:])
             outs.append(fn(*args))
         return outs
     return jax.jit(many)
+
+
+def depending_on(out, x):
+    """x + 0 that XLA cannot compute before `out` exists: (d != d) with d one element of out is
+    0 unless d is NaN, which the compiler cannot rule out (see `chained`)."""
+    d = jnp.ravel(jax.tree_util.tree_leaves(out)[0])[0]
+    return x + (d != d).astype(x.dtype)
 
 
 def time_fn(fn, *args, min_time=0.3, min_iters=10, samples=7, repeats=1):

@@ -140,10 +140,7 @@ def test_engine_step_lowers_without_host_round_trips(max_q_len, filters):
     import dataclasses
     from unittest import mock
 
-    import numpy as np
-
     from fastattn.engine import Engine, EngineConfig
-    from fastattn.ragged_batch import RaggedBatch
     from fastattn.sampling import SamplingParams, SamplingTensors
     from models import TINY, Llama
 
@@ -151,21 +148,13 @@ def test_engine_step_lowers_without_host_round_trips(max_q_len, filters):
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     engine = Engine(model, params, EngineConfig(page_size=16, num_pages=64, token_budget=64,
                                                 max_num_seqs=8, max_model_len=128))
-    T, S = 64, 8
-    batch = RaggedBatch(
-        tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-        slot_mapping=np.full(T, -1, np.int32),
-        block_tables=np.zeros((S, engine.pages_per_seq), np.int32),
-        context_lens=np.zeros(S, np.int32), query_start=np.zeros(S + 1, np.int32),
-        num_seqs=np.int32(0), logits_rows=np.zeros(S, np.int32), max_q_len=max_q_len)
-    rows = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9)] if filters else []
-    sampling = SamplingTensors.build(rows, pad_to=S)
-    copies = np.full((2, S), [[0], [engine.num_pages]], np.int32)
+    args = list(engine._warmup_args(64, max_q_len))  # what warmup() compiles for bucket 64
+    if filters:  # a batch whose row samples with top_k and top_p: the sampler's other variant
+        args[1] = SamplingTensors.build([SamplingParams(temperature=0.8, top_k=20, top_p=0.9)],
+                                        pad_to=8)
     with mock.patch("jax.default_backend", return_value="gpu"):  # the kernels, not interpret
-        text = engine._step_fn.trace(
-            engine.params, engine.kv, batch, sampling, engine._key, np.zeros(S, np.int32),
-            None, None, copies, engine._no_tokens, np.full(T, -1, np.int32),
-            num_logprobs=0).lower(lowering_platforms=("cuda",)).as_text()
+        text = engine._step_fn.trace(engine.params, engine.kv, *args, num_logprobs=0).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "custom_call" in text
     for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
         assert op not in text, f"{op} in the engine step"
