@@ -91,8 +91,8 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     batch, feed, sampling, st, counts, pm = engine._inputs(chunks, T, S, None)
     copies = np.full((2, S), [[0], [engine.num_pages]], np.int32)
     args = (batch, sampling, engine._key, st, counts, pm, copies, engine._no_tokens, feed)
-    lowered = step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
-    hlo = lowered.compile().as_text()
+    lowered, _ = step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
+    hlo = lowered.compile().as_text()  # the model's program (the sampler is small)
     pool = f"[{model.config.num_kv_heads},{engine.num_pages},"
     copies_of_pool = sum(1 for line in hlo.splitlines() if " copy(" in line and pool in line)
     # Launches the host issues per step: the entry computation's kernels (fusions, custom

@@ -200,18 +200,7 @@ class Engine:
                                    max_num_seqs=config.max_num_seqs, mode=config.mode)
         self.buckets = _buckets(config.token_budget)
         self._key = jax.random.key_data(jax.random.key(config.seed))
-        # On a mesh: the sampled tokens (and logprobs) replicated, the pages kept K-split so
-        # the donated buffers are reused in place. Call it under `sharding.use_mesh(self.mesh)`.
-        shardings = {} if mesh is None else {"out_shardings": (
-            sharding.replicated(mesh), sharding.replicated(mesh),
-            jax.sharding.NamedSharding(mesh, sharding.kv_pages_spec()))}
-        # A module-level function, not a bound method: a jitted bound method holds the engine,
-        # the engine holds the jitted function, and on the GPU (jax 0.11) that cycle kept a
-        # deleted engine's whole page pool allocated (57 GB), so the next engine found no room.
-        self._step_fn = jax.jit(functools.partial(_device_step, self.model,
-                                                  config.max_num_seqs),
-                                donate_argnums=1, static_argnames=("num_logprobs",),
-                                **shardings)
+        self._step_fn = _StepFns(self.model, config.max_num_seqs, mesh)
         # Step inputs that live on the device are placed like the step's outputs (replicated
         # on a mesh): the step fed by `_no_tokens` and the one fed by the last step's tokens
         # must have one signature, or each bucket compiles twice.
@@ -468,27 +457,41 @@ class Engine:
     def warmup(self) -> float:
         """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
         batches that write and read nothing; returns the seconds it took. Batches whose rows
-        use penalties, top_k / top_p or min_tokens select sampler variants
-        (`SamplingTensors`' static fields) that compile at their first use.
+        use penalties or min_tokens select sampler variants (`SamplingTensors`' static
+        fields) that compile at their first use (about a second each: the sampler alone).
 
-        The shapes compile side by side in threads (XLA's compiler releases the GIL; each
-        compiled program lands in the jit's cache), then each runs once, in turn."""
+        The model's step shapes compile side by side in threads (XLA's compiler releases
+        the GIL; each compiled program lands in the jit's cache), then each runs once, in
+        turn; the sampler compiles its plain and its top_k / top_p variants per row count."""
         start = time.perf_counter()
         steps = [self._warmup_args(T, max_q) for T in self.buckets
                  # A decode-only step has at most max_num_seqs rows: none in larger buckets.
                  for max_q in sorted({1, T} if T <= _bucket(self.config.max_num_seqs,
                                                             self.buckets) else {T})]
 
-        def compile_step(args):
+        def compile_model(args):
             with sharding.use_mesh(self.mesh):
-                self._step_fn.lower(self.params, self.kv, *args, num_logprobs=0).compile()
+                self._step_fn.lower(self.params, self.kv, *args, num_logprobs=0)[0].compile()
 
         workers = max(1, min(len(steps), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(compile_step, steps))  # re-raises a failed compile here
-        for args in steps:
+            list(pool.map(compile_model, steps))  # re-raises a failed compile here
+        logits_of = {}  # one step's logits per row count S
+        for batch, sampling, key, rows, counts, mask, copies, prev, feed in steps:
             with sharding.use_mesh(self.mesh):
-                out, _, self.kv = self._step_fn(self.params, self.kv, *args, num_logprobs=0)
+                logits, self.kv = self._step_fn.model(self.params, self.kv, batch, copies,
+                                                      prev, feed)
+                out = self._step_fn.sample(logits, sampling, key, rows, counts, mask,
+                                           num_logprobs=0)[0]
+            logits_of[sampling.num_rows] = (logits, key, rows)
+        # The sampler's variant for rows that use top_k / top_p, at every row count.
+        filtered = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
+        for S, (logits, key, rows) in logits_of.items():
+            sampling = jax.device_put(SamplingTensors.build([filtered], pad_to=S),
+                                      self._replicated)
+            with sharding.use_mesh(self.mesh):
+                out = self._step_fn.sample(logits, sampling, key, rows, None, None,
+                                           num_logprobs=0)[0]
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - start
 
@@ -702,20 +705,71 @@ class Engine:
         }
 
 
-def _device_step(model, max_num_seqs, params, kv, batch, sampling, key, steps, counts,
-                 prompt_mask, copies, prev_tokens, feed, num_logprobs):
-    """One engine step on the device (jitted by Engine): feed the previous step's tokens,
-    copy-on-write pages, the model's paged step, sampling."""
+class _StepFns:
+    """One engine step as two jitted programs, called like one function:
+
+        model   (params, kv, batch, copies, prev_tokens, feed) -> (logits [S, V], kv)
+                feeds the previous step's tokens, copies pages (copy-on-write), runs the
+                model's paged step; the pages are donated (updated in place).
+        sample  (logits, sampling, key, steps, counts, prompt_mask) -> (out, padded tokens)
+
+    Two programs, not one, because the sampler has variants (`SamplingTensors`' static
+    fields: filters, penalties, min_tokens bans) and a variant of a small sampler compiles in
+    about a second, where one of the whole step recompiles the model (seconds per shape on a
+    GPU). Module-level functions, not bound methods: a jitted bound method holds the engine,
+    the engine holds the jitted function, and on the GPU (jax 0.11) that cycle kept a deleted
+    engine's whole page pool allocated (57 GB), so the next engine found no room.
+    On a mesh the logits and tokens come back replicated and the pages stay K-split (so the
+    donated buffers are reused in place); call under `sharding.use_mesh(mesh)`."""
+
+    def __init__(self, model, max_num_seqs: int, mesh):
+        kv_spec = None if mesh is None else jax.sharding.NamedSharding(
+            mesh, sharding.kv_pages_spec())
+        replicated = None if mesh is None else sharding.replicated(mesh)
+        model_out = {} if mesh is None else {"out_shardings": (replicated, kv_spec)}
+        sample_out = {} if mesh is None else {"out_shardings": (replicated, replicated)}
+        self.model = jax.jit(functools.partial(_model_step, model), donate_argnums=1,
+                             **model_out)
+        self.sample = jax.jit(functools.partial(_sample_step, max_num_seqs),
+                              static_argnames=("num_logprobs",), **sample_out)
+
+    def __call__(self, params, kv, batch, sampling, key, steps, counts, prompt_mask, copies,
+                 prev_tokens, feed, *, num_logprobs):
+        logits, kv = self.model(params, kv, batch, copies, prev_tokens, feed)
+        out, padded = self.sample(logits, sampling, key, steps, counts, prompt_mask,
+                                  num_logprobs=num_logprobs)
+        return out, padded, kv
+
+    def lower(self, params, kv, batch, sampling, key, steps, counts, prompt_mask, copies,
+              prev_tokens, feed, *, num_logprobs, **lowering):
+        """(model, sampler) lowered for these arguments (`lowering`: e.g. lowering_platforms;
+        the sampler's logits are the model's, abstractly)."""
+        model = self.model.trace(params, kv, batch, copies, prev_tokens, feed)
+        logits, _ = jax.eval_shape(self.model, params, kv, batch, copies, prev_tokens, feed)
+        sampler = self.sample.trace(logits, sampling, key, steps, counts, prompt_mask,
+                                    num_logprobs=num_logprobs)
+        return model.lower(**lowering), sampler.lower(**lowering)
+
+    def _cache_size(self) -> int:
+        """Compiled variants of both programs (a jitted function's own count)."""
+        return self.model._cache_size() + self.sample._cache_size()
+
+
+def _model_step(model, params, kv, batch, copies, prev_tokens, feed):
     tokens = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], batch.tokens)
     batch = batch.replace(tokens=tokens)
     src, dst = copies[0], copies[1]
     kv = [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop"))
           for k, v in kv]  # copy-on-write before any write of this step
-    logits, kv = model.apply({"params": params}, batch, kv, method=type(model).paged_step)
+    return model.apply({"params": params}, batch, kv, method=type(model).paged_step)
+
+
+def _sample_step(max_num_seqs, logits, sampling, key, steps, counts, prompt_mask,
+                 num_logprobs):
     out = sample(logits, sampling, key, steps, counts, prompt_mask, num_logprobs=num_logprobs)
     # The next step reads its fed tokens from here: one fixed shape for every bucket.
     padded = jnp.zeros(max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
-    return out, padded, kv
+    return out, padded
 
 
 def _buckets(token_budget: int) -> list[int]:

@@ -81,6 +81,19 @@ def test_warmup_compiles_every_step_shape(expected):
     _check_idle(engine)
 
 
+def test_warmup_also_compiles_the_top_k_top_p_sampler():
+    """Sampling with top_k / top_p (a static sampler variant) compiles nothing after warmup()
+    either: the sampler is its own program, warmed in both variants."""
+    engine = _engine()
+    engine.warmup()
+    compiled = engine._step_fn._cache_size()
+    sampled = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=3, max_tokens=6)
+    out = engine.generate(PROMPTS, [sampled, GREEDY] * 3)
+    assert all(len(c.token_ids) == (6 if i % 2 == 0 else 10) for i, c in enumerate(out))
+    assert engine._step_fn._cache_size() == compiled
+    _check_idle(engine)
+
+
 def test_prefix_cache_shares_pages_and_changes_no_token(expected):
     shared = PROMPTS[2][:24]
     prompts = [shared + [7, 8], shared + [9], shared + [7, 8]]
