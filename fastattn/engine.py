@@ -470,8 +470,10 @@ class Engine:
                                                             self.buckets) else {T})]
 
         def compile_model(args):
+            batch, *_, copies, prev, feed = args
             with sharding.use_mesh(self.mesh):
-                self._step_fn.lower(self.params, self.kv, *args, num_logprobs=0)[0].compile()
+                self._step_fn.model.lower(self.params, self.kv, batch, copies, prev,
+                                          feed).compile()
 
         workers = max(1, min(len(steps), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
