@@ -49,10 +49,9 @@ def chained(fn, repeats: int):
     made to depend on run i's output: `x + (d != d)` with d one element of that output —
     zero unless d is NaN, which XLA cannot assume. That is one tiny fused kernel per run
     (~2 us on a [B, N, H] query, the same for every implementation timed; keep x small).
-    Every run's output is returned, so
-    none is dead code. (An optimization barrier alone did not do it: on the CPU XLA drops the
-    barrier and merged the runs, and a version that returned only the last output lost the
-    other runs on the GPU: decode "read" 28 TB/s.)"""
+    Every run's output is returned, so none is dead code. (An optimization barrier alone did
+    not do it: on the CPU XLA drops the barrier and merged the runs, and a version that
+    returned only the last output lost the other runs on the GPU: decode "read" 28 TB/s.)"""
     def many(*args):
         outs = [fn(*args)]
         floats = [i for i, x in enumerate(args) if jnp.issubdtype(x.dtype, jnp.floating)]

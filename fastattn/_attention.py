@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from fastattn import sharding
 from fastattn._xla_attention import xla_attention
+from pallas_kernels._common import check_scalar_options
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu
 
@@ -249,36 +250,10 @@ def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, impl
                 raise ValueError(f"segment_ids: {name} must be integers, got dtype {ids.dtype}")
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
-    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    softcap, scale, window = check_scalar_options(softcap, scale, sliding_window)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {sorted(IMPLEMENTATIONS)}, "
                          f"got {implementation!r}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes!r}")
     return _Call(q, k, v, q_seg, kv_seg, causal, window, softcap, scale, block_sizes)
-
-
-def _check_scalar_options(softcap, scale, sliding_window):
-    """Validates the options shared by every attention op; returns (softcap, scale, window)
-    as floats and a (left, right) tuple (or None)."""
-    window = None
-    if sliding_window is not None:
-        if not (isinstance(sliding_window, (tuple, list)) and len(sliding_window) == 2):
-            raise ValueError(f"sliding_window must be (left, right), got {sliding_window!r}")
-        for side, bound in zip(("left", "right"), sliding_window):
-            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
-                                      or bound < 0):
-                raise ValueError(f"sliding_window {side} bound must be an int >= 0 or None, "
-                                 f"got {bound!r}")
-        window = tuple(sliding_window)
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
-                or not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
-        softcap = float(softcap)
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-                or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-        scale = float(scale)
-    return softcap, scale, window

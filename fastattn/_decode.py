@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fastattn import sharding
-from fastattn._attention import _check_scalar_options
+from pallas_kernels._common import check_scalar_options
 from fastattn._xla_paged import ragged_paged_attention_xla
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes, decode_attention as _pallas_decode, decode_attention_reference)
@@ -45,7 +45,7 @@ def decode_attention(q, k, v, lengths, *, softcap=None, sliding_window=None, sca
     out 0 and lse -inf.
     """
     _validate(q, k, v, lengths, implementation, block_sizes)
-    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    softcap, scale, window = check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
 
@@ -84,7 +84,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, softcap=None,
         "xla" (gathers the pages into dense K/V). Other options as in `decode_attention`.
     """
     _validate_paged(q, k_pages, v_pages, block_tables, lengths, implementation, block_sizes)
-    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    softcap, scale, window = check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
 
@@ -134,7 +134,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                      max_q_len, implementation)
     if block_sizes is not None and not isinstance(block_sizes, RaggedBlockSizes):
         raise ValueError(f"block_sizes must be a RaggedBlockSizes or None, got {block_sizes!r}")
-    softcap, scale, window = _check_scalar_options(softcap, scale, sliding_window)
+    softcap, scale, window = check_scalar_options(softcap, scale, sliding_window)
     window_left = None if window is None else window[0]
     name = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
     if name == "reference":  # needs concrete metadata: never traced, never per shard

@@ -1,4 +1,4 @@
-"""Math shared by the Pallas kernels (Triton backend)."""
+"""Math and argument checks shared by the Pallas kernels."""
 
 from __future__ import annotations
 
@@ -30,6 +30,32 @@ def check_tile_fields(config, *, smallest_block: int = 16, smallest: dict | None
             raise ValueError(f"{cls}.{name}={value} must be one of {WARP_COUNTS}")
         elif name.startswith("num_stages") and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{cls}.{name}={value} must be >= 1")
+
+
+def check_scalar_options(softcap, scale, window, *, window_name: str = "sliding_window"):
+    """Validates the options every attention op shares (ValueError naming the field and value,
+    the window under `window_name`, the caller's name for it); returns (softcap, scale,
+    window) as floats and a (left, right) tuple (or None)."""
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"{window_name} must be (left, right), got {window!r}")
+        for side, bound in zip(("left", "right"), window):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                      or bound < 0):
+                raise ValueError(f"{window_name} {side} bound must be an int >= 0 or None, "
+                                 f"got {bound!r}")
+        window = tuple(window)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+                or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+        softcap = float(softcap)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        scale = float(scale)
+    return softcap, scale, window
 
 
 def dot(a, b, *, contract: tuple[int, int]):

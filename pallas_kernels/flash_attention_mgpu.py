@@ -82,6 +82,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._common import check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
     _q_tile_ranges,
@@ -694,19 +695,7 @@ def _check_mask_options(q, k, segment_ids, window, softcap) -> None:
             if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
                 raise ValueError(f"segment_ids: {name} must be integers, got "
                                  f"{name}.dtype={dtype}")
-    if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2):
-            raise ValueError(f"window must be (left, right) or None, got window={window!r}")
-        for side, bound in zip(("left", "right"), window):
-            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
-                                      or bound < 0):
-                raise ValueError(f"window {side} bound must be an int >= 0 or None, got "
-                                 f"window={tuple(window)!r}")
-    if softcap is not None and (isinstance(softcap, bool)
-                                or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be a finite number > 0 or None, got "
-                         f"softcap={softcap!r}")
+    check_scalar_options(softcap, None, window, window_name="window")
 
 
 def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, softcap=None,
@@ -797,11 +786,8 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
                          softcap=softcap, block_sizes=block_sizes,
                          require_device=not interpret)
     H = q.shape[-1]
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    st = _Static(causal=causal, window=None if window is None else tuple(window),
-                 softcap=None if softcap is None else float(softcap),
+    softcap, scale, window = check_scalar_options(softcap, scale, window, window_name="window")
+    st = _Static(causal=causal, window=window, softcap=softcap,
                  has_segments=segment_ids is not None,
                  scale=float(1.0 / math.sqrt(H) if scale is None else scale),
                  block_sizes=bs, q_len=q.shape[1], kv_len=k.shape[1], head_dim=H,
