@@ -56,6 +56,17 @@ def _time_phases(engine) -> dict[str, float]:
     return totals
 
 
+def _launches(hlo: str) -> dict[str, int]:
+    """Launches the host issues per step of a compiled program: the entry computation's
+    kernels (fusions, custom calls incl. Pallas and cuBLAS), and how many of them XLA put into
+    command buffers (CUDA graphs, launched as one)."""
+    entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
+    entry = entry[:entry.find("\n}") + 1]
+    launches = {kind: entry.count(f" {kind}(") for kind in ("fusion", "custom-call", "call")}
+    launches["command_buffer"] = hlo.count("command_buffer")
+    return launches
+
+
 def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling, base):
     config = dataclasses.replace(base, num_pages=num_pages, async_scheduling=async_scheduling)
     engine = Engine(model, params, config)
@@ -91,18 +102,9 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
     batch, feed, sampling, st, counts, pm = engine._inputs(chunks, T, S, None)
     copies = np.full((2, S), [[0], [engine.num_pages]], np.int32)
     args = (batch, sampling, engine._key, st, counts, pm, copies, engine._no_tokens, feed)
-    lowered, _ = step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)
-    hlo = lowered.compile().as_text()  # the model's program (the sampler is small)
-    pool = f"[{model.config.num_kv_heads},{engine.num_pages},"
+    hlo = step_fn.lower(engine.params, engine.kv, *args, num_logprobs=0)[0].compile().as_text()
+    pool = f"[{model.config.num_kv_heads},{engine.num_pages},"  # the model's program
     copies_of_pool = sum(1 for line in hlo.splitlines() if " copy(" in line and pool in line)
-    # Launches the host issues per step: the entry computation's kernels (fusions, custom
-    # calls incl. Pallas and cuBLAS), and how many of them XLA put into command buffers
-    # (CUDA graphs, launched as one).
-    entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
-    entry = entry[:entry.find("\n}") + 1]
-    launches = {kind: entry.count(f" {kind}(") for kind in ("fusion", "custom-call", "call")}
-    launches["command_buffer"] = hlo.count("command_buffer")
-    print(f"    compiled step: entry kernels {launches}", flush=True)
     for _ in range(3):
         out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
@@ -111,13 +113,16 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
         out, _, engine.kv = step_fn(engine.params, engine.kv, *args, num_logprobs=0)
     jax.block_until_ready(out.tokens)
     device_ms = 1e3 * (time.perf_counter() - start) / 10
-    # Where those ms go: the call alone (inputs already on the device, nothing in flight),
-    # then call + device with a sync after each; and the same with the ragged kernel's decode
-    # launch instead of the split-KV paged decode (max_q_len = T: the mixed-step kernel).
+    # Where those ms go, per attention variant of an all-decode step (the split-KV paged
+    # decode kernel, max_q_len = 1; the ragged kernel, max_q_len = T): the launches in the
+    # model's compiled program, the call alone (inputs already on the device, nothing in
+    # flight), then call + device with a sync after each.
     split = {}
-    for kernel, step_batch in (("paged decode", batch),
-                               ("ragged launch", batch.replace(max_q_len=T))):
+    for kernel, step_batch in (("split-KV decode", batch.replace(max_q_len=1)),
+                               ("ragged kernel", batch.replace(max_q_len=T))):
         dev_args = jax.device_put((step_batch, *args[1:]))
+        split[kernel] = _launches(step_fn.lower(engine.params, engine.kv, *dev_args,
+                                                num_logprobs=0)[0].compile().as_text())
         call_s = sync_s = 0.0
         for i in range(8):
             jax.block_until_ready(engine.kv)
@@ -127,7 +132,7 @@ def probe(model, params, num_pages, n, prompt_len, new_tokens, async_scheduling,
             jax.block_until_ready(out.tokens)
             if i >= 3:  # the first calls compile (ragged launch) and warm up
                 call_s, sync_s = call_s + t1 - t0, sync_s + time.perf_counter() - t0
-        split[kernel] = (1e3 * call_s / 5, 1e3 * sync_s / 5)
+        split[kernel].update(call_ms=1e3 * call_s / 5, synced_ms=1e3 * sync_s / 5)
     for i in ids:
         engine.abort(i)
     pool_gb = sum(k.nbytes + v.nbytes for k, v in engine.kv) / 1e9
@@ -144,6 +149,10 @@ def main(argv=None):
                              "large pool)")
     parser.add_argument("--async-only", action="store_true",
                         help="only the overlapped (async scheduling) engine")
+    parser.add_argument("--split-kv-decode", action="store_true",
+                        help="the engine's all-decode steps through the split-KV decode kernel")
+    parser.add_argument("--no-fusion", action="store_true",
+                        help="EngineConfig.inference_fusion=False (default: on a GPU, on)")
     args = parser.parse_args(argv)
     if args.tiny:
         cfg = dataclasses.replace(TINY, max_position_embeddings=256)
@@ -157,7 +166,11 @@ def main(argv=None):
     params = jax.jit(lambda k: jax.tree.map(
         lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
-    print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode")
+    base = dataclasses.replace(base, split_kv_decode=args.split_kv_decode,
+                               inference_fusion=False if args.no_fusion else None)
+    print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode"
+          f" (engine: split_kv_decode={args.split_kv_decode}, inference_fusion="
+          f"{base.inference_fusion})")
     if args.pools:
         pools = tuple(int(p) for p in args.pools.split(","))
     for pages in pools:
@@ -169,9 +182,10 @@ def main(argv=None):
                   f"copies {n_copies}")
             print("    host ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                       phases.items()))
-            for kernel, (call_ms, sync_ms) in split.items():
-                print(f"    {kernel:<13}: call alone {call_ms:6.2f} ms, call + device "
-                      f"(synced) {sync_ms:6.2f} ms")
+            for kernel, r in split.items():
+                kernels = {k: v for k, v in r.items() if not k.endswith("_ms")}
+                print(f"    {kernel:<15}: call alone {r['call_ms']:6.2f} ms, call + device "
+                      f"(synced) {r['synced_ms']:6.2f} ms; launches {kernels}")
 
 
 if __name__ == "__main__":

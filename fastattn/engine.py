@@ -12,8 +12,9 @@ Each `step()`:
     host    only the sampled tokens (and requested logprobs) come back; stop checks, commits.
 
 Shapes come from a few buckets (T: powers of two up to the token budget; S = min(T,
-max_num_seqs)), times two attention variants (all decodes, or some prefill), so the step compiles
-a handful of times, never per request; `warmup()` compiles them all up front.
+max_num_seqs)), one attention variant each (the ragged kernel; with `split_kv_decode` a second
+for all-decode steps), so the step compiles a handful of times, never per request; `warmup()`
+compiles them all up front.
 
 Tensor parallel inside one engine: `Engine(model, params, config, mesh=sharding.make_mesh(
 model=4))` splits the weights (Megatron-style) and every KV page's kv heads over "model"; the
@@ -84,9 +85,15 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     async_scheduling: bool = True  # schedule step n + 1 while step n runs (see Engine.step)
-    # True: the fused kernels of INFERENCE_FUSION on top of the model's own `fusion` (not on
-    # a mesh: the kernels are single-device). Off until measured inside the engine step.
-    inference_fusion: bool = False
+    # The fused kernels of INFERENCE_FUSION on top of the model's own `fusion` (never on a
+    # mesh: the kernels are single-device). None: on a GPU only (on a CPU the Pallas kernels
+    # would run in interpret mode, while the rest of the step runs XLA); True: everywhere.
+    inference_fusion: bool | None = None
+    # True: an all-decode step runs the split-KV paged decode kernel (a second compiled shape
+    # per bucket). Off: every step runs the ragged kernel, whose decode launch serves decodes.
+    # Off by default: on the H100 the split-KV path's step took longer end to end at 256
+    # decodes (more launches per layer; BENCHMARKS.md, engine step profile).
+    split_kv_decode: bool = False
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "token_budget"):
@@ -99,20 +106,22 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} must be None or an int >= 1")
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.mode={self.mode!r} must be 'continuous' or 'static'")
-        if not isinstance(self.inference_fusion, bool):
-            raise ValueError(f"EngineConfig.inference_fusion={self.inference_fusion!r} must be "
-                             "True or False")
+        for name in ("inference_fusion", "split_kv_decode", "async_scheduling",
+                     "enable_prefix_caching"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "inference_fusion" and value is None):
+                raise ValueError(f"EngineConfig.{name}={value!r} must be True or False"
+                                 + (" or None" if name == "inference_fusion" else ""))
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"EngineConfig.gpu_memory_utilization={self.gpu_memory_utilization}"
                              " must be in (0, 1]")
 
 
-# The fused kernels EngineConfig.inference_fusion turns on (issue 8): the two that came out
-# ahead forward-only at engine shapes in experiments/bench_fused.py on the H100 (SwiGLU 1.23x,
-# RoPE in the KV write 1.04-1.26x at 256-512 rows). Those rows took 45-90 us per call, the
-# scale of one host dispatch, so they may time the host rather than the kernels (BENCHMARKS.md):
-# off by default until bench_fused's chained timing, or the serving benchmark, confirms them.
-INFERENCE_FUSION = dict(swiglu=True, rope_write_kv=True)
+# The fused kernels EngineConfig.inference_fusion turns on (issue 8): those that win forward at
+# the engine's step sizes in experiments/bench_fused.py (chained timing, H100, BENCHMARKS.md):
+# the SwiGLU matmul, 1.19x XLA at 512 rows. RoPE inside the KV write lost there (0.81-0.86x
+# at 256-512 rows), so it stays off (the model's `fusion` can still ask for it).
+INFERENCE_FUSION = dict(swiglu=True)
 
 
 @dataclasses.dataclass
@@ -208,6 +217,7 @@ class Engine:
         self._no_tokens = jax.device_put(jnp.zeros(config.max_num_seqs, jnp.int32),
                                          self._replicated)
         self._inflight: _InFlight | None = None
+        self.warmup_seconds: dict[str, float] = {}  # warmup()'s phases
         self._sampling_cache: tuple = (None, None)
         self._busy_since: float | None = None
         self._ids = itertools.count()
@@ -224,10 +234,13 @@ class Engine:
     @staticmethod
     def _serving_config(mc, dtype, config: EngineConfig, mesh):
         """The model config the engine runs: its compute dtype, and INFERENCE_FUSION where
-        `config.inference_fusion` asks for it (models with a `fusion` field only; the
-        kernels are single-device, so not on a mesh)."""
+        `config.inference_fusion` asks for it (None: on a GPU; models with a `fusion` field
+        only; the kernels are single-device, so not on a mesh)."""
         mc = dataclasses.replace(mc, dtype=dtype.name)
-        if config.inference_fusion and mesh is None and hasattr(mc, "fusion"):
+        fusion = config.inference_fusion
+        if fusion is None:
+            fusion = jax.default_backend() == "gpu"
+        if fusion and mesh is None and hasattr(mc, "fusion"):
             mc = dataclasses.replace(mc, fusion=dataclasses.replace(mc.fusion,
                                                                     **INFERENCE_FUSION))
         return mc
@@ -455,47 +468,67 @@ class Engine:
             self._finish(seq, reason)
 
     def warmup(self) -> float:
-        """Compiles every step shape (each T bucket, decode-only and mixed) with all-padding
-        batches that write and read nothing; returns the seconds it took. Batches whose rows
-        use penalties or min_tokens select sampler variants (`SamplingTensors`' static
-        fields) that compile at their first use (about a second each: the sampler alone).
+        """Compiles every step shape (each T bucket; see `_max_q_lens`) with all-padding
+        batches that write and read nothing; returns the seconds it took, and keeps each
+        phase's seconds in `warmup_seconds`. Batches whose rows use penalties or min_tokens
+        select sampler variants (`SamplingTensors`' static fields) that compile at their first
+        use (about a second each: the sampler alone).
 
-        The model's step shapes compile side by side in threads (XLA's compiler releases
-        the GIL; each compiled program lands in the jit's cache), then each runs once, in
-        turn; the sampler compiles its plain and its top_k / top_p variants per row count."""
+        Every program compiles side by side in threads (XLA's compiler releases the GIL; each
+        compiled program lands in the jit's cache): the model's step per shape, and after it
+        the sampler's plain and top_k / top_p variants for its row count. Then each runs
+        once, in turn."""
         start = time.perf_counter()
         steps = [self._warmup_args(T, max_q) for T in self.buckets
-                 # A decode-only step has at most max_num_seqs rows: none in larger buckets.
-                 for max_q in sorted({1, T} if T <= _bucket(self.config.max_num_seqs,
-                                                            self.buckets) else {T})]
+                 for max_q in self._max_q_lens(T)]
+        filtered = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
+        first_of_rows = {}  # row count S -> the first step with it (compiles S's sampler)
+        for i, args in enumerate(steps):
+            first_of_rows.setdefault(args[1].num_rows, i)
 
-        def compile_model(args):
-            batch, *_, copies, prev, feed = args
+        def sampler_variants(args):
+            _, sampling, key, rows, counts, mask, *_ = args
+            plain = (sampling, key, rows, counts, mask)
+            top = (jax.device_put(SamplingTensors.build([filtered], pad_to=sampling.num_rows),
+                                  self._replicated), key, rows, None, None)
+            return plain, top
+
+        def compile_step(i):
+            batch, *_, copies, prev, feed = steps[i]
             with sharding.use_mesh(self.mesh):
-                self._step_fn.model.lower(self.params, self.kv, batch, copies, prev,
-                                          feed).compile()
+                lowered = self._step_fn.model.lower(self.params, self.kv, batch, copies, prev,
+                                                    feed)
+                lowered.compile()
+                if first_of_rows[steps[i][1].num_rows] == i:
+                    logits = lowered.out_info[0]
+                    for variant in sampler_variants(steps[i]):
+                        self._step_fn.sample.lower(logits, *variant, num_logprobs=0).compile()
 
         workers = max(1, min(len(steps), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(compile_model, steps))  # re-raises a failed compile here
-        logits_of = {}  # one step's logits per row count S
-        for batch, sampling, key, rows, counts, mask, copies, prev, feed in steps:
+            list(pool.map(compile_step, range(len(steps))))  # re-raises a failed compile here
+        compiled = time.perf_counter()
+        for i, args in enumerate(steps):
+            batch, *_, copies, prev, feed = args
             with sharding.use_mesh(self.mesh):
                 logits, self.kv = self._step_fn.model(self.params, self.kv, batch, copies,
                                                       prev, feed)
-                out = self._step_fn.sample(logits, sampling, key, rows, counts, mask,
-                                           num_logprobs=0)[0]
-            logits_of[sampling.num_rows] = (logits, key, rows)
-        # The sampler's variant for rows that use top_k / top_p, at every row count.
-        filtered = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
-        for S, (logits, key, rows) in logits_of.items():
-            sampling = jax.device_put(SamplingTensors.build([filtered], pad_to=S),
-                                      self._replicated)
-            with sharding.use_mesh(self.mesh):
-                out = self._step_fn.sample(logits, sampling, key, rows, None, None,
-                                           num_logprobs=0)[0]
+                variants = sampler_variants(args) if first_of_rows[args[1].num_rows] == i \
+                    else sampler_variants(args)[:1]
+                for variant in variants:
+                    out = self._step_fn.sample(logits, *variant, num_logprobs=0)[0]
         jax.block_until_ready(out.tokens)
-        return time.perf_counter() - start
+        done = time.perf_counter()
+        self.warmup_seconds = {"compile": compiled - start, "first_runs": done - compiled}
+        return done - start
+
+    def _max_q_lens(self, T: int) -> list[int]:
+        """The static max_q_len of every step shape of bucket T: T (the ragged kernel), and 1
+        (all decodes: split-KV decode) with `split_kv_decode` where an all-decode step fits (at
+        most max_num_seqs rows, so not in larger buckets)."""
+        decode_only = self.config.split_kv_decode and \
+            T <= _bucket(self.config.max_num_seqs, self.buckets)
+        return [1, T] if decode_only and T > 1 else [T]
 
     def _warmup_args(self, T: int, max_q: int) -> tuple:
         """The step's arguments after (params, kv) for an all-padding batch of bucket T, as
@@ -554,10 +587,10 @@ class Engine:
         ps = self.config.page_size
         slots = np.full(T, -1, np.int32)
         slots[:used] = tables[row_chunk, pos[:used] // ps] * ps + pos[:used] % ps
-        max_q = int(lengths.max())
+        decode_only = self.config.split_kv_decode and int(lengths.max()) == 1
         batch = RaggedBatch(tokens=tok, positions=pos, slot_mapping=slots, block_tables=tables,
                             context_lens=ctx, query_start=starts, num_seqs=np.int32(n),
-                            logits_rows=rows, max_q_len=1 if max_q == 1 else T)
+                            logits_rows=rows, max_q_len=1 if decode_only else T)
         seqs = [c.seq for c in chunks]
         key = (S, tuple(s.seq_id for s in seqs))
         if self._sampling_cache[0] != key:  # decode steps repeat the batch: build once

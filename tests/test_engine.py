@@ -69,11 +69,16 @@ def test_deleting_an_engine_frees_its_page_pool_at_once():
         gc.enable()
 
 
-def test_warmup_compiles_every_step_shape(expected):
+@pytest.mark.parametrize("split_kv_decode", [False, True])
+def test_warmup_compiles_every_step_shape(split_kv_decode, expected):
     """After warmup() no step compiles again: the inputs a real step passes (device-resident
-    sampling tensors, every bucket, decode-only and mixed) have the signatures warmup used."""
-    engine = _engine()
+    sampling tensors, every bucket, decode-only and mixed) have the signatures warmup used.
+    One model program per bucket (16, 32), plus a decode-only one for the buckets an
+    all-decode step fits (16: max_num_seqs is 4) with `split_kv_decode`."""
+    engine = _engine(split_kv_decode=split_kv_decode)
     engine.warmup()
+    assert engine._step_fn.model._cache_size() == (3 if split_kv_decode else 2)
+    assert set(engine.warmup_seconds) == {"compile", "first_runs"}
     compiled = engine._step_fn._cache_size()
     out = engine.generate(PROMPTS, GREEDY)
     assert [c.token_ids for c in out] == expected
@@ -232,6 +237,13 @@ def test_bad_requests_raise_before_anything_is_queued(prompt, params, match):
     with pytest.raises(ValueError, match=match):
         engine.generate([PROMPTS[0], prompt], params)
     assert not engine.scheduler.has_work() and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("field", ["inference_fusion", "split_kv_decode", "async_scheduling",
+                                   "enable_prefix_caching"])
+def test_engine_config_switches_must_be_bools(field):
+    with pytest.raises(ValueError, match=f"EngineConfig.{field}='yes' must be True or False"):
+        EngineConfig(**{field: "yes"})
 
 
 def test_refuses_to_start_when_one_max_length_request_cannot_fit():

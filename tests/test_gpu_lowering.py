@@ -146,8 +146,9 @@ def test_engine_step_lowers_without_host_round_trips(max_q_len, filters):
 
     model = Llama(dataclasses.replace(TINY, max_position_embeddings=256, dtype="bfloat16"))
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    engine = Engine(model, params, EngineConfig(page_size=16, num_pages=64, token_budget=64,
-                                                max_num_seqs=8, max_model_len=128))
+    engine = Engine(model, params, EngineConfig(  # fusion: what a GPU's default turns on
+        page_size=16, num_pages=64, token_budget=64, max_num_seqs=8, max_model_len=128,
+        inference_fusion=True))
     args = list(engine._warmup_args(64, max_q_len))  # what warmup() compiles for bucket 64
     if filters:  # a batch whose row samples with top_k and top_p: the sampler's other variant
         args[1] = SamplingTensors.build([SamplingParams(temperature=0.8, top_k=20, top_p=0.9)],
