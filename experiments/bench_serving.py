@@ -19,8 +19,10 @@ Prints:   per mode: wall seconds, useful output tokens/s, steps, TTFT / TPOT (me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import io
 import json
 import os
 import subprocess
@@ -82,6 +84,11 @@ def _bytes_in_use() -> int | None:
     """Device memory still allocated (None where the backend does not say): after an engine
     is deleted this should be about the weights, or the next engine cannot get its pool."""
     return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+
+
+def _write_quietly(path: str, rows: list[dict]) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_results(path, rows)
 
 
 def engine_warmup(row: dict) -> dict[str, float]:
@@ -202,7 +209,8 @@ def main(argv=None) -> dict:
                                          engine_warmup(r).items()))
         if r["device_bytes_in_use_after"] is not None:
             print(f"    after the engine is deleted: {r['device_bytes_in_use_after'] / 1e9:.2f} "
-                  "GB still allocated on the device")
+                  "GB still allocated on the device (the weights: 1.7 GB at 0.85B in bf16)")
+        _write_quietly(args.out, rows)  # a run cut short keeps the rows it finished
     _compare_tokens(tokens)
     cont = max((r for r in rows if r["impl"] == "fastattn_continuous"),
                key=lambda r: r["tok_per_s"], default=None)

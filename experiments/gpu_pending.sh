@@ -6,9 +6,10 @@
 #   bash experiments/gpu_pending.sh ragged     # H100: the mixed-step tile sweep and its halves
 #   bash experiments/gpu_pending.sh fused      # H100: bench_fused (engine-sized rows chained)
 #   bash experiments/gpu_pending.sh train      # H100: pallas unpacked, pallas_mosaic, cudnn
-#   bash experiments/gpu_pending.sh serving    # H100: engine profile (default and without the
-#                                              #   inference fusion) + serving: continuous at
-#                                              #   token budgets 512 and 2048, static
+#   bash experiments/gpu_pending.sh profile    # H100: engine step profile, with and without
+#                                              #   the dispatch thread
+#   bash experiments/gpu_pending.sh serving    # H100: serving: continuous at token budgets 512
+#                                              #   and 2048, static, HF generate
 #   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel's GPU tests + check
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
@@ -35,13 +36,14 @@ for step in "$@"; do
         --unpacked --out "$OUT/train_unpacked.json" 2>&1 | tee "$OUT/bench_train.txt" | tail -5
       timeout 250 python3 experiments/bench_train.py --impls pallas,pallas_mosaic \
         --out "$OUT/train_packed.json" 2>&1 | tee -a "$OUT/bench_train.txt" | tail -4 ;;
-    serving)
-      timeout 120 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
+    profile)
+      timeout 140 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
         | tee "$OUT/profile_engine.txt" | tail -6
-      timeout 330 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
-        | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -14
-      timeout 130 python3 experiments/profile_engine_step.py --pools 20000 --async-only \
-        --no-fusion 2>&1 | tee "$OUT/profile_engine_no_fusion.txt" | tail -6 ;;
+      timeout 140 python3 experiments/profile_engine_step.py --pools 20000 --async-only \
+        --no-dispatch-thread 2>&1 | tee "$OUT/profile_engine_no_thread.txt" | tail -6 ;;
+    serving)
+      timeout 540 python3 experiments/bench_serving.py --hf --out "$OUT/serving.json" 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
     mosaic)
       timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py 2>&1 | tee "$OUT/mgpu_tests.txt" | tail -3

@@ -153,6 +153,8 @@ def main(argv=None):
                         help="the engine's all-decode steps through the split-KV decode kernel")
     parser.add_argument("--no-fusion", action="store_true",
                         help="EngineConfig.inference_fusion=False (default: on a GPU, on)")
+    parser.add_argument("--no-dispatch-thread", action="store_true",
+                        help="EngineConfig.dispatch_thread=False: launch from the main thread")
     args = parser.parse_args(argv)
     if args.tiny:
         cfg = dataclasses.replace(TINY, max_position_embeddings=256)
@@ -167,10 +169,11 @@ def main(argv=None):
         lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
     base = dataclasses.replace(base, split_kv_decode=args.split_kv_decode,
-                               inference_fusion=False if args.no_fusion else None)
+                               inference_fusion=False if args.no_fusion else None,
+                               dispatch_thread=not args.no_dispatch_thread)
     print(f"{jax.devices()[0].device_kind}: {n} sequences x {prompt_len} prompt tokens, decode"
-          f" (engine: split_kv_decode={args.split_kv_decode}, inference_fusion="
-          f"{base.inference_fusion})")
+          f" (engine: split_kv_decode={base.split_kv_decode}, inference_fusion="
+          f"{base.inference_fusion}, dispatch_thread={base.dispatch_thread})")
     if args.pools:
         pools = tuple(int(p) for p in args.pools.split(","))
     for pages in pools:
@@ -180,8 +183,10 @@ def main(argv=None):
             print(f"  pool {pages:6d} pages ({gb:5.1f} GB) async={overlap!s:5}: step "
                   f"{step_ms:6.2f} ms, device-only {device_ms:6.2f} ms, pool-sized HLO "
                   f"copies {n_copies}")
-            print("    host ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                      phases.items()))
+            where = " (dispatch: on the dispatch thread, beside the others)" \
+                if base.dispatch_thread else ""
+            print(f"    host ms per step{where}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                             phases.items()))
             for kernel, r in split.items():
                 kernels = {k: v for k, v in r.items() if not k.endswith("_ms")}
                 print(f"    {kernel:<15}: call alone {r['call_ms']:6.2f} ms, call + device "

@@ -56,14 +56,21 @@ PENDING = -1  # an output token whose step is still in flight
 @dataclasses.dataclass
 class _InFlight:
     """A launched step: (chunk, the sequence's preemption epoch at launch, index of the output
-    token it samples or None) per row, and its device outputs."""
+    token it samples or None) per row, and its device outputs once the launch returns."""
 
     records: list
-    out: Any
-    out_tokens: jax.Array  # [max_num_seqs] int32, what the next step feeds from
+    launched: concurrent.futures.Future  # -> (sampler output, padded tokens)
     num_logprobs: int
     needs_history: bool
     pending_rows: dict[int, int]  # seq_id -> the row that samples its newest (pending) token
+
+    @property
+    def out(self):
+        return self.launched.result()[0]
+
+    @property
+    def out_tokens(self) -> jax.Array:  # [max_num_seqs] int32, what the next step feeds from
+        return self.launched.result()[1]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +101,10 @@ class EngineConfig:
     # Off by default: on the H100 the split-KV path's step took longer end to end at 256
     # decodes (more launches per layer; BENCHMARKS.md, engine step profile).
     split_kv_decode: bool = False
+    # True: each step is launched from a worker thread. Launching a step's ~250 kernels takes
+    # the host milliseconds (H100: ~1-2.5 ms at 256 decodes) with the GIL released, so the
+    # main thread meanwhile applies the previous step's tokens and schedules the next.
+    dispatch_thread: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "token_budget"):
@@ -107,7 +118,7 @@ class EngineConfig:
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.mode={self.mode!r} must be 'continuous' or 'static'")
         for name in ("inference_fusion", "split_kv_decode", "async_scheduling",
-                     "enable_prefix_caching"):
+                     "enable_prefix_caching", "dispatch_thread"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inference_fusion" and value is None):
                 raise ValueError(f"EngineConfig.{name}={value!r} must be True or False"
@@ -217,6 +228,8 @@ class Engine:
         self._no_tokens = jax.device_put(jnp.zeros(config.max_num_seqs, jnp.int32),
                                          self._replicated)
         self._inflight: _InFlight | None = None
+        # The thread each step launches from (`dispatch_thread`); started at the first step.
+        self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
         self.warmup_seconds: dict[str, float] = {}  # warmup()'s phases
         self._sampling_cache: tuple = (None, None)
         self._busy_since: float | None = None
@@ -390,11 +403,23 @@ class Engine:
             copies[:, i] = op
         num_logprobs = MAX_LOGPROBS if any(
             c.seq.params.logprobs is not None for c in chunks) else 0
-        prev_tokens = self._no_tokens if prev is None else prev.out_tokens
-        with sharding.use_mesh(self.mesh):
-            out, padded, self.kv = self._step_fn(
-                self.params, self.kv, batch, sampling, self._key, steps, counts, prompt_mask,
-                copies, prev_tokens, feed, num_logprobs=num_logprobs)
+
+        def launch():  # on the dispatch thread: steps launch in order, one at a time
+            prev_tokens = self._no_tokens if prev is None else prev.out_tokens
+            with sharding.use_mesh(self.mesh):  # a mesh context is per thread
+                out, padded, self.kv = self._step_fn(
+                    self.params, self.kv, batch, sampling, self._key, steps, counts,
+                    prompt_mask, copies, prev_tokens, feed, num_logprobs=num_logprobs)
+            return out, padded
+
+        if self.config.dispatch_thread:
+            if self._dispatcher is None:
+                self._dispatcher = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="fastattn-dispatch")
+            launched = self._dispatcher.submit(launch)
+        else:
+            launched = concurrent.futures.Future()
+            launched.set_result(launch())
         records, pending_rows = [], {}
         for row, c in enumerate(chunks):
             seq, out_index = c.seq, None
@@ -410,8 +435,7 @@ class Engine:
         self._stats["tokens_computed"] += scheduled.num_tokens
         self._stats["kv_usage"].append(self.blocks.usage)
         self._stats["kv_fill"].append(self._kv_fill())
-        return _InFlight(records, out, padded, num_logprobs, sampling.needs_history,
-                         pending_rows)
+        return _InFlight(records, launched, num_logprobs, sampling.needs_history, pending_rows)
 
     def _process(self, step: _InFlight) -> None:
         """Reads a launched step's tokens back and applies them: commits, forks, stops."""

@@ -128,9 +128,10 @@ class RaggedBlockSizes:
     A step whose max_q_len <= decode.block_q (decode only) runs the decode launch only.
     """
 
-    # The best of experiments/bench_decode.py --sweep ragged (H200, BENCHMARKS.md).
+    # The best of experiments/bench_decode.py --sweep ragged on the H100 (session 4,
+    # BENCHMARKS.md; the H200's best prefill tile had been (32, 64, 4 warps, 3 stages)).
     decode: RaggedTile = RaggedTile(block_q=1, block_k=128, num_warps=4, num_stages=2)
-    prefill: RaggedTile = RaggedTile(block_q=32, block_k=64, num_warps=4, num_stages=3)
+    prefill: RaggedTile = RaggedTile(block_q=64, block_k=128, num_warps=8, num_stages=2)
 
     def __post_init__(self):
         for name in ("decode", "prefill"):

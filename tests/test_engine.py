@@ -37,10 +37,11 @@ def _check_idle(engine):
     assert engine.blocks.usage == 0 and not engine.scheduler.has_work()
 
 
-@pytest.mark.parametrize("mode, overlap", [("continuous", True), ("continuous", False),
-                                           ("static", True)])
-def test_greedy_tokens_equal_plain_generation(mode, overlap, expected):
-    engine = _engine(mode=mode, async_scheduling=overlap)
+@pytest.mark.parametrize("mode, overlap, thread", [
+    ("continuous", True, True), ("continuous", True, False), ("continuous", False, True),
+    ("static", True, True)])
+def test_greedy_tokens_equal_plain_generation(mode, overlap, thread, expected):
+    engine = _engine(mode=mode, async_scheduling=overlap, dispatch_thread=thread)
     out = engine.generate(PROMPTS, GREEDY)
     assert [c.token_ids for c in out] == expected
     assert all(c.finish_reason == "length" for c in out)
@@ -240,7 +241,7 @@ def test_bad_requests_raise_before_anything_is_queued(prompt, params, match):
 
 
 @pytest.mark.parametrize("field", ["inference_fusion", "split_kv_decode", "async_scheduling",
-                                   "enable_prefix_caching"])
+                                   "enable_prefix_caching", "dispatch_thread"])
 def test_engine_config_switches_must_be_bools(field):
     with pytest.raises(ValueError, match=f"EngineConfig.{field}='yes' must be True or False"):
         EngineConfig(**{field: "yes"})
