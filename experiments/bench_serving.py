@@ -9,7 +9,9 @@ Run:      PYTHONPATH=. python experiments/bench_serving.py [--requests 256] [--o
           largest, its best: fewer prefill steps per batch)
           --tiny: a seconds-long CPU variant (CI).
 Prints:   per mode: wall seconds, useful output tokens/s, steps, TTFT / TPOT (mean, p50, p90,
-          p99), KV fill, preemptions, start-up (compile) time and compilations after warm-up;
+          p99), KV fill, preemptions, start-up (compile) time and compilations after warm-up,
+          mean step time against the weight-read floor (weight bytes / a device copy's
+          bandwidth, measured in the same run: no step can read the weights faster);
           writes the rows as JSON (benchmarks/serving.json) and a throughput / latency plot
           next to it. --hf also runs HF transformers `generate` (static batches of 32) on the
           same workload in a separate process; without it the ratio uses the measured anchor
@@ -84,6 +86,15 @@ def _bytes_in_use() -> int | None:
     """Device memory still allocated (None where the backend does not say): after an engine
     is deleted this should be about the weights, or the next engine cannot get its pool."""
     return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+
+
+def _copy_bytes_per_s(nbytes: int) -> float:
+    """HBM bandwidth as a device copy reaches it (bytes read + written per second)."""
+    from experiments.bench_attention import time_fn
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    ms = time_fn(jax.jit(lambda x, one: x * one), x, jnp.ones((), x.dtype))
+    return 2 * nbytes / (ms / 1e3)
 
 
 def _write_quietly(path: str, rows: list[dict]) -> None:
@@ -183,6 +194,9 @@ def main(argv=None) -> dict:
         lambda p: p.astype(cfg.dtype), model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
     device = jax.devices()[0]
+    weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+    floor_ms = 1e3 * weight_bytes / _copy_bytes_per_s(1 << 24 if args.tiny else 1 << 30)
+    print(f"weights {weight_bytes / 1e9:.2f} GB: weight-read floor of a step {floor_ms:.3f} ms")
     print(f"device: {device.device_kind}, jax {jax.__version__}; {n} requests, "
           f"{sum(map(len, prompts))} prompt tokens, {sum(s.max_tokens for s in sampling)} "
           f"output tokens; model {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.dtype}")
@@ -198,6 +212,7 @@ def main(argv=None) -> dict:
             config = dataclasses.replace(config, num_pages=rows[0]["num_pages"])
         r = run(model, params, prompts, sampling, config)
         tokens[mode, budget] = r.pop("tokens")
+        r.update(step_ms_mean=1e3 * r["wall_s"] / r["steps"], weight_read_floor_ms=floor_ms)
         rows.append({"config": "workload" if not args.tiny else "tiny", "impl": f"fastattn_{mode}",
                      **r})
         print(f"  {mode:<11} budget {budget:5d} {r['wall_s']:6.1f} s {r['tok_per_s']:8,.0f} tok/s  "
@@ -206,7 +221,9 @@ def main(argv=None) -> dict:
               f"preempted {r['preemptions']}  ready in {r['ready_s']:.1f} s  "
               f"recompiles {r['recompiles_after_warmup']}")
         print("    warm-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in
-                                         engine_warmup(r).items()))
+                                         engine_warmup(r).items())
+              + f"; mean step {r['step_ms_mean']:.2f} ms = "
+              f"{r['step_ms_mean'] / floor_ms:.1f}x the weight-read floor")
         if r["device_bytes_in_use_after"] is not None:
             print(f"    after the engine is deleted: {r['device_bytes_in_use_after'] / 1e9:.2f} "
                   "GB still allocated on the device (the weights: 1.7 GB at 0.85B in bf16)")
