@@ -505,17 +505,18 @@ class Engine:
         start = time.perf_counter()
         steps = [self._warmup_args(T, max_q) for T in self.buckets
                  for max_q in self._max_q_lens(T)]
+        # The sampler after each step: plain, and for the first step of each row count S also
+        # the variant for rows that use top_k / top_p.
         filtered = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
-        first_of_rows = {}  # row count S -> the first step with it (compiles S's sampler)
-        for i, args in enumerate(steps):
-            first_of_rows.setdefault(args[1].num_rows, i)
-
-        def sampler_variants(args):
-            _, sampling, key, rows, counts, mask, *_ = args
-            plain = (sampling, key, rows, counts, mask)
-            top = (jax.device_put(SamplingTensors.build([filtered], pad_to=sampling.num_rows),
-                                  self._replicated), key, rows, None, None)
-            return plain, top
+        sampler_runs, row_counts = [], set()
+        for _, sampling, key, rows, counts, mask, *_ in steps:
+            runs = [(sampling, key, rows, counts, mask)]
+            if sampling.num_rows not in row_counts:
+                row_counts.add(sampling.num_rows)
+                runs.append((jax.device_put(SamplingTensors.build(
+                    [filtered], pad_to=sampling.num_rows), self._replicated), key, rows, None,
+                    None))
+            sampler_runs.append(runs)
 
         def compile_step(i):
             batch, *_, copies, prev, feed = steps[i]
@@ -523,24 +524,21 @@ class Engine:
                 lowered = self._step_fn.model.lower(self.params, self.kv, batch, copies, prev,
                                                     feed)
                 lowered.compile()
-                if first_of_rows[steps[i][1].num_rows] == i:
-                    logits = lowered.out_info[0]
-                    for variant in sampler_variants(steps[i]):
-                        self._step_fn.sample.lower(logits, *variant, num_logprobs=0).compile()
+                if len(sampler_runs[i]) > 1:  # the first step of its row count
+                    for args in sampler_runs[i]:
+                        self._step_fn.sample.lower(lowered.out_info[0], *args,
+                                                   num_logprobs=0).compile()
 
         workers = max(1, min(len(steps), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(compile_step, range(len(steps))))  # re-raises a failed compile here
         compiled = time.perf_counter()
-        for i, args in enumerate(steps):
-            batch, *_, copies, prev, feed = args
+        for (batch, *_, copies, prev, feed), runs in zip(steps, sampler_runs):
             with sharding.use_mesh(self.mesh):
                 logits, self.kv = self._step_fn.model(self.params, self.kv, batch, copies,
                                                       prev, feed)
-                variants = sampler_variants(args) if first_of_rows[args[1].num_rows] == i \
-                    else sampler_variants(args)[:1]
-                for variant in variants:
-                    out = self._step_fn.sample(logits, *variant, num_logprobs=0)[0]
+                for args in runs:
+                    out = self._step_fn.sample(logits, *args, num_logprobs=0)[0]
         jax.block_until_ready(out.tokens)
         done = time.perf_counter()
         self.warmup_seconds = {"compile": compiled - start, "first_runs": done - compiled}
