@@ -6,9 +6,11 @@
 Each `step()`:
     host    scheduler picks this step's chunks (SplitFuse)  ->  block manager gives slots
             -> small int32 arrays: a `RaggedBatch`, padded to a bucket (T rows, S sequences)
-    device  ONE jitted function: copy-on-write page copies -> model.paged_step (write K/V into
-            the pages, ragged paged attention, logits of each sequence's last row) -> sampler
-            (the KV pages are donated: updated in place)
+    device  one jitted step (`_StepFns`: the model's program, then the sampler's):
+            copy-on-write page copies -> model.paged_step (write K/V into the pages, ragged
+            paged attention, logits of each sequence's last row) -> sampler (the KV pages are
+            donated: updated in place); launched from a dispatch thread while the main thread
+            applies the previous step's tokens and schedules the next
     host    only the sampled tokens (and requested logprobs) come back; stop checks, commits.
 
 Shapes come from a few buckets (T: powers of two up to the token budget; S = min(T,
