@@ -11,6 +11,7 @@ under `shard_map`: XLA cannot partition a custom call, and each device holds its
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -70,22 +71,24 @@ def _refuse_unsupported(c: _Call, name: str) -> None:
                                   "use implementation='pallas'")
 
 
-def _pallas_mosaic(c: _Call):
-    """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, the Triton
-    kernel's recomputing backward; both take segment ids, sliding windows and softcap. Off a
-    GPU it runs in Mosaic GPU's interpret mode. Its tiles are
-    pallas_kernels.flash_attention_mgpu.MosaicBlockSizes (chosen per shape), so a
-    fastattn.BlockSizes (the Triton kernel's tiles) is refused."""
+def _pallas_mosaic(c: _Call, *, backward: str = "triton"):
+    """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, and the Triton
+    kernel's recomputing backward ("pallas_mosaic") or the Mosaic GPU backward
+    ("pallas_mosaic_bwd": opt-in until it is measured on an H100); all take segment ids,
+    sliding windows and softcap. Off a GPU they run in Mosaic GPU's interpret mode. Their
+    tiles are chosen per shape, so a fastattn.BlockSizes (the Triton kernel's tiles) is
+    refused."""
+    name = "pallas_mosaic" if backward == "triton" else "pallas_mosaic_bwd"
     if c.block_sizes is not None:
         raise NotImplementedError(
-            "implementation='pallas_mosaic' does not take block_sizes (a fastattn.BlockSizes "
+            f"implementation={name!r} does not take block_sizes (a fastattn.BlockSizes "
             "sets the Triton kernel's tiles; this kernel picks its own per shape); use "
             "implementation='pallas'")
     segments = None if c.q_segment_ids is None else (c.q_segment_ids, c.kv_segment_ids)
     # Raises NotImplementedError for dtypes, head dims and lengths the kernel does not take.
     return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, segment_ids=segments,
                                 window=c.window, softcap=c.softcap, scale=c.scale,
-                                interpret=jax.default_backend() != "gpu")
+                                interpret=jax.default_backend() != "gpu", backward=backward)
 
 
 def _cudnn(c: _Call):
@@ -127,6 +130,7 @@ def _reference(c: _Call):
 IMPLEMENTATIONS: dict[str, Callable[[_Call], tuple[jax.Array, jax.Array]]] = {
     "pallas": _pallas,
     "pallas_mosaic": _pallas_mosaic,
+    "pallas_mosaic_bwd": functools.partial(_pallas_mosaic, backward="mosaic"),
     "xla": _xla,
     "reference": _reference,
     "cudnn": _cudnn,
@@ -134,7 +138,7 @@ IMPLEMENTATIONS: dict[str, Callable[[_Call], tuple[jax.Array, jax.Array]]] = {
 # Implementations that compute no lse (return_lse=True raises for them).
 _NO_LSE = frozenset({"cudnn"})
 # Opaque to XLA's partitioner: run per shard on a mesh.
-_KERNELS = frozenset({"pallas", "pallas_mosaic"})
+_KERNELS = frozenset({"pallas", "pallas_mosaic", "pallas_mosaic_bwd"})
 
 
 def default_implementation(q: jax.Array) -> str:
@@ -161,7 +165,8 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     softcap: scores become softcap * tanh(scores / softcap) (Gemma 2), applied after `scale`.
     scale: multiplies q.k; None means 1 / sqrt(H).
     return_lse: also return lse [B, N, T] float32, the natural-log log-sum-exp of each row.
-    implementation: None (best for the backend), "pallas", "pallas_mosaic", "xla" (chunked,
+    implementation: None (best for the backend), "pallas", "pallas_mosaic" (Hopper forward,
+        Triton backward), "pallas_mosaic_bwd" (Hopper forward and backward), "xla" (chunked,
         memory-efficient pure JAX), "reference" (naive, for tests), "cudnn" (cuDNN through
         jax.nn.dot_product_attention: GPU, bf16/f16, no segment ids / window / softcap / lse,
         causal only with T == S).

@@ -207,6 +207,7 @@ class _Static:
     head_dim: int
     group: int  # G = N // K
     interpret: bool
+    backward: str = "triton"  # "triton" or "mosaic" (pallas_kernels.flash_attention_mgpu_bwd)
 
     @property
     def mask(self) -> MaskSpec:
@@ -759,7 +760,7 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
                          window: tuple[int | None, int | None] | None = None,
                          softcap: float | None = None, scale: float | None = None,
                          block_sizes: MosaicBlockSizes | None = None,
-                         interpret: bool = False):
+                         interpret: bool = False, backward: str = "triton"):
     """FlashAttention forward on Hopper; returns (out [B, T, N, H], lse [B, N, T] float32).
 
     q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0 (query head n reads kv head n // G).
@@ -777,21 +778,28 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
     (masked keys are not zeroed before P V).
     block_sizes: speed only; None picks MosaicBlockSizes.default_for the shape.
     interpret: run in Mosaic GPU interpret mode on the CPU (slow; for debugging only).
-    Differentiable in q, k, v (segment ids get no gradient): the backward is the Triton
-    kernel's recomputing backward (`pallas_kernels.flash_attention.flash_attention_backward`),
-    fed this forward's out and lse and the same masks (a Mosaic GPU backward is not written
-    yet).
+    Differentiable in q, k, v (segment ids get no gradient), fed this forward's out and lse
+    and the same masks. backward: "triton" (the Triton kernel's recomputing backward,
+    `pallas_kernels.flash_attention.flash_attention_backward`) or "mosaic" (the Mosaic GPU
+    backward, `pallas_kernels.flash_attention_mgpu_bwd`: head dims 64 / 128, S a multiple of
+    128; checked here, before any work; not yet compiled or measured on a GPU).
     """
+    if backward not in ("triton", "mosaic"):
+        raise ValueError(f"backward must be 'triton' or 'mosaic', got {backward!r}")
     bs = check_supported(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                          softcap=softcap, block_sizes=block_sizes,
                          require_device=not interpret)
+    if backward == "mosaic":
+        _mosaic_backward().check_supported_backward(
+            q, k, v, causal=causal, segment_ids=segment_ids, window=window, softcap=softcap,
+            require_device=not interpret)
     H = q.shape[-1]
     softcap, scale, window = check_scalar_options(softcap, scale, window, window_name="window")
     st = _Static(causal=causal, window=window, softcap=softcap,
                  has_segments=segment_ids is not None,
                  scale=float(1.0 / math.sqrt(H) if scale is None else scale),
                  block_sizes=bs, q_len=q.shape[1], kv_len=k.shape[1], head_dim=H,
-                 group=q.shape[2] // k.shape[2], interpret=interpret)
+                 group=q.shape[2] // k.shape[2], interpret=interpret, backward=backward)
     if segment_ids is not None:
         segment_ids = tuple(jnp.asarray(ids).astype(jnp.int32) for ids in segment_ids)
     return _flash_mgpu(q, k, v, segment_ids, st)
@@ -810,10 +818,18 @@ def _flash_mgpu_vjp_fwd(q, k, v, segment_ids, st):
 def _flash_mgpu_vjp_bwd(st, residuals, cotangents):
     q, k, v, segment_ids, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = flash_attention_backward(
+    backward = flash_attention_backward if st.backward == "triton" else \
+        _mosaic_backward().flash_attention_mgpu_backward
+    dq, dk, dv = backward(
         q, k, v, out, lse, d_out, d_lse, causal=st.causal, segment_ids=segment_ids,
         window=st.window, softcap=st.softcap, scale=st.scale, interpret=st.interpret)
     return dq, dk, dv, None  # integer segment ids: no cotangent
+
+
+def _mosaic_backward():
+    """The Mosaic GPU backward's module, imported when first used (it imports this one)."""
+    from pallas_kernels import flash_attention_mgpu_bwd
+    return flash_attention_mgpu_bwd
 
 
 _flash_mgpu.defvjp(_flash_mgpu_vjp_fwd, _flash_mgpu_vjp_bwd)

@@ -99,22 +99,29 @@ def test_fused_kernels_lower():
         zeros(K, P, page, H))
 
 
-@pytest.mark.parametrize("causal,window,softcap,segments,H", [
-    (True, None, None, False, 128),
-    (False, None, None, False, 64),
-    (True, None, None, False, 256),
-    (True, (128, 0), None, False, 128),
-    (False, (64, 64), 30.0, False, 64),
-    (True, None, None, True, 128),
+@pytest.mark.parametrize("causal,window,softcap,segments,H,backward", [
+    (True, None, None, False, 128, "triton"),
+    (False, None, None, False, 64, "triton"),
+    (True, None, None, False, 256, "triton"),
+    (True, (128, 0), None, False, 128, "triton"),
+    (False, (64, 64), 30.0, False, 64, "triton"),
+    (True, None, None, True, 128, "triton"),
+    (True, (128, 0), 30.0, True, 128, "mosaic"),
+    (False, None, None, False, 64, "mosaic"),
 ])
-def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, monkeypatch):
-    """The Hopper kernel (Mosaic GPU: wgmma layouts, TMA, barriers) lowers; its backward is
-    the Triton one. (Its check for a Hopper device is lifted: there is none here.)"""
+def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, backward,
+                                       monkeypatch):
+    """The Hopper kernel (Mosaic GPU: wgmma layouts, TMA, barriers) lowers, with either
+    backward (Triton, or Mosaic GPU). (Its checks for a Hopper device are lifted: there is
+    none here.)"""
     from pallas_kernels import flash_attention_mgpu as mgpu
+    from pallas_kernels import flash_attention_mgpu_bwd as mgpu_bwd
 
-    check = mgpu.check_supported
-    monkeypatch.setattr(mgpu, "check_supported",
-                        lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
+    def without_device(check):
+        return lambda *a, **kw: check(*a, **{**kw, "require_device": False})
+
+    for module, name in ((mgpu, "check_supported"), (mgpu_bwd, "check_supported_backward")):
+        monkeypatch.setattr(module, name, without_device(getattr(module, name)))
     flash_attention_mgpu = mgpu.flash_attention_mgpu
     T = S = 512
     q, k = zeros(1, T, 4, H), zeros(1, S, 2, H)
@@ -122,7 +129,7 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, mon
 
     def loss(q, k, v):
         out, _ = flash_attention_mgpu(q, k, v, causal=causal, window=window, softcap=softcap,
-                                      segment_ids=seg)
+                                      segment_ids=seg, backward=backward)
         return out.astype(jnp.float32).sum()
 
     lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)

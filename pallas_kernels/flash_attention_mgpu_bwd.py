@@ -1,0 +1,789 @@
+"""FlashAttention backward pass for Hopper (sm90), written with Pallas Mosaic GPU.
+
+Opt-in counterpart of the Triton recomputing backward (`flash_attention.flash_attention_backward`,
+same signature and conventions, so either can serve the Mosaic GPU forward's custom_vjp):
+
+    q, out, d_out [B, T, N, H]   k, v [B, S, K, H]   lse, d_lse [B, N, T] f32 (natural log)
+    N % K == 0: query head n reads kv head n // G, G = N // K; dk, dv sum over the G heads.
+    dtype bfloat16 or float16; H in (64, 128); T a multiple of block_q_dkv and block_q_dq,
+    S of block_k_dkv and block_k_dq (MosaicBackwardBlockSizes). Anything else raises
+    NotImplementedError (ValueError when malformed) before any GPU work.
+
+Masks are the forward's (see `flash_attention_mgpu`): query i sits at absolute position
+i + S - T (bottom-right alignment); causal: j <= i + S - T; window (left, right) inclusive;
+segment ids; softcap c: score = c * tanh(scale * q.k / c). A row that sees no key
+(lse = -inf) gets dq = 0 and contributes nothing to dk, dv.
+
+Math (FlashAttention-2, Dao 2023, Alg. 2), in the log2 domain as the forward:
+
+    delta_i = sum_h dO_ih O_ih - dlse_i                  (preprocess, plain jnp)
+    P  = exp2(score * log2(e) - lse * log2(e))           (recomputed, no max needed)
+    dV = P^T dO      dP = dO V^T      dS = P * (dP - delta)   (* (1 - tanh^2) with softcap)
+    dK = scale * dS^T Q                dQ = scale * dS K
+Rows that see no key get lse * log2(e) = +inf in the preprocess, so P = exp2(-inf) = 0 on
+every tile, masked or not, and delta = 0: they add exact zeros.
+
+Two kernels, each one CTA = two consumer warpgroups + one producer warpgroup (as the
+forward; FlashAttention-3, Shah et al. 2024, section 3.1, without the pingpong):
+
+  dK/dV  grid (S / block_k_dkv, B, K). Consumer w owns keys [k0 + w * rows, +rows) of the
+         key tile (rows = block_k_dkv / 2); its K, V rows go to SMEM once (TMA). Steps run
+         over the G query heads of the kv head and, for each, the query tiles that see the
+         key tile; per step the producer TMA-loads Q, dO [block_q_dkv, H] and lse, delta
+         [block_q_dkv] (and the query ids) into stage t % num_stages_dkv. Per step:
+             S^T = K Q^T  ->  P^T        (wgmma, Q^T a transposed SMEM view)
+             dV += P^T dO                (wgmma, P^T from registers)
+             dP^T = V dO^T -> dS^T       (wgmma)
+             dK += dS^T Q                (wgmma, dS^T from registers)
+         Computing the transposed scores directly keeps every product in the forms wgmma
+         takes (register A, SMEM B or a transposed SMEM view of B).
+  dQ     grid (T / block_q_dq, B, N). Consumer w owns query rows [q0 + w * rows, +rows); Q,
+         dO, lse, delta of its rows go to SMEM once; the producer streams K, V (and the kv
+         ids) through the stages. Per step S = Q K^T, dP = dO V^T, dS, dQ += dS K.
+
+Block skipping: the steps of a CTA cover only the tiles of the other axis that some pair
+of the CTA's tiles sees through causal / window bounds (`_k_tile_ranges` / `_q_tile_ranges`
+of the Triton kernel, the same classification); tiles seen in full by every pair run without
+mask arithmetic; the others (and every tile when there are segment ids) build the mask from
+iotas and the ids, in the register layout of the wgmma accumulator.
+
+Keys and queries that nobody may see are not zeroed before the products (0 * NaN = NaN):
+q, k, v, d_out must be finite in every tile a CTA loads, as for the forward.
+
+Head dim 256 is refused: a dK/dV consumer keeps two [64, H] f32 accumulators in
+registers, 2 * 128 registers per thread at H = 256, more than setmaxnreg allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash_attention import MaskSpec, _k_tile_ranges, _q_tile_ranges
+from pallas_kernels.flash_attention_mgpu import (
+    LOG2E,
+    NUM_CONSUMERS,
+    SMEM_BUDGET,
+    WGMMA_M,
+    _check_mask_options,
+    _kernel_call,
+    _plgpu,
+)
+from pallas_kernels._common import check_scalar_options
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicBackwardBlockSizes:
+    """Tiles, pipeline depths and register split of the two Hopper backward kernels.
+    Changes speed, never numbers.
+
+    block_k_dkv: keys per dK/dV CTA, split over the two consumers (64 or 128 rows each):
+        128 or 256. block_q_dkv: queries per dK/dV step (the N of S^T = K Q^T), a multiple
+        of 64 in [64, 256]. num_stages_dkv: Q/dO stages (>= 2).
+    block_q_dq: queries per dQ CTA, split over the two consumers: 128 or 256. block_k_dq:
+        keys per dQ step, a multiple of 64 in [64, 256]. num_stages_dq: K/V stages (>= 2).
+    consumer_registers / producer_registers: setmaxnreg limits, as MosaicBlockSizes.
+    Not tuned on a GPU yet.
+    """
+
+    block_q_dkv: int = 64
+    block_k_dkv: int = 128
+    num_stages_dkv: int = 2
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    num_stages_dq: int = 2
+    consumer_registers: int = 240
+    producer_registers: int = 24
+
+    def __post_init__(self):
+        cls = type(self).__name__
+        for name in ("block_k_dkv", "block_q_dq"):  # the two consumers' rows, 64 or 128 each
+            value = getattr(self, name)
+            if value not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
+                raise ValueError(f"{cls}.{name}={value} must be 128 or 256 (two consumer "
+                                 "warpgroups of 64 or 128 rows)")
+        for name in ("block_q_dkv", "block_k_dq"):
+            value = getattr(self, name)
+            if value % 64 or not 64 <= value <= 256:
+                raise ValueError(f"{cls}.{name}={value} must be a multiple of 64 in [64, 256]")
+        for name in ("num_stages_dkv", "num_stages_dq"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{cls}.{name}={getattr(self, name)} must be >= 2")
+        for name in ("consumer_registers", "producer_registers"):
+            value = getattr(self, name)
+            if value % 8 or not 24 <= value <= 256:
+                raise ValueError(f"{cls}.{name}={value} must be a multiple of 8 in [24, 256]")
+        total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
+        if total > 512:
+            raise ValueError(f"{cls}: {NUM_CONSUMERS} x consumer_registers + "
+                             f"producer_registers = {total} exceeds 512")
+
+    def smem_bytes_dkv(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
+        """K, V rows of the CTA, then per stage Q, dO, lse, delta (and query ids)."""
+        kv = 2 * self.block_k_dkv * head_dim * itemsize + (self.block_k_dkv * 4 if segments
+                                                            else 0)
+        per_stage = self.block_q_dkv * (2 * head_dim * itemsize + 2 * 4 + (4 if segments
+                                                                            else 0))
+        return kv + self.num_stages_dkv * per_stage
+
+    def smem_bytes_dq(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
+        """Q, dO, lse, delta (and ids) of the CTA's rows, then per stage K, V (and kv ids)."""
+        rows = self.block_q_dq * (2 * head_dim * itemsize + 2 * 4 + (4 if segments else 0))
+        per_stage = self.block_k_dq * (2 * head_dim * itemsize + (4 if segments else 0))
+        return rows + self.num_stages_dq * per_stage
+
+    @classmethod
+    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
+                    causal: bool) -> MosaicBackwardBlockSizes:
+        """H <= 64: three stages in both kernels; H = 128: two. Untuned guesses (the FA-3
+        backward's tiles for these head dims are of the same size)."""
+        del q_len, kv_len, causal  # kept for a uniform signature
+        stages = 3 if head_dim <= 64 else 2
+        return cls(num_stages_dkv=stages, num_stages_dq=stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static about one backward call (hashable: a jit static argument)."""
+
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    softcap: float | None
+    has_segments: bool
+    scale: float
+    block_sizes: MosaicBackwardBlockSizes
+    q_len: int
+    kv_len: int
+    head_dim: int
+    group: int  # G = N // K
+    interpret: bool
+
+    @property
+    def mask(self) -> MaskSpec:
+        return MaskSpec.make(causal=self.causal, window=self.window,
+                             has_segments=self.has_segments)
+
+    @property
+    def offset(self) -> int:
+        """S - T: query i sits at absolute position i + offset."""
+        return self.kv_len - self.q_len
+
+    @property
+    def masked(self) -> bool:
+        mask = self.mask
+        return mask.lo is not None or mask.hi is not None or mask.has_segments
+
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def _wgmma_layout(x, st: _Static, *, reduced_axis: int | None = None):
+    """x in the register layout of a wgmma accumulator (or, reduced_axis given, of its
+    reduction over that axis). Interpret mode has no layouts."""
+    if st.interpret:
+        return x
+    plgpu = _plgpu()
+    layout = plgpu.Layout.WGMMA if reduced_axis is None else plgpu.Layout.WGMMA.reduce(
+        reduced_axis)
+    return plgpu.layout_cast(x, layout)
+
+
+def _load_vector(ref, st: _Static, *, axis: int):
+    """A vector [n] from SMEM laid out along `axis` of a wgmma accumulator (0: one value per
+    row, 1: one per column), ready to broadcast against it."""
+    if st.interpret:  # the interpreter has neither layouts nor plgpu.load
+        return ref[...]
+    plgpu = _plgpu()
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def _along(x, shape, axis):
+    return lax.broadcast_in_dim(x, shape, [axis])
+
+
+def _matmul_nt(a_ref, b_ref, shape, st: _Static):
+    """a b^T in f32 for SMEM tiles a [m, H], b [n, H] (wgmma with a transposed view of b)."""
+    if st.interpret:  # the interpreter (JAX 0.10) cannot transpose a wgmma operand
+        return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    plgpu = _plgpu()
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)))  # a view: no data moves
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(acc, a, b_ref, st: _Static):
+    """acc + a b for a [m, k] in registers (the operands' dtype) and an SMEM tile b [k, H];
+    the wgmma accumulates into acc's registers in place."""
+    if st.interpret:  # the interpreter (JAX 0.10) takes no register operand in a wgmma
+        return acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+    plgpu = _plgpu()
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(product)(plgpu.ACC.init(acc))
+
+
+def _probabilities(s, lse2, st: _Static, *, lse_axis: int):
+    """Raw scores q.k [m, n] (f32) -> (P, d capped / d uncapped score or None).
+    lse2 (lse * log2(e), +inf for rows that see no key) runs along axis lse_axis."""
+    if st.softcap is None:
+        x, dcap = s * (st.scale * LOG2E), None
+    else:
+        t = jnp.tanh(s * (st.scale / st.softcap))
+        x, dcap = t * (st.softcap * LOG2E), 1.0 - t * t
+    return jnp.exp2(x - _along(lse2, s.shape, lse_axis)), dcap
+
+
+def _visible(shape, base, st: _Static, *, keys_axis: int, q_ids=None, kv_ids=None):
+    """[m, n] bool of a tile: which (query, key) pairs attend (the forward's MaskSpec).
+    Along keys_axis run keys, along the other axis queries; base = (first key of the tile)
+    - (first query of the tile) - (S - T), so that key minus query minus the offset is
+    (key index - query index within the tile) + base. q_ids / kv_ids: segment ids, already
+    in registers along their axes."""
+    mask = st.mask
+    ok = None
+    if mask.lo is not None or mask.hi is not None:
+        key = _wgmma_layout(lax.broadcasted_iota(jnp.int32, shape, keys_axis), st)
+        query = _wgmma_layout(lax.broadcasted_iota(jnp.int32, shape, 1 - keys_axis), st)
+        diag = key - query + base
+        if mask.hi is not None:
+            ok = diag <= mask.hi
+        if mask.lo is not None:
+            inside = diag >= mask.lo
+            ok = inside if ok is None else ok & inside
+    if st.has_segments:
+        same = (_along(q_ids, shape, 1 - keys_axis) == _along(kv_ids, shape, keys_axis))
+        ok = same if ok is None else ok & same
+    return ok
+
+
+def _run_steps(step, carry, ranges, st: _Static, *, count: int, first_step=0):
+    """step(tile, t, carry, masked=...) over tiles [lo, hi) of `ranges` (lo, full_lo,
+    full_hi, hi): tiles in [full_lo, full_hi) unmasked, the others masked (all masked with
+    segment ids). t = first_step + tile - lo numbers the steps (the pipeline stage is
+    t % num_stages). count: the number of tiles of the axis (static)."""
+    lo, full_lo, full_hi, hi = ranges if st.masked else (0, 0, count, count)
+
+    def body(masked):
+        return lambda tile, c: step(tile, first_step + tile - lo, c, masked=masked)
+
+    if not st.masked:
+        return lax.fori_loop(0, count, body(False), carry)
+    if st.has_segments:
+        return lax.fori_loop(lo, hi, body(True), carry)
+    carry = lax.fori_loop(lo, full_lo, body(True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
+    return lax.fori_loop(full_hi, hi, body(True), carry)
+
+
+def _tile_span(ranges, st: _Static, count: int):
+    """(first tile, number of tiles) a CTA visits."""
+    if not st.masked:
+        return 0, count
+    lo, _, _, hi = ranges
+    return lo, hi - lo
+
+
+def _await_release(free, t, depth):
+    """The producer waits until both consumers released stage t % depth of step t - depth."""
+    plgpu = _plgpu()
+    s = lax.rem(t, depth)
+    for wg in range(NUM_CONSUMERS):
+        plgpu.barrier_wait(free.at[wg * depth + s])
+
+
+def _produce(load, free, steps, depth):
+    """The producer's protocol over steps [0, steps) through a depth-stage ring; takes the
+    releases of the last stages too, so every barrier phase is observed (the interpreter
+    checks)."""
+    for i in range(depth):
+        pl.when(i < steps)(functools.partial(load, i))
+
+    def refill(t, carry):
+        _await_release(free, t, depth)
+        load(t)
+        return carry
+
+    lax.fori_loop(depth, steps, refill, None)
+
+    def drain(t, carry):
+        _await_release(free, t, depth)
+        return carry
+
+    lax.fori_loop(jnp.maximum(steps, depth), steps + depth, drain, None)
+
+
+def _scratch_tiles(dtype, head_dim):
+    """The SMEM transforms that TMA and wgmma agree on: 8-row tiles, swizzled."""
+    plgpu = _plgpu()
+    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _launch(kernel, out_types, operands, *, grid, grid_names, st: _Static, name):
+    plgpu = _plgpu()
+    kwargs = {}
+    if st.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams()
+    call = _kernel_call(
+        plgpu, kernel, out_types, grid=grid, grid_names=grid_names,
+        num_threads=NUM_CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), name=name, **kwargs)
+    return call(*operands)
+
+
+# ----------------------------------------------------------------------------- dK/dV kernel
+
+
+class _DkvSmem(NamedTuple):
+    k: Any  # [2, rows, H]: each consumer's K rows, then its dK
+    v: Any  # [2, rows, H]: V rows, then dV
+    kv_seg: Any  # [2, rows] int32 or None
+    q: Any  # [num_stages, block_q, H]
+    do: Any  # [num_stages, block_q, H]
+    lse: Any  # [num_stages, block_q] f32 (log2 domain)
+    delta: Any  # [num_stages, block_q] f32
+    q_seg: Any  # [num_stages, block_q] int32 or None
+    kv_ready: Any  # [consumer]
+    ready: Any  # [stage]
+    free: Any  # [consumer * num_stages + stage]
+
+
+def _dkv_plan(st: _Static):
+    """(ranges of query tiles for this CTA's key tile, number of query tiles)."""
+    bs = st.block_sizes
+    nq = st.q_len // bs.block_q_dkv
+    k_start = lax.axis_index("kv_tile") * bs.block_k_dkv
+    ranges = None
+    if st.masked:
+        ranges = _k_tile_ranges(k_start, bs.block_k_dkv, st.q_len, st.kv_len, bs.block_q_dkv,
+                                st.mask)
+    return ranges, nq
+
+
+def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    rows, bq, depth = bs.block_k_dkv // NUM_CONSUMERS, bs.block_q_dkv, bs.num_stages_dkv
+    dtype = refs["k"].dtype
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("kv_head")
+    k_start = lax.axis_index("kv_tile") * bs.block_k_dkv + wg * rows
+    keys = pl.ds(k_start, rows)
+    k_rows, v_rows = sm.k.at[wg], sm.v.at[wg]
+    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head], k_rows, sm.kv_ready.at[wg])
+    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head], v_rows, sm.kv_ready.at[wg])
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys], sm.kv_seg.at[wg],
+                                sm.kv_ready.at[wg])
+    plgpu.barrier_wait(sm.kv_ready.at[wg])
+    kv_ids = _load_vector(sm.kv_seg.at[wg], st, axis=0) if st.has_segments else None
+
+    def step(q_tile, t, carry, *, masked):
+        dk, dv = carry
+        s = lax.rem(t, depth)
+        plgpu.barrier_wait(sm.ready.at[s])
+        q, do = sm.q.at[s], sm.do.at[s]
+        s_t = _matmul_nt(k_rows, q, (rows, bq), st)  # [rows, bq]: S^T
+        lse2 = _load_vector(sm.lse.at[s], st, axis=1)
+        p_t, dcap = _probabilities(s_t, lse2, st, lse_axis=1)
+        if masked:
+            q_ids = _load_vector(sm.q_seg.at[s], st, axis=1) if st.has_segments else None
+            vis = _visible((rows, bq), k_start - q_tile * bq - st.offset, st, keys_axis=0,
+                           q_ids=q_ids, kv_ids=kv_ids)
+            p_t = jnp.where(vis, p_t, 0.0)
+        dv = _accumulate(dv, p_t.astype(dtype), do, st)
+        dp_t = _matmul_nt(v_rows, do, (rows, bq), st)  # [rows, bq]: dP^T
+        delta = _load_vector(sm.delta.at[s], st, axis=1)
+        ds_t = p_t * (dp_t - _along(delta, (rows, bq), 1))  # P = 0 where hidden: dS = 0
+        if dcap is not None:
+            ds_t = ds_t * dcap
+        dk = _accumulate(dk, ds_t.astype(dtype), q, st)
+        plgpu.barrier_arrive(sm.free.at[wg * depth + s])
+        return dk, dv
+
+    ranges, nq = _dkv_plan(st)
+    _, n = _tile_span(ranges, st, nq)
+    zeros = _wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32), st)
+    carry = (zeros, zeros)
+    run = functools.partial(_run_steps, step, ranges=ranges, st=st, count=nq)
+    if st.group == 1:
+        carry = run(carry)
+    else:  # the G query heads of this kv head, one after the other
+        carry = lax.fori_loop(0, st.group, lambda g, c: run(c, first_step=g * n), carry)
+    dk, dv = carry
+    k_rows[...] = (dk * st.scale).astype(dtype)  # K, V are dead: their tiles stage dK, dV
+    v_rows[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_rows, refs["dk"].at[batch, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_rows, refs["dv"].at[batch, keys, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_producer(refs, sm: _DkvSmem, *, st: _Static):
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    bq, depth = bs.block_q_dkv, bs.num_stages_dkv
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("kv_head")
+    ranges, nq = _dkv_plan(st)
+    lo, n = _tile_span(ranges, st, nq)
+    safe_n = jnp.maximum(n, 1)  # n = 0: no step runs, but the division is still traced
+
+    def load(t):
+        s = lax.rem(t, depth)
+        head = kv_head * st.group + lax.div(t, safe_n)
+        queries = pl.ds((lo + lax.rem(t, safe_n)) * bq, bq)
+        ready = sm.ready.at[s]
+        plgpu.copy_gmem_to_smem(refs["q"].at[batch, queries, head], sm.q.at[s], ready)
+        plgpu.copy_gmem_to_smem(refs["do"].at[batch, queries, head], sm.do.at[s], ready)
+        plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, queries], sm.lse.at[s], ready)
+        plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, queries], sm.delta.at[s], ready)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, queries], sm.q_seg.at[s], ready)
+
+    _produce(load, sm.free, st.group * n, depth)
+
+
+def _dkv_kernel(*refs, st: _Static):
+    names = ["q", "k", "v", "do", "lse", "delta"]
+    names += ["q_seg", "kv_seg"] if st.has_segments else []
+    refs = dict(zip(names + ["dk", "dv"], refs))
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    dtype, H = refs["q"].dtype, st.head_dim
+    rows, bq, depth = bs.block_k_dkv // NUM_CONSUMERS, bs.block_q_dkv, bs.num_stages_dkv
+    tiled = _scratch_tiles(dtype, H)
+    seg = st.has_segments
+    scratch = {
+        "k": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
+        "v": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
+        "q": plgpu.SMEM((depth, bq, H), dtype, transforms=tiled),
+        "do": plgpu.SMEM((depth, bq, H), dtype, transforms=tiled),
+        "lse": plgpu.SMEM((depth, bq), jnp.float32),
+        "delta": plgpu.SMEM((depth, bq), jnp.float32),
+        # TMA copies completing on each: K, V (+ kv ids); Q, dO, lse, delta (+ q ids)
+        "kv_ready": plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=NUM_CONSUMERS),
+        "ready": plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=depth),
+        # flat [consumer * num_stages + stage]: interpret mode takes 1-D barrier arrays only
+        "free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * depth),
+    }
+    if seg:
+        scratch["kv_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((depth, bq), jnp.int32)
+
+    def body(**buffers):
+        sm = _DkvSmem(**{"kv_seg": None, "q_seg": None, **buffers})
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.consumer_registers, action="increase")
+            _dkv_consumer(wg, refs, sm, st=st)
+
+        @pl.when(wg == NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.producer_registers, action="decrease")
+            _dkv_producer(refs, sm, st=st)
+
+    pl.run_scoped(body, collective_axes="wg", **scratch)
+
+
+# ----------------------------------------------------------------------------- dQ kernel
+
+
+class _DqSmem(NamedTuple):
+    q: Any  # [2, rows, H]: each consumer's Q rows, then its dQ
+    do: Any  # [2, rows, H]
+    lse: Any  # [2, rows] f32 (log2 domain)
+    delta: Any  # [2, rows] f32
+    q_seg: Any  # [2, rows] int32 or None
+    k: Any  # [num_stages, block_k, H]
+    v: Any  # [num_stages, block_k, H]
+    kv_seg: Any  # [num_stages, block_k] int32 or None
+    q_ready: Any  # [consumer]
+    ready: Any  # [stage]
+    free: Any  # [consumer * num_stages + stage]
+
+
+def _dq_cta_start(st: _Static):
+    bs = st.block_sizes
+    num = st.q_len // bs.block_q_dq
+    tile = lax.axis_index("q_tile")
+    # A right bound (causal): the bottom tiles have the most keys to visit; start them first.
+    if st.mask.hi is not None:
+        tile = num - 1 - tile
+    return tile * bs.block_q_dq
+
+
+def _dq_plan(st: _Static):
+    bs = st.block_sizes
+    nk = st.kv_len // bs.block_k_dq
+    ranges = None
+    if st.masked:
+        ranges = _q_tile_ranges(_dq_cta_start(st), bs.block_q_dq, st.q_len, st.kv_len,
+                                bs.block_k_dq, st.mask)
+    return ranges, nk
+
+
+def _dq_consumer(wg, refs, sm: _DqSmem, *, st: _Static):
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    rows, bk, depth = bs.block_q_dq // NUM_CONSUMERS, bs.block_k_dq, bs.num_stages_dq
+    dtype = refs["q"].dtype
+    batch, head = lax.axis_index("batch"), lax.axis_index("head")
+    q_start = _dq_cta_start(st) + wg * rows
+    queries = pl.ds(q_start, rows)
+    q_rows, do_rows = sm.q.at[wg], sm.do.at[wg]
+    ready = sm.q_ready.at[wg]
+    plgpu.copy_gmem_to_smem(refs["q"].at[batch, queries, head], q_rows, ready)
+    plgpu.copy_gmem_to_smem(refs["do"].at[batch, queries, head], do_rows, ready)
+    plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, queries], sm.lse.at[wg], ready)
+    plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, queries], sm.delta.at[wg], ready)
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, queries], sm.q_seg.at[wg], ready)
+    plgpu.barrier_wait(ready)
+    lse2 = _load_vector(sm.lse.at[wg], st, axis=0)
+    delta = _load_vector(sm.delta.at[wg], st, axis=0)
+    q_ids = _load_vector(sm.q_seg.at[wg], st, axis=0) if st.has_segments else None
+
+    def step(k_tile, t, dq, *, masked):
+        s = lax.rem(t, depth)
+        plgpu.barrier_wait(sm.ready.at[s])
+        k, v = sm.k.at[s], sm.v.at[s]
+        scores = _matmul_nt(q_rows, k, (rows, bk), st)
+        p, dcap = _probabilities(scores, lse2, st, lse_axis=0)
+        if masked:
+            kv_ids = _load_vector(sm.kv_seg.at[s], st, axis=1) if st.has_segments else None
+            vis = _visible((rows, bk), k_tile * bk - q_start - st.offset, st, keys_axis=1,
+                           q_ids=q_ids, kv_ids=kv_ids)
+            p = jnp.where(vis, p, 0.0)
+        dp = _matmul_nt(do_rows, v, (rows, bk), st)
+        ds = p * (dp - _along(delta, (rows, bk), 0))
+        if dcap is not None:
+            ds = ds * dcap
+        dq = _accumulate(dq, ds.astype(dtype), k, st)
+        plgpu.barrier_arrive(sm.free.at[wg * depth + s])
+        return dq
+
+    ranges, nk = _dq_plan(st)
+    dq = _wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32), st)
+    dq = _run_steps(step, dq, ranges, st, count=nk)
+    q_rows[...] = (dq * st.scale).astype(dtype)  # Q is dead: its tile stages dQ
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_rows, refs["dq"].at[batch, queries, head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_producer(refs, sm: _DqSmem, *, st: _Static):
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    bk, depth = bs.block_k_dq, bs.num_stages_dq
+    batch, kv_head = lax.axis_index("batch"), lax.div(lax.axis_index("head"), st.group)
+    ranges, nk = _dq_plan(st)
+    lo, n = _tile_span(ranges, st, nk)
+
+    def load(t):
+        s = lax.rem(t, depth)
+        keys = pl.ds((lo + t) * bk, bk)
+        ready = sm.ready.at[s]
+        plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head], sm.k.at[s], ready)
+        plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head], sm.v.at[s], ready)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys], sm.kv_seg.at[s], ready)
+
+    _produce(load, sm.free, n, depth)
+
+
+def _dq_kernel(*refs, st: _Static):
+    names = ["q", "k", "v", "do", "lse", "delta"]
+    names += ["q_seg", "kv_seg"] if st.has_segments else []
+    refs = dict(zip(names + ["dq"], refs))
+    plgpu = _plgpu()
+    bs = st.block_sizes
+    dtype, H = refs["q"].dtype, st.head_dim
+    rows, bk, depth = bs.block_q_dq // NUM_CONSUMERS, bs.block_k_dq, bs.num_stages_dq
+    tiled = _scratch_tiles(dtype, H)
+    seg = st.has_segments
+    scratch = {
+        "q": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
+        "do": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
+        "lse": plgpu.SMEM((NUM_CONSUMERS, rows), jnp.float32),
+        "delta": plgpu.SMEM((NUM_CONSUMERS, rows), jnp.float32),
+        "k": plgpu.SMEM((depth, bk, H), dtype, transforms=tiled),
+        "v": plgpu.SMEM((depth, bk, H), dtype, transforms=tiled),
+        "q_ready": plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=NUM_CONSUMERS),
+        "ready": plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=depth),
+        "free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * depth),
+    }
+    if seg:
+        scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((depth, bk), jnp.int32)
+
+    def body(**buffers):
+        sm = _DqSmem(**{"kv_seg": None, "q_seg": None, **buffers})
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.consumer_registers, action="increase")
+            _dq_consumer(wg, refs, sm, st=st)
+
+        @pl.when(wg == NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.producer_registers, action="decrease")
+            _dq_producer(refs, sm, st=st)
+
+    pl.run_scoped(body, collective_axes="wg", **scratch)
+
+
+# ----------------------------------------------------------------------------- the backward
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
+    B, T, N, _ = q.shape
+    _, S, K, _ = k.shape
+    bs = st.block_sizes
+    # delta_i = rowsum(dO * O) (FA-2 Alg. 2 line 4); a cotangent on lse adds P * dlse to dS,
+    # the same as subtracting it from delta. Rows that see no key: lse * log2(e) = +inf, so
+    # that P = exp2(score - inf) = 0 on every tile, and delta = 0.
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse.astype(jnp.float32)
+    empty = jnp.isneginf(lse)
+    delta = jnp.where(empty, 0.0, delta)
+    lse2 = jnp.where(empty, jnp.inf, lse.astype(jnp.float32) * LOG2E)
+    operands = (q, k, v, d_out.astype(q.dtype), lse2, delta, *(segment_ids or ()))
+    dk, dv = _launch(
+        functools.partial(_dkv_kernel, st=st),
+        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        operands, grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"),
+        st=st, name="flash_attention_dkdv_mgpu")
+    dq = _launch(
+        functools.partial(_dq_kernel, st=st), jax.ShapeDtypeStruct(q.shape, q.dtype),
+        operands, grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"),
+        st=st, name="flash_attention_dq_mgpu")
+    return dq, dk, dv
+
+
+def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=None,
+                             softcap=None, block_sizes: MosaicBackwardBlockSizes | None = None,
+                             require_device: bool = True) -> MosaicBackwardBlockSizes:
+    """Raises (ValueError for malformed arguments, NotImplementedError for inputs these
+    kernels do not take) before any GPU work; returns the block sizes the call will use."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be a 4-D array, got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    B, T, N, H = q.shape
+    _, S, K, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != H:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on the batch size or head_dim")
+    if min(B, T, S, N, K, H) < 1 or N % K:
+        raise ValueError(f"query heads must be a positive multiple of kv heads, got "
+                         f"{q.shape=} and {k.shape=}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got causal={causal!r}")
+    _check_mask_options(q, k, segment_ids, window, softcap)
+    if block_sizes is not None and not isinstance(block_sizes, MosaicBackwardBlockSizes):
+        raise ValueError(f"block_sizes must be a MosaicBackwardBlockSizes or None, got "
+                         f"{block_sizes!r}")
+    fallback = "use the Triton backward (pallas_kernels.flash_attention.flash_attention_backward)"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"the Mosaic GPU flash attention backward takes bfloat16 or "
+                                  f"float16, got {q.dtype}; {fallback}")
+    if H not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(
+            f"the Mosaic GPU flash attention backward takes head_dim in {SUPPORTED_HEAD_DIMS}, "
+            f"got {H} (at 256 the dK and dV accumulators do not fit in a warpgroup's "
+            f"registers); {fallback}")
+    bs = block_sizes or MosaicBackwardBlockSizes.default_for(
+        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None)
+    for length, name, tiles in (
+            (T, "T", ("block_q_dkv", "block_q_dq")), (S, "S", ("block_k_dkv", "block_k_dq"))):
+        for tile in tiles:
+            if length % getattr(bs, tile):
+                raise NotImplementedError(
+                    f"the Mosaic GPU flash attention backward needs {name} a multiple of "
+                    f"{tile}={getattr(bs, tile)}, got {name}={length} (no ragged tiles); "
+                    f"{fallback}")
+    itemsize, segments = jnp.dtype(q.dtype).itemsize, segment_ids is not None
+    for kernel, need in (("dK/dV", bs.smem_bytes_dkv(H, itemsize, segments=segments)),
+                         ("dQ", bs.smem_bytes_dq(H, itemsize, segments=segments))):
+        if need > SMEM_BUDGET:
+            raise ValueError(f"{bs} needs {need} bytes of shared memory in the {kernel} kernel "
+                             f"at head_dim={H}, more than the {SMEM_BUDGET} allowed; use fewer "
+                             "stages or smaller tiles")
+    if require_device:
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)
+        if jax.default_backend() != "gpu" or str(capability) not in ("9.0", "9.0a"):
+            raise NotImplementedError(
+                "the Mosaic GPU flash attention backward needs a Hopper GPU (sm90: wgmma, "
+                f"TMA), got backend {jax.default_backend()!r}, device {device.device_kind!r} "
+                f"(compute capability {capability}); {fallback}")
+    return bs
+
+
+def flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse=None, *, causal=False,
+                                  segment_ids=None, window=None, softcap=None, scale=None,
+                                  block_sizes: MosaicBackwardBlockSizes | None = None,
+                                  interpret: bool | None = None):
+    """(dq [B,T,N,H], dk, dv [B,S,K,H]) of attention, from a forward's out [B,T,N,H] and
+    natural-log lse [B,N,T] (f32, -inf for rows that see no key), on Hopper.
+
+    Same signature and conventions as `flash_attention.flash_attention_backward`, so it can
+    replace it: d_out [B,T,N,H] the cotangent of out, d_lse [B,N,T] of lse (None: zero).
+    The mask and score arguments must be the forward's: causal (bottom-right aligned),
+    segment_ids ((q_segment_ids [B,T], kv_segment_ids [B,S]) integers, or None), window
+    ((left, right), inclusive, None = unbounded side), softcap (float > 0 or None), scale
+    (None: 1 / sqrt(H)). GQA: dk, dv sum over the G = N // K query heads of each kv head.
+    Gradients come out in q's dtype. Segment ids get no gradient.
+    block_sizes: speed only; None picks MosaicBackwardBlockSizes.default_for the shape.
+    interpret: Mosaic GPU interpret mode (CPU, slow, for tests); None: on when the default
+    backend is not a GPU.
+    Inputs these kernels do not take raise NotImplementedError (see the module docstring);
+    the Triton backward takes them."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bs = check_supported_backward(q, k, v, causal=causal, segment_ids=segment_ids,
+                                  window=window, softcap=softcap, block_sizes=block_sizes,
+                                  require_device=not interpret)
+    B, T, N, H = q.shape
+    for name, x, want in (("out", out, q.shape), ("d_out", d_out, q.shape),
+                          ("lse", lse, (B, N, T))) + (
+                              (("d_lse", d_lse, (B, N, T)),) if d_lse is not None else ()):
+        if getattr(x, "shape", None) != want:
+            raise ValueError(f"{name} must have shape {want}, got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+    softcap, scale, window = check_scalar_options(softcap, scale, window, window_name="window")
+    st = _Static(causal=causal, window=window, softcap=softcap,
+                 has_segments=segment_ids is not None,
+                 scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+                 block_sizes=bs, q_len=T, kv_len=k.shape[1], head_dim=H,
+                 group=N // k.shape[2], interpret=bool(interpret))
+    if segment_ids is not None:
+        segment_ids = tuple(jnp.asarray(ids).astype(jnp.int32) for ids in segment_ids)
+    return _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st)
