@@ -12,7 +12,6 @@ under `shard_map`: XLA cannot partition a custom call, and each device holds its
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import jax

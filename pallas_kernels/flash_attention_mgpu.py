@@ -704,24 +704,10 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
                     require_device: bool = True) -> MosaicBlockSizes:
     """Raises (ValueError for malformed arguments, NotImplementedError for inputs this kernel
     does not take) before any GPU work; returns the block sizes the call will use."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must be a 4-D array, got {name}.shape="
-                             f"{getattr(x, 'shape', None)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    check_arguments(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                    softcap=softcap)
     B, T, N, H = q.shape
-    _, S, K, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(f"{q.shape=} and {k.shape=} disagree on the batch size or head_dim")
-    if min(B, T, S, N, K, H) < 1 or N % K:
-        raise ValueError(f"query heads must be a positive multiple of kv heads, got "
-                         f"{q.shape=} and {k.shape=}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got causal={causal!r}")
-    _check_mask_options(q, k, segment_ids, window, softcap)
+    S = k.shape[1]
     if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
         raise ValueError(f"block_sizes must be a MosaicBlockSizes or None, got {block_sizes!r}")
 
@@ -746,14 +732,42 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
                          f"than the {SMEM_BUDGET} this kernel allows itself; use fewer "
                          "num_stages or a smaller block_k")
     if require_device:
-        device = jax.devices()[0]
-        capability = getattr(device, "compute_capability", None)
-        if jax.default_backend() != "gpu" or str(capability) not in ("9.0", "9.0a"):
-            raise NotImplementedError(
-                "the Mosaic GPU flash attention kernel needs a Hopper GPU (sm90: wgmma, TMA), "
-                f"got backend {jax.default_backend()!r}, device {device.device_kind!r} "
-                f"(compute capability {capability}); use implementation='pallas'")
+        require_hopper("the Mosaic GPU flash attention kernel", "use implementation='pallas'")
     return bs
+
+
+def check_arguments(q, k, v, *, causal, segment_ids, window, softcap) -> None:
+    """ValueError for malformed arguments of the Mosaic GPU kernels (forward and backward):
+    shapes and dtypes of q [B, T, N, H], k, v [B, S, K, H], causal, the mask options."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be a 4-D array, got {name}.shape="
+                             f"{getattr(x, 'shape', None)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    B, T, N, H = q.shape
+    _, S, K, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != H:
+        raise ValueError(f"{q.shape=} and {k.shape=} disagree on the batch size or head_dim")
+    if min(B, T, S, N, K, H) < 1 or N % K:
+        raise ValueError(f"query heads must be a positive multiple of kv heads, got "
+                         f"{q.shape=} and {k.shape=}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got causal={causal!r}")
+    _check_mask_options(q, k, segment_ids, window, softcap)
+
+
+def require_hopper(kernel: str, fallback: str) -> None:
+    """NotImplementedError unless the default device is a Hopper GPU (sm90: wgmma, TMA)."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if jax.default_backend() != "gpu" or str(capability) not in ("9.0", "9.0a"):
+        raise NotImplementedError(
+            f"{kernel} needs a Hopper GPU (sm90: wgmma, TMA), got backend "
+            f"{jax.default_backend()!r}, device {device.device_kind!r} (compute capability "
+            f"{capability}); {fallback}")
 
 
 def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,

@@ -72,9 +72,10 @@ from pallas_kernels.flash_attention_mgpu import (
     NUM_CONSUMERS,
     SMEM_BUDGET,
     WGMMA_M,
-    _check_mask_options,
     _kernel_call,
     _plgpu,
+    check_arguments,
+    require_hopper,
 )
 from pallas_kernels._common import check_scalar_options
 
@@ -689,24 +690,10 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
                              require_device: bool = True) -> MosaicBackwardBlockSizes:
     """Raises (ValueError for malformed arguments, NotImplementedError for inputs these
     kernels do not take) before any GPU work; returns the block sizes the call will use."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must be a 4-D array, got {name}.shape="
-                             f"{getattr(x, 'shape', None)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")
+    check_arguments(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                    softcap=softcap)
     B, T, N, H = q.shape
-    _, S, K, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(f"{q.shape=} and {k.shape=} disagree on the batch size or head_dim")
-    if min(B, T, S, N, K, H) < 1 or N % K:
-        raise ValueError(f"query heads must be a positive multiple of kv heads, got "
-                         f"{q.shape=} and {k.shape=}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got causal={causal!r}")
-    _check_mask_options(q, k, segment_ids, window, softcap)
+    S = k.shape[1]
     if block_sizes is not None and not isinstance(block_sizes, MosaicBackwardBlockSizes):
         raise ValueError(f"block_sizes must be a MosaicBackwardBlockSizes or None, got "
                          f"{block_sizes!r}")
@@ -737,13 +724,7 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
                              f"at head_dim={H}, more than the {SMEM_BUDGET} allowed; use fewer "
                              "stages or smaller tiles")
     if require_device:
-        device = jax.devices()[0]
-        capability = getattr(device, "compute_capability", None)
-        if jax.default_backend() != "gpu" or str(capability) not in ("9.0", "9.0a"):
-            raise NotImplementedError(
-                "the Mosaic GPU flash attention backward needs a Hopper GPU (sm90: wgmma, "
-                f"TMA), got backend {jax.default_backend()!r}, device {device.device_kind!r} "
-                f"(compute capability {capability}); {fallback}")
+        require_hopper("the Mosaic GPU flash attention backward", fallback)
     return bs
 
 

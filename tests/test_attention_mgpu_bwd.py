@@ -25,15 +25,8 @@ from pallas_kernels.flash_attention_mgpu_bwd import (
     check_supported_backward,
     flash_attention_mgpu_backward,
 )
+from tests.test_attention_mgpu import _on_hopper, _packed_segments
 from tests.tolerance import assert_within_policy
-
-LONELY = 99  # a query segment id that no key has
-
-
-def _on_hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")) in ("9.0", "9.0a")
 
 
 def _inputs(B, T, S, N, K, H, dtype, seed=0):
@@ -41,16 +34,6 @@ def _inputs(B, T, S, N, K, H, dtype, seed=0):
     make = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.dtype(dtype))
     return (make(B, T, N, H), make(B, S, K, H), make(B, S, K, H), make(B, T, N, H),
             jnp.asarray(rng.standard_normal((B, N, T)), jnp.float32))
-
-
-def _packed_segments(B, T, S, seed=0, *, num_segments=3, lonely_rows=5):
-    """Sorted kv ids; query i takes the id of key i + S - T (clipped); the first lonely_rows
-    queries take an id no key has, so they see no key."""
-    rng = np.random.default_rng(seed + 100)
-    kv = np.sort(rng.integers(0, num_segments, (B, S)), axis=1)
-    q = kv[:, np.clip(np.arange(T) + S - T, 0, S - 1)].copy()
-    q[:, :lonely_rows] = LONELY
-    return jnp.asarray(q, jnp.int32), jnp.asarray(kv, jnp.int32)
 
 
 def _reference_grads(q, k, v, d_out, d_lse, seg, options, compute_dtype=None):
@@ -64,7 +47,7 @@ def _reference_grads(q, k, v, d_out, d_lse, seg, options, compute_dtype=None):
 def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=False, scale=None,
            dtype="bfloat16", block_sizes=None, interpret=False, seed=0):
     q, k, v, d_out, d_lse = _inputs(B, T, S, N, K, H, dtype, seed)
-    seg = _packed_segments(B, T, S, seed) if segments else None
+    seg = _packed_segments(B, T, S, seed, num_segments=3) if segments else None
     options = {"causal": causal, "window": window, "softcap": softcap, "scale": scale}
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     _, o_lse, oracle = _reference_grads(*f32, d_out, d_lse, seg, options)
