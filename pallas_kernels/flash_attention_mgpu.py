@@ -194,14 +194,15 @@ class MosaicBlockSizes:
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything static about one call (hashable: a jit static argument and the custom_vjp
-    nondiff argument)."""
+    nondiff argument). The backward's kernels (flash_attention_mgpu_bwd) use it too, with
+    their own block sizes."""
 
     causal: bool
     window: tuple[int | None, int | None] | None  # (left, right) as the caller gave it
     softcap: float | None
     has_segments: bool
     scale: float
-    block_sizes: MosaicBlockSizes
+    block_sizes: MosaicBlockSizes  # a MosaicBackwardBlockSizes in the backward's kernels
     q_len: int
     kv_len: int
     head_dim: int

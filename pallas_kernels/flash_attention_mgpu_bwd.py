@@ -66,13 +66,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention import MaskSpec, _k_tile_ranges, _q_tile_ranges
+from pallas_kernels.flash_attention import _k_tile_ranges, _q_tile_ranges
 from pallas_kernels.flash_attention_mgpu import (
     LOG2E,
     NUM_CONSUMERS,
     SMEM_BUDGET,
     WGMMA_M,
     _kernel_call,
+    _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
     require_hopper,
@@ -152,38 +153,6 @@ class MosaicBackwardBlockSizes:
         del q_len, kv_len, causal  # kept for a uniform signature
         stages = 3 if head_dim <= 64 else 2
         return cls(num_stages_dkv=stages, num_stages_dq=stages)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything static about one backward call (hashable: a jit static argument)."""
-
-    causal: bool
-    window: tuple[int | None, int | None] | None
-    softcap: float | None
-    has_segments: bool
-    scale: float
-    block_sizes: MosaicBackwardBlockSizes
-    q_len: int
-    kv_len: int
-    head_dim: int
-    group: int  # G = N // K
-    interpret: bool
-
-    @property
-    def mask(self) -> MaskSpec:
-        return MaskSpec.make(causal=self.causal, window=self.window,
-                             has_segments=self.has_segments)
-
-    @property
-    def offset(self) -> int:
-        """S - T: query i sits at absolute position i + offset."""
-        return self.kv_len - self.q_len
-
-    @property
-    def masked(self) -> bool:
-        mask = self.mask
-        return mask.lo is not None or mask.hi is not None or mask.has_segments
 
 
 # ----------------------------------------------------------------------------- shared math

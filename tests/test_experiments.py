@@ -29,7 +29,6 @@ def test_bench_attention_tiny_writes_json(tmp_path):
 def test_chained_timing_runs_every_repeat():
     """bench_attention.chained must run fn `repeats` times: merged or dead runs made decode
     "read" 28 TB/s once. Counted in the compiled program: one sine per run."""
-    import jax
     import jax.numpy as jnp
 
     def fn(q, big):
