@@ -432,6 +432,29 @@ def _dkv_producer(refs, sm: _DkvSmem, *, st: _Static):
     _produce(load, sm.free, st.group * n, depth)
 
 
+def _warp_specialised(scratch, smem_type, consumer, producer, refs, st: _Static):
+    """Allocates the CTA's shared memory `scratch` (None for the segment-id buffers a call
+    without segment ids has none of), then runs `consumer` on warpgroups 0 ..
+    NUM_CONSUMERS - 1 and `producer` on the last one, each with its register budget."""
+    plgpu, bs = _plgpu(), st.block_sizes
+
+    def body(**buffers):
+        sm = smem_type(**{"kv_seg": None, "q_seg": None, **buffers})
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.consumer_registers, action="increase")
+            consumer(wg, refs, sm, st=st)
+
+        @pl.when(wg == NUM_CONSUMERS)
+        def _():
+            plgpu.set_max_registers(bs.producer_registers, action="decrease")
+            producer(refs, sm, st=st)
+
+    pl.run_scoped(body, collective_axes="wg", **scratch)
+
+
 def _dkv_kernel(*refs, st: _Static):
     names = ["q", "k", "v", "do", "lse", "delta"]
     names += ["q_seg", "kv_seg"] if st.has_segments else []
@@ -459,21 +482,7 @@ def _dkv_kernel(*refs, st: _Static):
         scratch["kv_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
         scratch["q_seg"] = plgpu.SMEM((depth, bq), jnp.int32)
 
-    def body(**buffers):
-        sm = _DkvSmem(**{"kv_seg": None, "q_seg": None, **buffers})
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg < NUM_CONSUMERS)
-        def _():
-            plgpu.set_max_registers(bs.consumer_registers, action="increase")
-            _dkv_consumer(wg, refs, sm, st=st)
-
-        @pl.when(wg == NUM_CONSUMERS)
-        def _():
-            plgpu.set_max_registers(bs.producer_registers, action="decrease")
-            _dkv_producer(refs, sm, st=st)
-
-    pl.run_scoped(body, collective_axes="wg", **scratch)
+    _warp_specialised(scratch, _DkvSmem, _dkv_consumer, _dkv_producer, refs, st)
 
 
 # ----------------------------------------------------------------------------- dQ kernel
@@ -607,21 +616,7 @@ def _dq_kernel(*refs, st: _Static):
         scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((depth, bk), jnp.int32)
 
-    def body(**buffers):
-        sm = _DqSmem(**{"kv_seg": None, "q_seg": None, **buffers})
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg < NUM_CONSUMERS)
-        def _():
-            plgpu.set_max_registers(bs.consumer_registers, action="increase")
-            _dq_consumer(wg, refs, sm, st=st)
-
-        @pl.when(wg == NUM_CONSUMERS)
-        def _():
-            plgpu.set_max_registers(bs.producer_registers, action="decrease")
-            _dq_producer(refs, sm, st=st)
-
-    pl.run_scoped(body, collective_axes="wg", **scratch)
+    _warp_specialised(scratch, _DqSmem, _dq_consumer, _dq_producer, refs, st)
 
 
 # ----------------------------------------------------------------------------- the backward
