@@ -132,3 +132,11 @@ def test_bench_scaling_tiny_on_two_fake_devices(tmp_path):
     assert len(checks) == 4 and all(r["ok"] for r in checks), checks
     assert {r["impl"] for r in rows if r["config"] != "correctness"} == {
         "1 GPU", "tp2", "router dp2"}
+
+
+def test_greedy_margin_tiny_measures_the_bf16_flips():
+    from experiments import greedy_margin
+
+    r = greedy_margin.main(["--tiny", "--tokens", "16"])
+    assert r["gap_median"] > 0 and r["bf16_error_median"] > 0  # bf16 rounds, f32 does not
+    assert 0 <= r["argmax_agreement"] <= 1
