@@ -12,10 +12,11 @@ Run (from the repo root):
 
 Prints one line per (config, impl) as it goes, then a table with one row per
 config: TFLOP/s per impl ("!" = rel_err > 2e-2, "err" = failed, "skip" = not
-run), plus ours/cudnn and ours/jax_pallas_mha (ours = max of fastattn and
-fastattn_pallas). Writes JSON {device, jax, date, rows: [{config, impl, ms,
-tflops, rel_err?, error?, skipped?}]} to --out. The reference for rel_err is
-cudnn, or xla where cudnn did not run (e.g. --tiny on CPU).
+run), plus ours/cudnn and ours/jax_pallas_mha (ours = the best of fastattn,
+fastattn_pallas and the Hopper kernels fastattn_mosaic / fastattn_mosaic_bwd).
+Writes JSON {device, jax, date, rows: [{config, impl, ms, tflops, rel_err?, error?,
+skipped?}]} to --out. The reference for rel_err is cudnn, or xla where cudnn did not
+run (e.g. --tiny on CPU).
 """
 
 import argparse
@@ -33,8 +34,12 @@ import jax.numpy as jnp
 
 import fastattn
 
-IMPLS = ["cudnn", "xla", "fastattn", "fastattn_pallas", "jax_pallas_mha"]
-GPU_ONLY = {"cudnn", "jax_pallas_mha"}
+IMPLS = ["cudnn", "xla", "fastattn", "fastattn_pallas", "fastattn_mosaic", "fastattn_mosaic_bwd",
+         "jax_pallas_mha"]
+# fastattn_mosaic*: the Hopper forward with the Triton backward / with the Mosaic GPU backward
+# (implementation "pallas_mosaic" / "pallas_mosaic_bwd"); on a CPU they would run interpreted.
+GPU_ONLY = {"cudnn", "jax_pallas_mha", "fastattn_mosaic", "fastattn_mosaic_bwd"}
+OURS = ["fastattn", "fastattn_pallas", "fastattn_mosaic", "fastattn_mosaic_bwd"]
 XLA_SCORES_LIMIT = 16e9  # bytes of f32 scores above which the xla peer OOMs
 ERR_FLAG = 2e-2
 
@@ -130,6 +135,10 @@ def make_attn(impl, causal, head_dim, block_sizes):
         return lambda q, k, v: pallas_attention.mha(q, k, v, **kw)
     if impl == "fastattn":
         return lambda q, k, v: fastattn.attention(q, k, v, causal=causal)
+    if impl in ("fastattn_mosaic", "fastattn_mosaic_bwd"):
+        name = {"fastattn_mosaic": "pallas_mosaic", "fastattn_mosaic_bwd": "pallas_mosaic_bwd"}
+        return lambda q, k, v: fastattn.attention(q, k, v, causal=causal,
+                                                  implementation=name[impl])
     kw = {"implementation": "pallas"}
     if block_sizes is not None:
         kw["block_sizes"] = fastattn.BlockSizes(**block_sizes)
@@ -214,7 +223,7 @@ def print_table(rows, impls):
                 )
             else:
                 cells.append("err" if "error" in r else "skip")
-        ours = [by.get((c, i), {}).get("tflops") for i in ("fastattn", "fastattn_pallas")]
+        ours = [by.get((c, i), {}).get("tflops") for i in OURS]
         ours = max([x for x in ours if x is not None], default=None)
         for peer in ("cudnn", "jax_pallas_mha"):
             p = by.get((c, peer), {}).get("tflops")

@@ -2,7 +2,8 @@
 
 Run: PYTHONPATH=. python experiments/benchmarks_table.py [benchmarks/attention.json]
 Prints one row per config: TFLOP/s of each implementation and our ratio to each peer
-(ours = the better of `fastattn` and `fastattn_pallas`).
+(ours = the best of `fastattn`, `fastattn_pallas` and the Hopper kernels `fastattn_mosaic`,
+`fastattn_mosaic_bwd`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 
 PEERS = ["cudnn", "xla", "jax_pallas_mha"]
-OURS = ["fastattn", "fastattn_pallas"]
+OURS = ["fastattn", "fastattn_pallas", "fastattn_mosaic", "fastattn_mosaic_bwd"]
 
 
 def render(result: dict) -> str:

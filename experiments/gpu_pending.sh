@@ -13,6 +13,8 @@
 #   bash experiments/gpu_pending.sh serving    # H100: serving: continuous at token budgets 512
 #                                              #   and 2048, static, HF generate
 #   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel's GPU tests + check
+#   bash experiments/gpu_pending.sh mosaic_bwd # H100: the Mosaic GPU backward's GPU tests, then
+#                                              #   fwd+bwd vs cuDNN with either backward
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -54,6 +56,12 @@ for step in "$@"; do
         tests/test_attention_mgpu.py 2>&1 | tee "$OUT/mgpu_tests.txt" | tail -3
       timeout 230 python3 experiments/mgpu_check.py --out "$OUT/mgpu_check.json" 2>&1 \
         | tee "$OUT/mgpu_check.txt" | tail -25 ;;
+    mosaic_bwd)
+      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu_bwd.py 2>&1 | tee "$OUT/mgpu_bwd_tests.txt" | tail -15
+      timeout 320 python3 experiments/bench_attention.py --only bwd \
+        --impls cudnn,fastattn,fastattn_mosaic,fastattn_mosaic_bwd \
+        --out "$OUT/attention_bwd.json" 2>&1 | tee "$OUT/bench_attention_bwd.txt" | tail -12 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
