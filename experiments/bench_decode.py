@@ -203,7 +203,7 @@ SWEEP = [  # block_k, num_warps, num_stages
     (64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2), (256, 8, 2),
     (256, 8, 3), (64, 4, 4),
 ]
-SWEEP_PAGED = [(16, 4, 2), (32, 4, 2), (64, 4, 2), (128, 4, 2), (128, 4, 3), (256, 4, 2)]
+SWEEP_PAGED = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2)]
 # The ragged kernel's two launches (RaggedBlockSizes): the prefill launch's candidates run with
 # the default decode tile, then the decode launch's with the fastest prefill tile.
 SWEEP_RAGGED_PREFILL = [  # block_q, block_k, num_warps, num_stages
@@ -214,8 +214,10 @@ SWEEP_RAGGED_DECODE = [(128, 4, 2), (64, 4, 2), (128, 4, 3)]  # block_k, num_war
 
 
 def sweep(configs, kernel="decode", tiny=False):
-    """Times our decode or paged decode kernel under each candidate tile (decode: also 2x /
-    0.5x the default splits), or the ragged kernel's tiles on the mixed step."""
+    """Times our decode or paged decode kernel under each candidate tile with the default
+    splits and half of them (decode: also twice; paged: next to our contiguous decode's
+    default on the same keys, the yardstick of its 0.95x target), or the ragged kernel's
+    tiles on the mixed step."""
     if kernel == "ragged":
         return sweep_ragged(*(RAGGED_TINY if tiny else RAGGED_STEP))
     for B, S in configs:
@@ -226,11 +228,17 @@ def sweep(configs, kernel="decode", tiny=False):
         kv_bytes = 2 * k.size * k.dtype.itemsize
         k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
         results = []
+        if kernel == "paged":  # the contiguous kernel's default: the yardstick of the target
+            contiguous = jax.jit(lambda q, k, v, n: fastattn.decode_attention(
+                q, k, v, n, implementation="pallas"))
+            ms = time_fn(contiguous, q, k, v, lengths, min_time=0.1, repeats=REPEATS)
+            print(f"decode (contiguous, default tiles) b{B} kv{S}: {kv_bytes / ms / 1e6:7.0f} "
+                  "GB/s", flush=True)
         for block_k, warps, stages in SWEEP_PAGED if kernel == "paged" else SWEEP:
             default = fastattn.DecodeBlockSizes(block_k=block_k).resolve(
                 batch=B, kv_heads=K, kv_len=S).num_splits
-            split_choices = [default] if kernel == "paged" else sorted(
-                {default, 2 * default, max(1, default // 2)})
+            split_choices = sorted({default, max(1, default // 2)} |
+                                   (set() if kernel == "paged" else {2 * default}))
             for splits in split_choices:
                 bs = fastattn.DecodeBlockSizes(block_k=block_k, num_warps=warps,
                                                num_stages=stages, num_splits=splits)

@@ -5,6 +5,8 @@
 #                                              #   three rows (chained timing compiles slowly:
 #                                              #   all six rows + the mixed step pass 500 s)
 #   bash experiments/gpu_pending.sh decode2    # H100: the other three rows + the mixed step
+#   bash experiments/gpu_pending.sh paged      # H100: paged tile / split sweep on the rows short
+#                                              #   of 0.95x contiguous (session 5)
 #   bash experiments/gpu_pending.sh ragged     # H100: the mixed-step tile sweep and its halves
 #   bash experiments/gpu_pending.sh fused      # H100: bench_fused (engine-sized rows chained)
 #   bash experiments/gpu_pending.sh train      # H100: pallas unpacked, pallas_mosaic, cudnn
@@ -31,6 +33,9 @@ for step in "$@"; do
     decode2)
       timeout 560 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
         --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -14 ;;
+    paged)
+      timeout 500 python3 experiments/bench_decode.py --sweep paged \
+        --configs 1x32768,16x4096,64x4096 2>&1 | tee "$OUT/sweep_paged.txt" | tail -24 ;;
     ragged)
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
         tests/test_ragged_paged_attention.py 2>&1 | tail -3
