@@ -102,7 +102,7 @@ def _write_quietly(path: str, rows: list[dict]) -> None:
         write_results(path, rows)
 
 
-def engine_warmup(row: dict) -> dict[str, float]:
+def _warmup_phases(row: dict) -> dict[str, float]:
     return {k[len("warmup_"):-2]: v for k, v in row.items() if k.startswith("warmup_")}
 
 
@@ -221,26 +221,26 @@ def main(argv=None) -> dict:
               f"preempted {r['preemptions']}  ready in {r['ready_s']:.1f} s  "
               f"recompiles {r['recompiles_after_warmup']}")
         print("    warm-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in
-                                         engine_warmup(r).items())
+                                         _warmup_phases(r).items())
               + f"; mean step {r['step_ms_mean']:.2f} ms = "
               f"{r['step_ms_mean'] / floor_ms:.1f}x the weight-read floor")
         if r["device_bytes_in_use_after"] is not None:
             print(f"    after the engine is deleted: {r['device_bytes_in_use_after'] / 1e9:.2f} "
-                  "GB still allocated on the device (the weights: 1.7 GB at 0.85B in bf16)")
+                  f"GB still allocated on the device (the weights: {weight_bytes / 1e9:.2f} GB)")
         _write_quietly(args.out, rows)  # a run cut short keeps the rows it finished
     _compare_tokens(tokens)
-    cont = max((r for r in rows if r["impl"] == "fastattn_continuous"),
-               key=lambda r: r["tok_per_s"], default=None)
-    stat = next((r for r in rows if r["impl"] == "fastattn_static"), None)
-    if cont and stat:
-        print(f"  best continuous (budget {cont['token_budget']}) / static: "
-              f"{cont['tok_per_s'] / stat['tok_per_s']:.2f}x; / HF static anchor "
-              f"({HF_STATIC_TOKENS_PER_S} tok/s): {cont['tok_per_s'] / HF_STATIC_TOKENS_PER_S:.1f}x")
+    hf_tok_per_s, hf_what = HF_STATIC_TOKENS_PER_S, "HF static anchor of TARGETS.md"
     if args.hf:
         hf = run_hf(cfg, n, static_batch, lengths)
         rows.append({"config": rows[0]["config"], **hf})
         print(f"  hf_generate {hf['wall_s']:8.1f} s {hf['tok_per_s']:10,.0f} tok/s "
               f"(static batches of {static_batch}, {hf['device']}, torch {hf['torch']})")
+        hf_tok_per_s, hf_what = hf["tok_per_s"], "HF generate in this run"
+    stat = next((r for r in rows if r["impl"] == "fastattn_static"), None)
+    for cont in (r for r in rows if r["impl"] == "fastattn_continuous"):
+        versus = f"{cont['tok_per_s'] / stat['tok_per_s']:.2f}x static, " if stat else ""
+        print(f"  continuous (budget {cont['token_budget']}): {versus}"
+              f"{cont['tok_per_s'] / hf_tok_per_s:.1f}x {hf_what} ({hf_tok_per_s:,.0f} tok/s)")
     plot = _plot(rows, os.path.splitext(args.out)[0] + ".png")
     print(f"plot: {plot}")
     return write_results(args.out, rows)
