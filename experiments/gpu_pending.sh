@@ -16,7 +16,8 @@
 #                                              #   and 2048, static, HF generate
 #   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel's GPU tests + check
 #   bash experiments/gpu_pending.sh mosaic_bwd # H100: the Mosaic GPU backward's GPU tests, then
-#                                              #   fwd+bwd vs cuDNN with either backward
+#                                              #   the backward alone: variants, Triton, cuDNN
+#   bash experiments/gpu_pending.sh attention_bwd  # H100: fwd+bwd vs cuDNN, either backward
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -62,11 +63,17 @@ for step in "$@"; do
       timeout 230 python3 experiments/mgpu_check.py --out "$OUT/mgpu_check.json" 2>&1 \
         | tee "$OUT/mgpu_check.txt" | tail -25 ;;
     mosaic_bwd)
-      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu_bwd.py 2>&1 | tee "$OUT/mgpu_bwd_tests.txt" | tail -15
-      timeout 320 python3 experiments/bench_attention.py --only bwd \
+      # The GPU tests alone (the file's other tests are CPU ones), with a traceback dump if one
+      # hangs; then the backward alone, its block-size variants, Triton's and cuDNN's.
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        -o faulthandler_timeout=60 --durations=0 tests/test_attention_mgpu_bwd.py \
+        -k "gpu_matches or gpu_deterministic" 2>&1 | tee "$OUT/mgpu_bwd_tests.txt" | tail -15
+      timeout 330 python3 experiments/mgpu_bwd_check.py --out "$OUT/mgpu_bwd_check.json" 2>&1 \
+        | tee "$OUT/mgpu_bwd_check.txt" | tail -20 ;;
+    attention_bwd)
+      timeout 560 python3 experiments/bench_attention.py --only bwd \
         --impls cudnn,fastattn,fastattn_mosaic,fastattn_mosaic_bwd \
-        --out "$OUT/attention_bwd.json" 2>&1 | tee "$OUT/bench_attention_bwd.txt" | tail -12 ;;
+        --out "$OUT/attention_bwd.json" 2>&1 | tee "$OUT/bench_attention_bwd.txt" | tail -16 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

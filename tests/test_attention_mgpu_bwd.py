@@ -250,3 +250,19 @@ def test_gpu_deterministic():
     second = flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse, causal=True)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@interpret_only
+def test_mgpu_bwd_check_tiny_writes_json(tmp_path):
+    """experiments/mgpu_bwd_check.py's tiny variant (STYLE.md 10): the Mosaic backward in
+    interpret mode against the Triton backward, JSON written."""
+    import json
+
+    from experiments import mgpu_bwd_check
+
+    mgpu_bwd_check.main(["--tiny", "--out", str(tmp_path / "bwd.json")])
+    rows = json.loads((tmp_path / "bwd.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"triton", "mosaic"}
+    ours = next(r for r in rows if r["impl"] == "mosaic")
+    assert "error" not in ours, ours.get("error")
+    assert ours["ms"] > 0 and ours["rel_err_vs_triton"] < 2e-2

@@ -1,0 +1,172 @@
+"""Backward-only timing of the Hopper (Mosaic GPU) attention backward, its block-size
+variants, our Triton backward and cuDNN's backward, in one process.
+
+Question (issues 4 and 7): which MosaicBackwardBlockSizes should be the default at each head
+dim, and how far is the backward alone from cuDNN's? bench_attention times forward +
+backward; this isolates the backward, where the train step's gap to cuDNN is.
+
+Run (on the GPU machine, from the repo root; ~4 minutes):
+    PYTHONPATH=. python experiments/mgpu_bwd_check.py [--configs SUBSTR] [--out PATH]
+Every impl gets the same (q, k, v, out, lse, d_out): out and lse from our Triton forward.
+cuDNN: the vjp closure of `jax.nn.dot_product_attention` (its own residuals), jitted; only
+its backward kernels run. FLOPs of a backward = 2.5 x the forward's (5 matmuls of 4:
+4 B N T S H x 2.5, halved for causal), the convention bench_attention uses.
+Prints one line per (config, impl), a table, and writes JSON {device, jax, date, rows}.
+--tiny: one small config in interpret mode (CPU; the tests run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_attention import rel_err, time_fn
+from experiments.results import write_results
+from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
+from pallas_kernels.flash_attention_mgpu_bwd import (
+    MosaicBackwardBlockSizes,
+    flash_attention_mgpu_backward,
+)
+
+# (name, B, T, N, H, causal): T = S, MHA, bf16
+CONFIGS = [
+    ("b4 s4096 h16 d128 causal", 4, 4096, 16, 128, True),
+    ("b4 s4096 h16 d128 full", 4, 4096, 16, 128, False),
+    ("b16 s1024 h16 d128 full", 16, 1024, 16, 128, False),
+    ("b1 s16384 h16 d128 causal", 1, 16384, 16, 128, True),
+    ("b4 s4096 h32 d64 full", 4, 4096, 32, 64, False),
+]
+TINY = [("b1 s128 h1 d64 causal (interpret)", 1, 128, 1, 64, True)]
+
+B = MosaicBackwardBlockSizes
+# Tried besides the default, per head dim. At H = 128 a dK/dV consumer holds dK, dV [64, 128]
+# f32 (128 registers per thread) plus S^T and dP^T [64, block_q_dkv]: block_q_dkv = 64 is the
+# most that fits in 240 registers, so the variants move the dQ tile and the stage counts.
+VARIANTS = {
+    128: {
+        "dkv st3": B(num_stages_dkv=3, num_stages_dq=2),
+        "dq bk128": B(num_stages_dkv=2, block_k_dq=128, num_stages_dq=2),
+        "dq st3": B(num_stages_dkv=2, num_stages_dq=3),
+        "dkv st3 dq bk128": B(num_stages_dkv=3, block_k_dq=128, num_stages_dq=2),
+        "regs 232/40": B(num_stages_dkv=2, num_stages_dq=2, consumer_registers=232,
+                         producer_registers=40),
+    },
+    64: {
+        "dkv bq128": B(block_q_dkv=128, num_stages_dkv=3, num_stages_dq=3),
+        "dq bk128": B(block_k_dq=128, num_stages_dkv=3, num_stages_dq=3),
+        "dkv bq128 dq bk128": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3,
+                                num_stages_dq=3),
+        "st2": B(num_stages_dkv=2, num_stages_dq=2),
+    },
+}
+TIMING = {"min_time": 0.2, "samples": 7}
+TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
+
+
+def _inputs(B_, T, N, H, causal, interpret):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, d_out = (jax.random.normal(key, (B_, T, N, H), jnp.bfloat16) for key in keys)
+    out, lse = flash_attention(q, k, v, causal=causal, interpret=interpret)
+    return q, k, v, out, lse, d_out
+
+
+def _impls(causal, interpret, q, k, v, d_out):
+    """name -> (jitted fn, its arguments) giving (dq, dk, dv)."""
+    triton = jax.jit(lambda q, k, v, o, lse, g: flash_attention_backward(
+        q, k, v, o, lse, g, jnp.zeros_like(lse), causal=causal, interpret=interpret))
+    impls = {"triton": triton}
+    if not interpret:
+        _, cudnn_vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"), q, k, v)
+        impls["cudnn"] = jax.jit(lambda vjp, g: vjp(g))
+    return impls, (cudnn_vjp if not interpret else None)
+
+
+def _mosaic(causal, block_sizes, interpret):
+    return jax.jit(lambda q, k, v, o, lse, g: flash_attention_mgpu_backward(
+        q, k, v, o, lse, g, None, causal=causal, block_sizes=block_sizes,
+        interpret=interpret))
+
+
+def _error_text(e: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return text if len(text) <= 3000 else text[:1500] + "\n[...]\n" + text[-1500:]
+
+
+def run_config(cfg, *, interpret=False, with_variants=True):
+    name, B_, T, N, H, causal = cfg
+    q, k, v, out, lse, d_out = _inputs(B_, T, N, H, causal, interpret)
+    flops = 2.5 * 4 * B_ * N * T * T * H * (0.5 if causal else 1.0)
+    peers, cudnn_vjp = _impls(causal, interpret, q, k, v, d_out)
+    runs = {"triton": (peers["triton"], (q, k, v, out, lse, d_out))}
+    if cudnn_vjp is not None:
+        runs["cudnn"] = (peers["cudnn"], (cudnn_vjp, d_out))
+    runs["mosaic"] = (_mosaic(causal, None, interpret), (q, k, v, out, lse, d_out))
+    if with_variants and not interpret:
+        for variant, bs in VARIANTS.get(H, {}).items():
+            runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret),
+                                           (q, k, v, out, lse, d_out))
+    rows, grads = [], {}
+    for impl, (fn, args) in runs.items():
+        row = {"config": name, "impl": impl, "ms": None, "tflops": None}
+        rows.append(row)
+        try:
+            t0 = time.perf_counter()
+            grads[impl] = jax.block_until_ready(fn(*args))
+            row["first_call_s"] = time.perf_counter() - t0
+            row["ms"] = time_fn(fn, *args, **(TINY_TIMING if interpret else TIMING))
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            if impl != "triton" and "triton" in grads:
+                row["rel_err_vs_triton"] = max(rel_err(a, b) for a, b in
+                                               zip(grads[impl], grads["triton"]))
+            err = f"  err {row['rel_err_vs_triton']:.1e}" if "rel_err_vs_triton" in row else ""
+            print(f"{name:28s} {impl:28s} {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s"
+                  f"{err}", flush=True)
+        except Exception as e:  # noqa: BLE001 -- one failure must not stop the others
+            row["error"] = _error_text(e)
+            print(f"{name:28s} {impl:28s} ERROR\n{row['error']}", flush=True)
+        if impl != "triton":  # keep one reference set of gradients in memory, not all
+            grads.pop(impl, None)
+    return rows
+
+
+def print_table(rows):
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    print("\nbackward TFLOP/s (err = failed); ratio = best mosaic / cudnn")
+    for c in configs:
+        mine = [r for r in rows if r["config"] == c]
+        cudnn = next((r["tflops"] for r in mine if r["impl"] == "cudnn"), None)
+        best = max((r for r in mine if r["impl"].startswith("mosaic") and r["tflops"]),
+                   key=lambda r: r["tflops"], default=None)
+        cells = "  ".join(f"{r['impl']}={'err' if r['tflops'] is None else round(r['tflops'])}"
+                          for r in mine)
+        ratio = f"{best['tflops'] / cudnn:.2f} ({best['impl']})" if best and cudnn else "-"
+        print(f"{c}: {cells}\n    best mosaic / cudnn: {ratio}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="", help="keep configs whose name contains this")
+    p.add_argument("--no-variants", action="store_true", help="default block sizes only")
+    p.add_argument("--tiny", action="store_true", help="one small config, interpret mode (CPU)")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"),
+                                                 "mgpu_bwd_check.json"))
+    args = p.parse_args(argv)
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
+    start, rows = time.perf_counter(), []
+    for cfg in TINY if args.tiny else CONFIGS:
+        if args.configs in cfg[0]:
+            rows += run_config(cfg, interpret=args.tiny, with_variants=not args.no_variants)
+            write_results(args.out, rows)  # after every config: a cut run keeps what it did
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return write_results(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
