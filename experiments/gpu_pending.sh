@@ -10,6 +10,7 @@
 #   bash experiments/gpu_pending.sh ragged     # H100: the mixed-step tile sweep and its halves
 #   bash experiments/gpu_pending.sh fused      # H100: bench_fused (engine-sized rows chained)
 #   bash experiments/gpu_pending.sh train      # H100: pallas unpacked, pallas_mosaic, cudnn
+#   bash experiments/gpu_pending.sh train_bwd  # H100: cudnn, pallas_mosaic_bwd, pallas unpacked
 #   bash experiments/gpu_pending.sh profile    # H100: engine step profile, with and without
 #                                              #   the dispatch thread
 #   bash experiments/gpu_pending.sh serving    # H100: serving: continuous at token budgets 512
@@ -49,6 +50,11 @@ for step in "$@"; do
         --unpacked --out "$OUT/train_unpacked.json" 2>&1 | tee "$OUT/bench_train.txt" | tail -5
       timeout 250 python3 experiments/bench_train.py --impls pallas,pallas_mosaic \
         --out "$OUT/train_packed.json" 2>&1 | tee -a "$OUT/bench_train.txt" | tail -4 ;;
+    train_bwd)
+      # The Mosaic GPU backward in the train step, cuDNN first (the row the target compares
+      # with), then the Triton backward; one document per row, as cuDNN takes no segment ids.
+      timeout 560 python3 experiments/bench_train.py --impls cudnn,pallas_mosaic_bwd,pallas \
+        --unpacked --out "$OUT/train_bwd.json" 2>&1 | tee "$OUT/bench_train_bwd.txt" | tail -5 ;;
     profile)
       timeout 140 python3 experiments/profile_engine_step.py --pools 20000 --async-only 2>&1 \
         | tee "$OUT/profile_engine.txt" | tail -6
