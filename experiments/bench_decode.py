@@ -10,6 +10,8 @@ Run (GPU): PYTHONPATH=. python experiments/bench_decode.py [--out benchmarks/dec
                ragged: the mixed step under 8 prefill-launch tiles, then 3 decode-launch
                tiles, ms and GB/s each, then each half of the step under the fastest next to
                the flash forward / paged decode on the same half; ~1 min on an H100)
+               prefetch: paged decode and the mixed step with page ids read one tile ahead
+               or not, next to the contiguous decode and the split baseline)
            [--configs 1x32768,16x4096]   (only these B x S rows)
 Prints a table of GB/s (K + V bytes read once / time) per implementation and writes JSON
 {device, jax, date, rows: [{config, impl, ms, gbps, rel_err?, error?}]}.
@@ -25,6 +27,7 @@ the chunks plus our paged decode on the decodes, timed apart and summed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -150,8 +153,9 @@ def run(configs, out_path, ragged):
     return result
 
 
-def run_ragged(chunks, chunk_len, decodes, context):
-    """One mixed step; returns rows for fastattn_ragged and fastattn_split."""
+def run_ragged(chunks, chunk_len, decodes, context, variants=None):
+    """One mixed step; returns rows for fastattn_ragged and fastattn_split (and
+    fastattn_ragged[name] for each RaggedBlockSizes of `variants` {name: block sizes})."""
     S = chunks + decodes
     name = f"ragged|{chunks}x{chunk_len} prefill + {decodes} decodes ctx{context}"
     q_lens = [chunk_len] * chunks + [1] * decodes
@@ -167,8 +171,12 @@ def run_ragged(chunks, chunk_len, decodes, context):
     pairs = chunks * (chunk_len * (context - chunk_len) + chunk_len * (chunk_len + 1) // 2)
     flops = 4 * N * H * (pairs + decodes * context)
     kv_bytes = 2 * k.size * k.dtype.itemsize
-    ragged = jax.jit(lambda q, kp, vp: fastattn.ragged_paged_attention(
-        q, kp, vp, tables, ctx, starts, S, implementation="pallas", max_q_len=chunk_len))
+    def ragged_step(bs=None):
+        return jax.jit(lambda q, kp, vp: fastattn.ragged_paged_attention(
+            q, kp, vp, tables, ctx, starts, S, implementation="pallas", max_q_len=chunk_len,
+            block_sizes=bs))
+
+    ragged = ragged_step()
     prefill = jax.jit(lambda q, k, v: fastattn.attention(q, k, v, causal=True,
                                                          implementation="pallas"))
     decode = jax.jit(lambda q, kp, vp: fastattn.paged_attention(
@@ -177,18 +185,21 @@ def run_ragged(chunks, chunk_len, decodes, context):
     split_out = jnp.concatenate([prefill(q_chunks, k[:chunks], v[:chunks]).reshape(-1, N, H),
                                  decode(q[chunks * chunk_len:], k_pages, v_pages)])
     rows = []
-    for impl, timer in (
-            ("fastattn_ragged", lambda: time_fn(ragged, q, k_pages, v_pages)),
-            ("fastattn_split",
-             lambda: time_fn(prefill, q_chunks, k[:chunks], v[:chunks])
-             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages))):
+    timers = [("fastattn_ragged", ragged),
+              *((f"fastattn_ragged[{label}]", ragged_step(bs))
+                for label, bs in (variants or {}).items()),
+              ("fastattn_split", None)]
+    for impl, step in timers:
         row = dict(config=name, impl=impl)
         try:
-            if impl == "fastattn_ragged":  # one step must equal the two separate kernels
-                out = ragged(q, k_pages, v_pages).astype(jnp.float32)
+            if step is None:
+                row["ms"] = (time_fn(prefill, q_chunks, k[:chunks], v[:chunks])
+                             + time_fn(decode, q[chunks * chunk_len:], k_pages, v_pages))
+            else:  # one step must equal the two separate kernels
+                out = step(q, k_pages, v_pages).astype(jnp.float32)
                 ref = split_out.astype(jnp.float32)
                 row["rel_err"] = rel_err(out, ref)
-            row["ms"] = timer()
+                row["ms"] = time_fn(step, q, k_pages, v_pages)
             row["gbps"] = kv_bytes / row["ms"] / 1e6
             row["tflops"] = flops / row["ms"] / 1e9
         except Exception as e:  # report and go on
@@ -220,20 +231,13 @@ def sweep(configs, kernel="decode", tiny=False):
     tiles on the mixed step."""
     if kernel == "ragged":
         return sweep_ragged(*(RAGGED_TINY if tiny else RAGGED_STEP))
+    if kernel == "prefetch":
+        return sweep_prefetch(configs, tiny=tiny)
     for B, S in configs:
-        keys = jax.random.split(jax.random.key(1), 3)
-        q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
-        k, v = (jax.random.normal(kk, (B, S, K, H), jnp.bfloat16) for kk in keys[1:])
-        lengths = jnp.full((B,), S, jnp.int32)
-        kv_bytes = 2 * k.size * k.dtype.itemsize
-        k_pages, v_pages, tables = _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
+        q, k, v, lengths, kv_bytes, (k_pages, v_pages, tables) = _sweep_problem(B, S)
         results = []
         if kernel == "paged":  # the contiguous kernel's default: the yardstick of the target
-            contiguous = jax.jit(lambda q, k, v, n: fastattn.decode_attention(
-                q, k, v, n, implementation="pallas"))
-            ms = time_fn(contiguous, q, k, v, lengths, min_time=0.1, repeats=REPEATS)
-            print(f"decode (contiguous, default tiles) b{B} kv{S}: {kv_bytes / ms / 1e6:7.0f} "
-                  "GB/s", flush=True)
+            _time_contiguous(B, S, q, k, v, lengths, kv_bytes)
         for block_k, warps, stages in SWEEP_PAGED if kernel == "paged" else SWEEP:
             default = fastattn.DecodeBlockSizes(block_k=block_k).resolve(
                 batch=B, kv_heads=K, kv_len=S).num_splits
@@ -258,6 +262,64 @@ def sweep(configs, kernel="decode", tiny=False):
         print(f"{kernel} b{B} kv{S}: best GB/s (block_k, warps, stages, splits):")
         for row in sorted(results, reverse=True)[:6]:
             print(f"   {row[0]:7.0f}  {row[1:]}", flush=True)
+
+
+def _sweep_problem(B, S):
+    """(q, k, v, lengths, K + V bytes, (k_pages, v_pages, tables)) of one decode row."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (B, S, K, H), jnp.bfloat16) for kk in keys[1:])
+    lengths = jnp.full((B,), S, jnp.int32)
+    kv_bytes = 2 * k.size * k.dtype.itemsize
+    return q, k, v, lengths, kv_bytes, _to_pages(k, v, page_size=PAGE_SIZE, seed=B + S)
+
+
+def _time_contiguous(B, S, q, k, v, lengths, kv_bytes):
+    """GB/s of our contiguous decode at its default tiles: the yardstick of the paged
+    kernel's 0.95x target."""
+    contiguous = jax.jit(lambda q, k, v, n: fastattn.decode_attention(
+        q, k, v, n, implementation="pallas"))
+    ms = time_fn(contiguous, q, k, v, lengths, min_time=0.1, repeats=REPEATS)
+    gbps = kv_bytes / ms / 1e6
+    print(f"decode (contiguous, default tiles) b{B} kv{S}: {gbps:7.0f} GB/s", flush=True)
+    return gbps
+
+
+PREFETCH_PAGED = [(128, 4, 2), (256, 4, 2)]  # block_k, num_warps, num_stages (default splits)
+
+
+def sweep_prefetch(configs, tiny=False):
+    """Page ids read one key tile ahead (prefetch_page_ids) or in the loop step: the paged
+    decode under a few tiles next to our contiguous decode, then the mixed ragged step under
+    its default tiles both ways next to the split baseline (flash forward + paged decode)."""
+    for B, S in configs:
+        q, k, v, lengths, kv_bytes, pool = _sweep_problem(B, S)
+        yardstick = _time_contiguous(B, S, q, k, v, lengths, kv_bytes)
+        for block_k, warps, stages in PREFETCH_PAGED:
+            for prefetch in (False, True):
+                bs = fastattn.DecodeBlockSizes(block_k=block_k, num_warps=warps,
+                                               num_stages=stages, prefetch_page_ids=prefetch)
+                fn = jax.jit(lambda q, k, v, n, bs=bs: fastattn.paged_attention(
+                    q, *pool, n, implementation="pallas", block_sizes=bs))
+                try:
+                    gbps = kv_bytes / time_fn(fn, q, k, v, lengths, min_time=0.1,
+                                              repeats=REPEATS) / 1e6
+                except Exception as e:  # report and go on
+                    print(f"   {(block_k, warps, stages, prefetch)}: "
+                          f"{str(e).splitlines()[0][:90]}", flush=True)
+                    continue
+                print(f"   paged b{B} kv{S} {(block_k, warps, stages)} prefetch={prefetch!s:5}"
+                      f" {gbps:7.0f} GB/s  {gbps / yardstick:.3f}x contiguous", flush=True)
+    default = RaggedBlockSizes()
+    ahead = RaggedBlockSizes(
+        decode=dataclasses.replace(default.decode, prefetch_page_ids=True),
+        prefill=dataclasses.replace(default.prefill, prefetch_page_ids=True))
+    rows = run_ragged(*(RAGGED_TINY if tiny else RAGGED_STEP), variants={"prefetch": ahead})
+    split = next(r for r in rows if r["impl"] == "fastattn_split").get("ms")
+    for r in rows:
+        if r.get("ms") and split and r["impl"] != "fastattn_split":
+            print(f"   {r['impl']}: {r['ms']:.3f} ms, {split / r['ms']:.3f}x the split's speed "
+                  "(target >= 0.9)", flush=True)
 
 
 def sweep_ragged(chunks, chunk_len, decodes, context):
@@ -354,7 +416,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/decode.json")
     parser.add_argument("--tiny", action="store_true", help="one small shape (CPU, CI)")
-    parser.add_argument("--sweep", nargs="?", const="decode", choices=["decode", "paged", "ragged"],
+    parser.add_argument("--sweep", nargs="?", const="decode", choices=["decode", "paged", "ragged", "prefetch"],
                         help="tile sweep of one of our kernels only (default: decode)")
     parser.add_argument("--configs", default=None,
                         help="only these BxS rows, e.g. 1x32768,16x4096 (default: all)")

@@ -7,6 +7,7 @@
 #   bash experiments/gpu_pending.sh decode2    # H100: the other three rows + the mixed step
 #   bash experiments/gpu_pending.sh paged      # H100: paged tile / split sweep on the rows short
 #                                              #   of 0.95x contiguous (session 5)
+#   bash experiments/gpu_pending.sh prefetch   # H100: page ids one tile ahead, paged + ragged
 #   bash experiments/gpu_pending.sh ragged     # H100: the mixed-step tile sweep and its halves
 #   bash experiments/gpu_pending.sh fused      # H100: bench_fused (engine-sized rows chained)
 #   bash experiments/gpu_pending.sh train      # H100: pallas unpacked, pallas_mosaic, cudnn
@@ -38,6 +39,11 @@ for step in "$@"; do
     paged)
       timeout 500 python3 experiments/bench_decode.py --sweep paged \
         --configs 1x32768,16x4096,64x4096 2>&1 | tee "$OUT/sweep_paged.txt" | tail -24 ;;
+    prefetch)
+      # Page ids read one key tile ahead or in the step: paged decode on the rows short of
+      # 0.95x contiguous, then the mixed ragged step against the split baseline.
+      timeout 560 python3 experiments/bench_decode.py --sweep prefetch \
+        --configs 1x32768,16x4096,64x4096 2>&1 | tee "$OUT/sweep_prefetch.txt" | tail -20 ;;
     ragged)
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
         tests/test_ragged_paged_attention.py 2>&1 | tail -3

@@ -79,25 +79,36 @@ def exp2(x, *, interpret: bool):
     return y
 
 
-def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_offset=0):
-    """All-array index of keys `keys` [n] of one sequence in its layer's page pool
-    [P, page_size, width], through the sequence's block table table_ref [pages_per_seq]:
-    key j sits at row j % page_size of page table[j // page_size] (vLLM's layout).
+def load_page_ids(table_ref, keys, valid, *, page_size: int, table_offset=0):
+    """Page id of each key of `keys` [n] of one sequence, from its block table table_ref
+    [pages_per_seq] (or a flattened [S * pages_per_seq] table of several sequences, the
+    sequence's entries starting at table_offset): key j sits at row j % page_size of page
+    table[j // page_size] (vLLM's layout). Keys that are not `valid` get page 0 (table
+    entries past a sequence's pages may hold anything, or lie past the table); valid None:
+    every key of the tile exists, no mask on the table reads."""
+    entries = table_ref.at[table_offset + jax.lax.div(keys, page_size)]
+    # Triton takes a fill value only together with a mask.
+    return plgpu.load(entries) if valid is None else plgpu.load(entries, mask=valid, other=0)
+
+
+def paged_rows(page_ids, keys, *, page_size: int, width: int):
+    """All-array index of keys `keys` [n] in a page pool [P, page_size, width], given each
+    key's page (`load_page_ids`):
 
         keys  k_start ........................ k_start + n     (one tile, any page size)
         pages | table[i] | table[i + 1] | ... |                  each row gathered by page id
 
     A tile spans as many pages as it needs, so its size is the kernel's choice, not the page
-    size. Keys that are not `valid` read page 0 instead of their table entry (table entries
-    past a sequence's pages may hold anything); their K/V loads must be masked by the caller.
-    valid None: every key of the tile exists (no mask on the table reads).
-    Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised.
-    table_offset: where the sequence's table starts in table_ref (a flattened [S *
-    pages_per_seq] table of several sequences)."""
-    entries = table_ref.at[table_offset + jax.lax.div(keys, page_size)]
-    # Triton takes a fill value only together with a mask.
-    page = plgpu.load(entries) if valid is None else plgpu.load(entries, mask=valid, other=0)
-    return page[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
+    size. Keys whose page id is a placeholder (0) must be masked in the K/V loads.
+    Gives [n, width] when loaded; the last axis stays contiguous, so loads stay vectorised."""
+    return page_ids[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
+
+
+def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_offset=0):
+    """`paged_rows` of the keys, their page ids read from the table now."""
+    pages = load_page_ids(table_ref, keys, valid, page_size=page_size,
+                          table_offset=table_offset)
+    return paged_rows(pages, keys, page_size=page_size, width=width)
 
 
 def online_softmax_init(rows: int, width: int):

@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, check_tile_fields, dot, online_softmax_finish, online_softmax_init,
-    online_softmax_step, paged_kv_index)
+    LOG2E, check_tile_fields, dot, load_page_ids, online_softmax_finish, online_softmax_init,
+    online_softmax_step, paged_rows)
 
 GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
 
@@ -44,6 +44,9 @@ class DecodeBlockSizes:
 
     num_splits: KV partitions per (sequence, kv head); None: enough for `waves` programs
         per SM (`resolve`).
+    prefetch_page_ids (paged only): read tile t + 1's page ids from the block table while
+        tile t is processed, so that a tile's K/V addresses are known when its loop step
+        starts instead of one dependent table read later.
     """
 
     block_k: int = 128
@@ -51,6 +54,7 @@ class DecodeBlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     waves: int = 2
+    prefetch_page_ids: bool = False
 
     @classmethod
     def default_for(cls, *, paged: bool) -> "DecodeBlockSizes":
@@ -80,7 +84,7 @@ class DecodeBlockSizes:
 
 
 def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
-                     block_k, group, head_dim, page_size, interpret):
+                     block_k, group, head_dim, page_size, prefetch, interpret):
     # q_ref [Gp, Hp] over the G = group real query heads; len_ref [1]
     # o_ref [Gp, Hp] (the final output when there is one split, else this split's f32
     # partial); lse_ref [Gp] f32
@@ -108,24 +112,39 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         lowest = 0
     n_tiles = jax.lax.div(jnp.maximum(end - first, 0) + block_k - 1, block_k)
 
+    def tile_keys(t):
+        cols = first + t * block_k + jnp.arange(block_k)
+        return cols, (cols < end) & (cols >= lowest)
+
+    def page_ids(t):
+        cols, valid = tile_keys(t)
+        return load_page_ids(block_table_ref, cols, valid, page_size=page_size)
+
     def body(t, carry):
-        k_start = first + t * block_k
-        cols = k_start + jnp.arange(block_k)
-        valid = (cols < end) & (cols >= lowest)
+        if prefetch:  # this tile's page ids came with the carry; read the next tile's now
+            carry, pages = carry
+            next_pages = page_ids(t + 1)
+        cols, valid = tile_keys(t)
         mask = valid[:, None] & head_ok if hp != head_dim else valid[:, None]
         if paged:
-            index = paged_kv_index(block_table_ref, cols, valid, page_size=page_size, width=hp)
+            index = paged_rows(pages if prefetch else page_ids(t), cols, page_size=page_size,
+                               width=hp)
         else:
-            index = (pl.ds(k_start, block_k), slice(None))
+            index = (pl.ds(first + t * block_k, block_k), slice(None))
         k = plgpu.load(k_ref.at[index], mask=mask, other=0.0)
         v = plgpu.load(v_ref.at[index], mask=mask, other=0.0)
         s = dot(q, k, contract=(1, 1)) * scale  # [Gp, block_k]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         s = jnp.where(valid[None, :], s * LOG2E, -jnp.inf)
-        return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
+        carry = online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
+        return (carry, next_pages) if prefetch else carry
 
-    carry = jax.lax.fori_loop(0, n_tiles, body, online_softmax_init(gp, hp))
+    carry = online_softmax_init(gp, hp)
+    if prefetch:
+        carry = jax.lax.fori_loop(0, n_tiles, body, (carry, page_ids(0)))[0]
+    else:
+        carry = jax.lax.fori_loop(0, n_tiles, body, carry)
     out, lse = online_softmax_finish(carry)  # an empty partition: 0, -inf
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=tile_ok)
     plgpu.store(lse_ref, lse, mask=jnp.arange(gp) < group)
@@ -185,7 +204,8 @@ def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_hea
     kernel = functools.partial(
         _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, group=G,
-        head_dim=H, page_size=k.shape[2] if paged else None, interpret=interpret)
+        head_dim=H, page_size=k.shape[2] if paged else None,
+        prefetch=paged and bs.prefetch_page_ids, interpret=interpret)
     in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
                 pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
     inputs = [q.reshape(B, K, G, H), k, v, lengths.astype(jnp.int32).reshape(B, 1)]

@@ -39,7 +39,8 @@ from pallas_kernels._common import (
     online_softmax_finish,
     online_softmax_init,
     online_softmax_step,
-    paged_kv_index,
+    load_page_ids,
+    paged_rows,
 )
 from pallas_kernels.decode_attention import (
     DecodeBlockSizes,
@@ -101,12 +102,15 @@ class RaggedTile:
         program, so its query tile is block_q * G rows (padded to a power of two >= 16) and
         each key tile is read once per kv head, not once per query head.
     block_k: keys per loop step, gathered from as many pages as they span.
+    prefetch_page_ids: read key tile t + 1's page ids while tile t is processed (as
+        DecodeBlockSizes.prefetch_page_ids).
     """
 
     block_q: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    prefetch_page_ids: bool = False
 
     def __post_init__(self):
         check_tile_fields(self, smallest={"block_q": 1})
@@ -152,7 +156,7 @@ class RaggedBlockSizes:
 
 def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref, work_seq_ref,
                    work_tile_ref, prior_ref, o_ref, *, scale, softcap, window_left, block_q,
-                   block_k, group, page_size, pages_per_seq, head_dim, interpret):
+                   block_k, group, page_size, pages_per_seq, head_dim, prefetch, interpret):
     # q_ref, o_ref [T, N, Hp] (every token and head of the step; programs write disjoint
     # (row, head) pairs; o_ref is aliased to prior_ref, zeros for the first launch and its
     # output for the second, so that rows this launch does not own keep what they hold: the
@@ -196,15 +200,27 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             lowest = jnp.maximum(ctx - q_len + row0 - window_left, 0)
             first = jax.lax.div(lowest, block_k) * block_k
 
+        def tile_keys(t):
+            return first + t * block_k + jnp.arange(block_k)
+
+        def page_ids(t, *, masked=True):
+            cols = tile_keys(t)
+            return load_page_ids(table_ref, cols, cols < last_key if masked else None,
+                                 page_size=page_size, table_offset=seq * pages_per_seq)
+
         def key_tile(t, carry, *, masked):
-            cols = first + t * block_k + jnp.arange(block_k)
+            if prefetch:  # this tile's page ids came with the carry; read the next tile's
+                # now (masked: the next tile may be past the context, or the table's end)
+                carry, pages = carry
+                next_pages = page_ids(t + 1)
+            cols = tile_keys(t)
             col_ok = cols < last_key if masked else None  # None: every key exists
             if masked:
                 kv_mask = col_ok[:, None] & head_ok
             else:  # ... and every row sees it
                 kv_mask = None if hp == head_dim else head_ok
-            index = paged_kv_index(table_ref, cols, col_ok, page_size=page_size, width=hp,
-                                   table_offset=seq * pages_per_seq)
+            index = paged_rows(pages if prefetch else page_ids(t, masked=masked), cols,
+                               page_size=page_size, width=hp)
             # Triton takes a fill value only with a mask: unmasked tiles load plainly.
             fill = {} if kv_mask is None else dict(mask=kv_mask, other=0.0)
             k = plgpu.load(k_ref.at[index], **fill)
@@ -212,14 +228,15 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
             s = dot(q, k, contract=(1, 1)) * scale  # [rows, block_k]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
-            if not masked:
-                return online_softmax_step(carry, s * LOG2E, v, may_be_empty=False,
-                                           interpret=interpret)
-            vis = col_ok[None, :] & (cols[None, :] <= pos[:, None])  # causal among new tokens
-            if window_left is not None:
-                vis &= cols[None, :] >= pos[:, None] - window_left
-            s = jnp.where(vis, s * LOG2E, -jnp.inf)
-            return online_softmax_step(carry, s, v, may_be_empty=True, interpret=interpret)
+            if masked:
+                vis = col_ok[None, :] & (cols[None, :] <= pos[:, None])  # causal, new tokens
+                if window_left is not None:
+                    vis &= cols[None, :] >= pos[:, None] - window_left
+                s = jnp.where(vis, s * LOG2E, -jnp.inf)
+            else:
+                s = s * LOG2E
+            carry = online_softmax_step(carry, s, v, may_be_empty=masked, interpret=interpret)
+            return (carry, next_pages) if prefetch else carry
 
         n_tiles = jax.lax.div(jnp.maximum(last_key - first, 0) + block_k - 1, block_k)
         # Tiles wholly before the tile's first new token are seen by every row: no mask,
@@ -229,11 +246,13 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, ctx_ref, start_ref, nseq_ref,
         if window_left is None:
             n_interior = jnp.minimum(jax.lax.div(ctx - q_len + row0 + 1, block_k), n_tiles)
         carry = online_softmax_init(i.shape[0], hp)
+        if prefetch:
+            carry = (carry, page_ids(0))
         carry = jax.lax.fori_loop(0, n_interior,
                                   functools.partial(key_tile, masked=False), carry)
         carry = jax.lax.fori_loop(n_interior, n_tiles,
                                   functools.partial(key_tile, masked=True), carry)
-        out, _ = online_softmax_finish(carry)
+        out, _ = online_softmax_finish(carry[0] if prefetch else carry)
         plgpu.store(o_ref.at[rows], out.astype(o_ref.dtype), mask=q_mask)
 
 
@@ -284,7 +303,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
             _ragged_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
             softcap=softcap, window_left=window_left, block_q=tile.block_q,
             block_k=tile.block_k, group=N // K, page_size=page_size,
-            pages_per_seq=pages_per_seq, head_dim=H, interpret=interpret)
+            pages_per_seq=pages_per_seq, head_dim=H, prefetch=tile.prefetch_page_ids,
+            interpret=interpret)
         return pl.pallas_call(
             kernel,
             grid=(num_programs, K),

@@ -54,6 +54,17 @@ def test_bench_decode_tiny_writes_json(tmp_path):
     assert rows["xla"]["rel_err"] < 2e-2  # xla against our kernel, bf16
 
 
+def test_bench_decode_tiny_prefetch_sweep_times_both_ways(capsys):
+    """--sweep prefetch: paged decode and the mixed step with page ids read one tile ahead
+    and in the step, each next to its yardstick."""
+    from experiments import bench_decode
+
+    bench_decode.main(["--tiny", "--sweep", "prefetch"])
+    out = capsys.readouterr().out
+    assert out.count("x contiguous") == 4  # two tiles, prefetch off and on
+    assert "fastattn_ragged[prefetch]:" in out and "x the split's speed" in out
+
+
 def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
     from experiments import demo
 

@@ -8,15 +8,22 @@ kernels become Triton IR / Mosaic GPU MLIR here, no GPU needed. What this cannot
 of the Triton / ptxas compile that XLA runs on the GPU, and anything about speed.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import DecodeBlockSizes, decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.fused_rmsnorm import add_rmsnorm
 from pallas_kernels.fused_swiglu import swiglu
-from pallas_kernels.paged_attention import paged_decode_attention, ragged_paged_attention
+from pallas_kernels.paged_attention import (
+    RaggedBlockSizes,
+    RaggedTile,
+    paged_decode_attention,
+    ragged_paged_attention,
+)
 from pallas_kernels.rope_kv_write import rope_write_kv
 
 BF16 = jnp.bfloat16
@@ -62,8 +69,11 @@ def test_decode_kernels_lower(window_left, softcap):
                                                       softcap=softcap), q, k, k)
     pages = zeros(K, B * S // page, page, H)
     tables = jnp.zeros((B, S // page), jnp.int32)
-    lowers_for_cuda(lambda q, kp, vp: paged_decode_attention(
-        q, kp, vp, tables, lengths, window_left=window_left, softcap=softcap), q, pages, pages)
+    for prefetch in (False, True):
+        bs = DecodeBlockSizes(prefetch_page_ids=prefetch)
+        lowers_for_cuda(lambda q, kp, vp: paged_decode_attention(
+            q, kp, vp, tables, lengths, window_left=window_left, softcap=softcap,
+            block_sizes=bs), q, pages, pages)
 
 
 @pytest.mark.parametrize("max_q_len", [1, 16, 64])  # decode-only, decode launch, both
@@ -74,9 +84,13 @@ def test_ragged_paged_attention_lowers(max_q_len, window_left, softcap):
     tables = jnp.zeros((S, 4), jnp.int32)
     ctx = jnp.full((S,), 64, jnp.int32)
     starts = jnp.asarray([0, 16, 32, 48, 64], jnp.int32)
-    lowers_for_cuda(lambda q, kp, vp: ragged_paged_attention(
-        q, kp, vp, tables, ctx, starts, S, max_q_len=max_q_len, window_left=window_left,
-        softcap=softcap), zeros(T, N, H), pages, pages)
+    for prefetch in (False, True):
+        tile = functools.partial(RaggedTile, prefetch_page_ids=prefetch)
+        bs = RaggedBlockSizes(decode=tile(block_q=1, block_k=128),
+                              prefill=tile(block_q=64, block_k=128, num_warps=8))
+        lowers_for_cuda(lambda q, kp, vp: ragged_paged_attention(
+            q, kp, vp, tables, ctx, starts, S, max_q_len=max_q_len, window_left=window_left,
+            softcap=softcap, block_sizes=bs), zeros(T, N, H), pages, pages)
 
 
 def test_fused_kernels_lower():

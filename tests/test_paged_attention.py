@@ -68,6 +68,27 @@ def test_nan_in_free_pages_and_partial_tails_changes_nothing(impl, page_size):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("page_size,block_k", [(16, 16), (8, 32), (32, 16)])
+def test_prefetched_page_ids_change_no_bit_and_keep_nan_out(page_size, block_k):
+    """DecodeBlockSizes.prefetch_page_ids reads tile t + 1's page ids during tile t, also
+    past a sequence's last page (masked): the same bits as reading them in the step, with
+    NaN in every free page and partial-page tail, a sliding window and splits."""
+    q, kp, vp, tables, lens, unread = _paged_problem([3, 47, 16, 0, 90], page_size,
+                                                     dtype="bfloat16")
+    poison = jnp.asarray(unread)[None, :, :, None]
+    outs = []
+    for prefetch, (k, v) in ((False, (kp, vp)), (True, (jnp.where(poison, jnp.nan, kp),
+                                                        jnp.where(poison, jnp.nan, vp)))):
+        bs = fastattn.DecodeBlockSizes(block_k=block_k, num_splits=3, prefetch_page_ids=prefetch)
+        for window in (None, (21, 0)):
+            outs.append(fastattn.paged_attention(q, k, v, tables, lens, return_lse=True,
+                                                 implementation="pallas", block_sizes=bs,
+                                                 sliding_window=window))
+    for plain, early in zip(outs[:2], outs[2:]):
+        for a, b in zip(plain, early):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_paged_equals_contiguous_decode():
     q, kp, vp, tables, lens, _ = _paged_problem([50, 7, 33], 16)
     from pallas_kernels.paged_attention import gather_pages

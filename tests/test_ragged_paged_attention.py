@@ -134,6 +134,29 @@ def test_nan_in_free_pages_and_tails_changes_nothing(page_size):
     np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
 
 
+@pytest.mark.parametrize("page_size", [8, 32])
+def test_prefetched_page_ids_change_no_bit_and_keep_nan_out(page_size):
+    """RaggedTile.prefetch_page_ids reads the next key tile's page ids one loop step early,
+    also past the context and the table's end (masked): same bits as reading them in the
+    step, NaN in every free page and tail included; key tiles of 16 and 32 over pages of 8
+    or 32, interior (unmasked) tiles and masked ones."""
+    q, kp, vp, tables, ctx, starts, n, unread = _step([70, 45, 3, 33], [19, 2, 1, 1], page_size,
+                                                      dtype="bfloat16")
+    poison = jnp.asarray(unread)[None, :, :, None]
+
+    def tiles(prefetch):
+        return RaggedBlockSizes(
+            decode=RaggedTile(block_q=1, block_k=16, prefetch_page_ids=prefetch),
+            prefill=RaggedTile(block_q=4, block_k=32, prefetch_page_ids=prefetch))
+
+    plain = fastattn.ragged_paged_attention(q, kp, vp, tables, ctx, starts, n,
+                                            implementation="pallas", block_sizes=tiles(False))
+    early = fastattn.ragged_paged_attention(q, jnp.where(poison, jnp.nan, kp),
+                                            jnp.where(poison, jnp.nan, vp), tables, ctx, starts,
+                                            n, implementation="pallas", block_sizes=tiles(True))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(early))
+
+
 def test_prefill_then_20_decodes_through_pages_equal_one_causal_forward():
     """write_kv into a shuffled pool, a 12-token prefill step, then 20 one-token steps."""
     rng = np.random.default_rng(5)
