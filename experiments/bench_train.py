@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--impls", default="pallas,xla,cudnn",
-                        help="attention implementations; a name with '+fused_loss' also "
+                        help="attention implementations ('default': implementation=None, "
+                             "fastattn's pick); a name with '+fused_loss' also "
                              "computes the loss chunked (e.g. pallas+fused_loss)")
     parser.add_argument("--unpacked", action="store_true",
                         help="no segment ids for any implementation (cuDNN never gets them)")
@@ -104,7 +105,9 @@ def main(argv=None) -> dict:
         if option not in ("", "fused_loss"):
             raise ValueError(f"--impls: unknown option {option!r} in {name!r}")
         packed = not args.unpacked and impl != "cudnn"  # cuDNN takes no segment ids
-        config = dataclasses.replace(base, attention_implementation=impl)
+        # "default": implementation=None, what fastattn.attention picks for these inputs
+        config = dataclasses.replace(base, attention_implementation=None if impl == "default"
+                                     else impl)
         try:
             r = bench(config, seq_len, batch, args.grad_accum, steps, packed=packed,
                       fused_loss=option == "fused_loss")

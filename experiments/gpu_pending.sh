@@ -19,6 +19,8 @@
 #   bash experiments/gpu_pending.sh mosaic     # H100: Hopper kernel's GPU tests + check
 #   bash experiments/gpu_pending.sh mosaic_bwd # H100: the Mosaic GPU backward's GPU tests, then
 #                                              #   the backward alone: variants, Triton, cuDNN
+#   bash experiments/gpu_pending.sh mosaic_bwd_tests  # H100: its GPU tests given the time
+#                                              #   its compiles take; train step packed, default
 #   bash experiments/gpu_pending.sh attention_bwd  # H100: fwd+bwd vs cuDNN, either backward
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
@@ -82,6 +84,13 @@ for step in "$@"; do
         -k "gpu_matches or gpu_deterministic" 2>&1 | tee "$OUT/mgpu_bwd_tests.txt" | tail -15
       timeout 330 python3 experiments/mgpu_bwd_check.py --out "$OUT/mgpu_bwd_check.json" 2>&1 \
         | tee "$OUT/mgpu_bwd_check.txt" | tail -20 ;;
+    mosaic_bwd_tests)
+      timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=0 \
+        tests/test_attention_mgpu_bwd.py -k "gpu_matches or gpu_deterministic" 2>&1 \
+        | tee "$OUT/mgpu_bwd_tests.txt" | tail -14
+      timeout 220 python3 experiments/bench_train.py --impls default,pallas \
+        --out "$OUT/train_default_packed.json" 2>&1 | tee "$OUT/bench_train_default.txt" \
+        | tail -4 ;;
     attention_bwd)
       timeout 560 python3 experiments/bench_attention.py --only bwd \
         --impls cudnn,fastattn,fastattn_mosaic,fastattn_mosaic_bwd \

@@ -22,7 +22,12 @@ from fastattn import sharding
 from fastattn._xla_attention import xla_attention
 from pallas_kernels._common import check_scalar_options
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
-from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu
+from pallas_kernels.flash_attention_mgpu import (
+    check_supported,
+    flash_attention_mgpu,
+    require_hopper,
+)
+from pallas_kernels.flash_attention_mgpu_bwd import check_supported_backward
 
 MAX_PALLAS_HEAD_DIM = 256
 _PALLAS_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -73,7 +78,7 @@ def _refuse_unsupported(c: _Call, name: str) -> None:
 def _pallas_mosaic(c: _Call, *, backward: str = "triton"):
     """The Hopper kernel (Mosaic GPU: wgmma, TMA, warp specialisation) forward, and the Triton
     kernel's recomputing backward ("pallas_mosaic") or the Mosaic GPU backward
-    ("pallas_mosaic_bwd": opt-in until it is measured on an H100); all take segment ids,
+    ("pallas_mosaic_bwd", the default on Hopper where measured faster); all take segment ids,
     sliding windows and softcap. Off a GPU they run in Mosaic GPU's interpret mode. Their
     tiles are chosen per shape, so a fastattn.BlockSizes (the Triton kernel's tiles) is
     refused."""
@@ -140,10 +145,52 @@ _NO_LSE = frozenset({"cudnn"})
 _KERNELS = frozenset({"pallas", "pallas_mosaic", "pallas_mosaic_bwd"})
 
 
-def default_implementation(q: jax.Array) -> str:
-    """Pallas kernels on a GPU where they take the inputs; the chunked XLA path elsewhere."""
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _on_hopper() -> bool:
+    try:
+        require_hopper("", "")
+    except NotImplementedError:
+        return False
+    return True
+
+
+# The Hopper kernels' head dim where the benchmarks show them ahead (H100, BENCHMARKS.md): at
+# H = 128 the Mosaic forward + backward beat the Triton pair on every causal config and at
+# S >= 4096 (1.04-1.17x forward + backward; the train step 176.5 vs 181.5 ms), and lose on
+# short non-causal rows (b16 s1024 full: 0.94x, the forward's per-CTA prologue); at H = 64
+# the Mosaic forward loses (0.89x).
+_MOSAIC_HEAD_DIM = 128
+_MOSAIC_MIN_FULL_KV_LEN = 4096
+
+
+def default_implementation(q: jax.Array, k: jax.Array | None = None, *, causal: bool = False,
+                           segment_ids=None, sliding_window=None, softcap=None) -> str:
+    """The fastest implementation measured for these inputs on this backend:
+
+        Hopper GPU, H = 128, causal or a right-bounded window or S >= 4096, and inputs the
+            Mosaic kernels take (bf16 / f16, tile-multiple lengths)  -> "pallas_mosaic_bwd"
+        other GPUs and inputs the Triton kernel takes               -> "pallas"
+        elsewhere (CPU: the kernels would run in the interpreter)   -> "xla"
+
+    Called with q alone (no k), it answers for the Triton / XLA choice only."""
     pallas_ok = q.shape[-1] <= MAX_PALLAS_HEAD_DIM and any(q.dtype == d for d in _PALLAS_DTYPES)
-    return "pallas" if jax.default_backend() == "gpu" and pallas_ok else "xla"
+    if not (_on_gpu() and pallas_ok):
+        return "xla"
+    if k is not None and q.shape[-1] == _MOSAIC_HEAD_DIM and _on_hopper():
+        right_bounded = causal or (sliding_window is not None and sliding_window[1] is not None)
+        if right_bounded or k.shape[1] >= _MOSAIC_MIN_FULL_KV_LEN:
+            window = None if sliding_window is None else tuple(sliding_window)
+            try:  # both kernels must take the inputs (dtype, tile-multiple lengths)
+                for check in (check_supported, check_supported_backward):
+                    check(q, k, k, causal=causal, segment_ids=segment_ids, window=window,
+                          softcap=softcap, require_device=False)  # _on_hopper() said so
+            except (NotImplementedError, ValueError):
+                return "pallas"
+            return "pallas_mosaic_bwd"
+    return "pallas"
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, softcap=None,
@@ -164,7 +211,8 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     softcap: scores become softcap * tanh(scores / softcap) (Gemma 2), applied after `scale`.
     scale: multiplies q.k; None means 1 / sqrt(H).
     return_lse: also return lse [B, N, T] float32, the natural-log log-sum-exp of each row.
-    implementation: None (best for the backend), "pallas", "pallas_mosaic" (Hopper forward,
+    implementation: None (the fastest measured for the inputs on this backend:
+        `default_implementation`), "pallas", "pallas_mosaic" (Hopper forward,
         Triton backward), "pallas_mosaic_bwd" (Hopper forward and backward), "xla" (chunked,
         memory-efficient pure JAX), "reference" (naive, for tests), "cudnn" (cuDNN through
         jax.nn.dot_product_attention: GPU, bf16/f16, no segment ids / window / softcap / lse,
@@ -180,7 +228,12 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     """
     call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
                      implementation, block_sizes)
-    name = implementation if implementation is not None else default_implementation(q)
+    name = implementation
+    if name is None:
+        segments = None if call.q_segment_ids is None else (call.q_segment_ids,
+                                                             call.kv_segment_ids)
+        name = default_implementation(q, k, causal=causal, segment_ids=segments,
+                                      sliding_window=call.window, softcap=call.softcap)
     if return_lse and name in _NO_LSE:
         raise NotImplementedError(f"implementation={name!r} returns no lse; use "
                                   "implementation='pallas' or 'xla' with return_lse=True")

@@ -96,7 +96,6 @@ class MosaicBackwardBlockSizes:
     block_q_dq: queries per dQ CTA, split over the two consumers: 128 or 256. block_k_dq:
         keys per dQ step, a multiple of 64 in [64, 256]. num_stages_dq: K/V stages (>= 2).
     consumer_registers / producer_registers: setmaxnreg limits, as MosaicBlockSizes.
-    Not tuned on a GPU yet.
     """
 
     block_q_dkv: int = 64
@@ -148,11 +147,17 @@ class MosaicBackwardBlockSizes:
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
                     causal: bool) -> MosaicBackwardBlockSizes:
-        """H <= 64: three stages in both kernels; H = 128: two. Untuned guesses (the FA-3
-        backward's tiles for these head dims are of the same size)."""
-        del q_len, kv_len, causal  # kept for a uniform signature
-        stages = 3 if head_dim <= 64 else 2
-        return cls(num_stages_dkv=stages, num_stages_dq=stages)
+        """The best of experiments/mgpu_bwd_check.py on an H100 (jax 0.11.2, one run,
+        BENCHMARKS.md): 128-key dQ steps at both head dims (+1.6% summed over four H = 128
+        configs, +3% at H = 64), 128-query dK/dV steps at H = 64 (at H = 128 the dK, dV
+        accumulators leave registers for no more than 64), three stages at H = 64 and two at
+        H = 128 (a third dK/dV stage won on one H = 128 config and lost on two). Lengths that
+        are not a multiple of 128 fall back to 64-row steps."""
+        del causal  # the same tiles serve both; kept for a uniform signature
+        small = head_dim <= 64
+        return cls(block_q_dkv=128 if small and q_len % 128 == 0 else 64,
+                   block_k_dq=128 if kv_len % 128 == 0 else 64,
+                   num_stages_dkv=3 if small else 2, num_stages_dq=3 if small else 2)
 
 
 # ----------------------------------------------------------------------------- shared math

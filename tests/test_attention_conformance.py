@@ -209,6 +209,38 @@ def test_default_implementation_on_cpu_is_xla():
     assert fastattn.default_implementation(q) == "xla"
 
 
+def _shapes(T, S, H, dtype=jnp.bfloat16, N=4, K=2):
+    return (jax.ShapeDtypeStruct((2, T, N, H), dtype), jax.ShapeDtypeStruct((2, S, K, H), dtype))
+
+
+@pytest.mark.parametrize("hopper, T, S, H, dtype, options, want", [
+    (True, 1024, 1024, 128, jnp.bfloat16, dict(causal=True), "pallas_mosaic_bwd"),
+    (True, 512, 1024, 128, jnp.float16, dict(causal=True), "pallas_mosaic_bwd"),
+    (True, 1024, 1024, 128, jnp.bfloat16, dict(sliding_window=(256, 0)), "pallas_mosaic_bwd"),
+    (True, 1024, 1024, 128, jnp.bfloat16, dict(causal=True, softcap=30.0,
+                                               segment_ids=True), "pallas_mosaic_bwd"),
+    (True, 4096, 4096, 128, jnp.bfloat16, {}, "pallas_mosaic_bwd"),  # long, no mask
+    (True, 1024, 1024, 128, jnp.bfloat16, {}, "pallas"),  # short, no mask: Triton measured ahead
+    (True, 1024, 1024, 128, jnp.bfloat16, dict(sliding_window=(256, None)), "pallas"),
+    (True, 1024, 1024, 64, jnp.bfloat16, dict(causal=True), "pallas"),  # H = 64: Triton ahead
+    (True, 1000, 1000, 128, jnp.bfloat16, dict(causal=True), "pallas"),  # not a tile multiple
+    (True, 1024, 1024, 128, jnp.float32, dict(causal=True), "pallas"),  # Mosaic: 16-bit only
+    (False, 1024, 1024, 128, jnp.bfloat16, dict(causal=True), "pallas"),  # not a Hopper GPU
+])
+def test_default_implementation_on_gpus(monkeypatch, hopper, T, S, H, dtype, options, want):
+    """The rule behind implementation=None on a GPU (the BENCHMARKS.md measurements): the
+    Hopper kernels where they were measured faster and take the inputs, else Triton."""
+    from fastattn import _attention
+
+    monkeypatch.setattr(_attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(_attention, "_on_hopper", lambda: hopper)
+    q, k = _shapes(T, S, H, dtype)
+    if options.pop("segment_ids", False):
+        options["segment_ids"] = (jnp.zeros((2, T), jnp.int32), jnp.zeros((2, S), jnp.int32))
+    assert fastattn.default_implementation(q, k, **options) == want
+    assert fastattn.default_implementation(q) == "pallas"  # without k: Triton or XLA only
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
