@@ -136,14 +136,18 @@ def print_table(rows):
         print(c.ljust(width) + "".join(x.rjust(11) for x in cells))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv, doc: str, json_name: str):
+    """The command line of the Hopper kernel checks (this one and mgpu_bwd_check.py)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--configs", default="", help="keep configs whose name contains this")
     p.add_argument("--no-variants", action="store_true", help="default block sizes only")
     p.add_argument("--tiny", action="store_true", help="one small config, interpret mode (CPU)")
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"),
-                                                 "mgpu_check.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), json_name))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__, "mgpu_check.json")
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, {device.device_kind} "
           f"(compute capability {getattr(device, 'compute_capability', '?')})", flush=True)
