@@ -157,12 +157,15 @@ def _on_hopper() -> bool:
     return True
 
 
-# The Hopper kernels' head dim where the benchmarks show them ahead (H100, BENCHMARKS.md): at
-# H = 128 the Mosaic forward + backward beat the Triton pair on every causal config and at
-# S >= 4096 (1.04-1.17x forward + backward; the train step 176.5 vs 181.5 ms), and lose on
-# short non-causal rows (b16 s1024 full: 0.94x, the forward's per-CTA prologue); at H = 64
-# the Mosaic forward loses (0.89x).
-_MOSAIC_HEAD_DIM = 128
+# Where the Hopper pair (Mosaic forward + backward) measured ahead of the Triton pair on an
+# H100 (BENCHMARKS.md, session 6): causal rows at H = 128 (1.06-1.17x forward + backward) and
+# at H = 64 (the 0.85B train step, T = 2048: 176.5 vs 181.5 ms), and rows without a mask at
+# H = 128 from S = 4096 on (1.03-1.09x). Behind: short rows without a mask (b16 s1024 at
+# H = 128: 0.94x; the forward's per-CTA prologue), the forward at H = 64 without a mask
+# (0.89x, session 5), and packed rows are unmeasured with the Mosaic backward, which masks
+# every tile where the Triton kernels skip whole tiles across documents.
+_MOSAIC_HEAD_DIMS = (64, 128)
+_MOSAIC_FULL_HEAD_DIM = 128
 _MOSAIC_MIN_FULL_KV_LEN = 4096
 
 
@@ -170,27 +173,31 @@ def default_implementation(q: jax.Array, k: jax.Array | None = None, *, causal: 
                            segment_ids=None, sliding_window=None, softcap=None) -> str:
     """The fastest implementation measured for these inputs on this backend:
 
-        Hopper GPU, H = 128, causal or a right-bounded window or S >= 4096, and inputs the
-            Mosaic kernels take (bf16 / f16, tile-multiple lengths)  -> "pallas_mosaic_bwd"
-        other GPUs and inputs the Triton kernel takes               -> "pallas"
-        elsewhere (CPU: the kernels would run in the interpreter)   -> "xla"
+        Hopper GPU, no segment ids, H = 64 or 128, causal or a right-bounded window (or
+            H = 128 and S >= 4096), and inputs both Mosaic kernels take (bf16 / f16,
+            tile-multiple lengths)                                   -> "pallas_mosaic_bwd"
+        other GPU cases the Triton kernel takes                      -> "pallas"
+        elsewhere (CPU: the kernels would run in the interpreter)    -> "xla"
 
     Called with q alone (no k), it answers for the Triton / XLA choice only."""
-    pallas_ok = q.shape[-1] <= MAX_PALLAS_HEAD_DIM and any(q.dtype == d for d in _PALLAS_DTYPES)
+    H = q.shape[-1]
+    pallas_ok = H <= MAX_PALLAS_HEAD_DIM and any(q.dtype == d for d in _PALLAS_DTYPES)
     if not (_on_gpu() and pallas_ok):
         return "xla"
-    if k is not None and q.shape[-1] == _MOSAIC_HEAD_DIM and _on_hopper():
-        right_bounded = causal or (sliding_window is not None and sliding_window[1] is not None)
-        if right_bounded or k.shape[1] >= _MOSAIC_MIN_FULL_KV_LEN:
-            window = None if sliding_window is None else tuple(sliding_window)
-            try:  # both kernels must take the inputs (dtype, tile-multiple lengths)
-                for check in (check_supported, check_supported_backward):
-                    check(q, k, k, causal=causal, segment_ids=segment_ids, window=window,
-                          softcap=softcap, require_device=False)  # _on_hopper() said so
-            except (NotImplementedError, ValueError):
-                return "pallas"
-            return "pallas_mosaic_bwd"
-    return "pallas"
+    if k is None or segment_ids is not None or H not in _MOSAIC_HEAD_DIMS or not _on_hopper():
+        return "pallas"
+    right_bounded = causal or (sliding_window is not None and sliding_window[1] is not None)
+    long_full = H == _MOSAIC_FULL_HEAD_DIM and k.shape[1] >= _MOSAIC_MIN_FULL_KV_LEN
+    if not (right_bounded or long_full):
+        return "pallas"
+    window = None if sliding_window is None else tuple(sliding_window)
+    try:  # both kernels must take the inputs (dtype, tile-multiple lengths)
+        for check in (check_supported, check_supported_backward):
+            check(q, k, k, causal=causal, window=window, softcap=softcap,
+                  require_device=False)  # _on_hopper() said so
+    except (NotImplementedError, ValueError):
+        return "pallas"
+    return "pallas_mosaic_bwd"
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, softcap=None,
