@@ -22,6 +22,7 @@
 #   bash experiments/gpu_pending.sh mosaic_bwd_tests  # H100: its GPU tests given the time
 #                                              #   its compiles take; train step packed, default
 #   bash experiments/gpu_pending.sh attention_bwd  # H100: fwd+bwd vs cuDNN, either backward
+#   bash experiments/gpu_pending.sh attention_bwd64  # H100: the same at H = 64, Triton vs Mosaic
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -95,6 +96,10 @@ for step in "$@"; do
       timeout 560 python3 experiments/bench_attention.py --only bwd \
         --impls cudnn,fastattn,fastattn_mosaic,fastattn_mosaic_bwd \
         --out "$OUT/attention_bwd.json" 2>&1 | tee "$OUT/bench_attention_bwd.txt" | tail -16 ;;
+    attention_bwd64)
+      timeout 400 python3 experiments/bench_attention.py --only bwd --configs d64 \
+        --impls cudnn,fastattn_pallas,fastattn_mosaic_bwd \
+        --out "$OUT/attention_bwd64.json" 2>&1 | tee "$OUT/bench_attention_bwd64.txt" | tail -10 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
