@@ -46,7 +46,9 @@ class DecodeBlockSizes:
         per SM (`resolve`).
     prefetch_page_ids (paged only): read tile t + 1's page ids from the block table while
         tile t is processed, so that a tile's K/V addresses are known when its loop step
-        starts instead of one dependent table read later.
+        starts instead of one dependent table read later. Off: on an H100 it was 2-5% slower
+        at 128-key tiles on the TARGETS rows and 2% faster only at 256-key tiles on b64 x
+        4096 (BENCHMARKS.md, session 6).
     """
 
     block_k: int = 128
