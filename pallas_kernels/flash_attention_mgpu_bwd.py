@@ -76,6 +76,7 @@ from pallas_kernels.flash_attention_mgpu import (
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
+    load_in_layout,
     require_hopper,
 )
 from pallas_kernels._common import check_scalar_options
@@ -180,7 +181,7 @@ def _load_vector(ref, st: _Static, *, axis: int):
     if st.interpret:  # the interpreter has neither layouts nor plgpu.load
         return ref[...]
     plgpu = _plgpu()
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+    return load_in_layout(plgpu, ref, plgpu.Layout.WGMMA.reduce(1 - axis))
 
 
 def _along(x, shape, axis):
