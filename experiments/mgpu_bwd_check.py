@@ -41,20 +41,22 @@ B = MosaicBackwardBlockSizes
 # f32 (128 registers per thread) plus S^T and dP^T [64, block_q_dkv]: block_q_dkv = 64 is the
 # most that fits in 240 registers, so the variants move the dQ tile and the stage counts.
 VARIANTS = {
+    # Around the session 6 default (64-query dK/dV steps, 128-key dQ steps, 2 stages each).
     128: {
-        "dkv st3": B(num_stages_dkv=3, num_stages_dq=2),
-        "dq bk128": B(num_stages_dkv=2, block_k_dq=128, num_stages_dq=2),
-        "dq st3": B(num_stages_dkv=2, num_stages_dq=3),
-        "dkv st3 dq bk128": B(num_stages_dkv=3, block_k_dq=128, num_stages_dq=2),
-        "regs 232/40": B(num_stages_dkv=2, num_stages_dq=2, consumer_registers=232,
-                         producer_registers=40),
+        "session 5 tiles": B(block_k_dq=64, num_stages_dkv=2, num_stages_dq=2),
+        "dkv st3": B(block_k_dq=128, num_stages_dkv=3, num_stages_dq=2),
+        "dq bk64 st3": B(block_k_dq=64, num_stages_dkv=2, num_stages_dq=3),
+        "regs 232/40": B(block_k_dq=128, num_stages_dkv=2, num_stages_dq=2,
+                         consumer_registers=232, producer_registers=40),
     },
+    # Around the session 6 default (128-query dK/dV steps, 128-key dQ steps, 3 stages each).
     64: {
-        "dkv bq128": B(block_q_dkv=128, num_stages_dkv=3, num_stages_dq=3),
-        "dq bk128": B(block_k_dq=128, num_stages_dkv=3, num_stages_dq=3),
-        "dkv bq128 dq bk128": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3,
-                                num_stages_dq=3),
-        "st2": B(num_stages_dkv=2, num_stages_dq=2),
+        "session 5 tiles": B(block_q_dkv=64, block_k_dq=64, num_stages_dkv=3, num_stages_dq=3),
+        "dkv st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=3),
+        "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3, num_stages_dq=4),
+        "dq bq256 bk64": B(block_q_dkv=128, block_q_dq=256, block_k_dq=64, num_stages_dkv=3,
+                           num_stages_dq=3),
+        "st2": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2, num_stages_dq=2),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}
