@@ -44,7 +44,8 @@ def main(argv=None):
                for s in ((B, T, N, H), (B, T, K, H), (B, T, K, H)))
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     print(f"causal GQA attention, bf16: B={B} T=S={T} N={N} query heads on K={K} kv heads, H={H}")
-    print(f"default implementation here: {fastattn.default_implementation(q)!r}\n")
+    print(f"default implementation here: "
+          f"{fastattn.default_implementation(q, k, causal=True)!r}\n")
 
     def forward(impl):
         return jax.jit(lambda q, k, v: fastattn.attention(q, k, v, causal=True, implementation=impl))

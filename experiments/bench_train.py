@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
             continue
         r["mfu_of_measured_ceiling"] = r["tflops"] / ceiling
         r["segment_ids"] = packed
+        r["attention_in_use"] = config.attention_in_use(seq_len, packed=packed)
         rows.append({"config": f"llama {r['params'] / 1e9:.2f}B T{seq_len} b{batch}",
                      "impl": "cudnn" if impl == "cudnn" else f"fastattn_{name}", **r})
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

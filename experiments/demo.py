@@ -23,7 +23,6 @@ import time
 import jax
 import numpy as np
 
-import fastattn
 from fastattn.checkpoint import Checkpointer
 from fastattn.engine import Engine, EngineConfig
 from fastattn.sampling import SamplingParams
@@ -103,7 +102,7 @@ def main(argv=None) -> dict:
     model = Llama(cfg.model)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
           f"jax {jax.__version__}, attention: "
-          f"{fastattn.default_implementation(jax.numpy.zeros((1, 1, 1, 32), cfg.model.dtype))}")
+          f"{cfg.model.attention_in_use(cfg.seq_len)}")
     print(f"task: {cfg.digits}-digit addition, answer reversed "
           f"(e.g. {tokenizer.decode(task.train_documents[0])!r}); "
           f"{cfg.num_train} training sums packed into {data.num_rows} rows of {cfg.seq_len} "

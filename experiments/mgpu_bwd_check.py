@@ -70,16 +70,17 @@ def _inputs(B_, T, N, H, causal, interpret):
     return q, k, v, out, lse, d_out
 
 
-def _impls(causal, interpret, q, k, v, d_out):
-    """name -> (jitted fn, its arguments) giving (dq, dk, dv)."""
-    triton = jax.jit(lambda q, k, v, o, lse, g: flash_attention_backward(
+def _triton(causal, interpret):
+    return jax.jit(lambda q, k, v, o, lse, g: flash_attention_backward(
         q, k, v, o, lse, g, jnp.zeros_like(lse), causal=causal, interpret=interpret))
-    impls = {"triton": triton}
-    if not interpret:
-        _, cudnn_vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="cudnn"), q, k, v)
-        impls["cudnn"] = jax.jit(lambda vjp, g: vjp(g))
-    return impls, (cudnn_vjp if not interpret else None)
+
+
+def _cudnn_args(causal, q, k, v, d_out):
+    """cuDNN's backward alone: the vjp closure of its forward (run here, inside the row's
+    error handling, so that a cuDNN failure costs only its own row)."""
+    _, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"), q, k, v)
+    return vjp, d_out
 
 
 def _mosaic(causal, block_sizes, interpret):
@@ -92,20 +93,22 @@ def run_config(cfg, *, interpret=False, with_variants=True):
     name, B_, T, N, H, causal = cfg
     q, k, v, out, lse, d_out = _inputs(B_, T, N, H, causal, interpret)
     flops = 2.5 * 4 * B_ * N * T * T * H * (0.5 if causal else 1.0)
-    peers, cudnn_vjp = _impls(causal, interpret, q, k, v, d_out)
-    runs = {"triton": (peers["triton"], (q, k, v, out, lse, d_out))}
-    if cudnn_vjp is not None:
-        runs["cudnn"] = (peers["cudnn"], (cudnn_vjp, d_out))
-    runs["mosaic"] = (_mosaic(causal, None, interpret), (q, k, v, out, lse, d_out))
+    ours = (q, k, v, out, lse, d_out)
+    # impl -> (jitted fn, a function giving its arguments), giving (dq, dk, dv)
+    runs = {"triton": (_triton(causal, interpret), lambda: ours)}
+    if not interpret:
+        runs["cudnn"] = (jax.jit(lambda vjp, g: vjp(g)),
+                         lambda: _cudnn_args(causal, q, k, v, d_out))
+    runs["mosaic"] = (_mosaic(causal, None, interpret), lambda: ours)
     if with_variants and not interpret:
         for variant, bs in VARIANTS.get(H, {}).items():
-            runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret),
-                                           (q, k, v, out, lse, d_out))
+            runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret), lambda: ours)
     rows, grads = [], {}
-    for impl, (fn, args) in runs.items():
+    for impl, (fn, make_args) in runs.items():
         row = {"config": name, "impl": impl, "ms": None, "tflops": None}
         rows.append(row)
         try:
+            args = make_args()
             t0 = time.perf_counter()
             grads[impl] = jax.block_until_ready(fn(*args))
             row["first_call_s"] = time.perf_counter() - t0

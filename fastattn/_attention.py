@@ -241,6 +241,8 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
                                                              call.kv_segment_ids)
         name = default_implementation(q, k, causal=causal, segment_ids=segments,
                                       sliding_window=call.window, softcap=call.softcap)
+        if name == "pallas_mosaic_bwd" and call.block_sizes is not None:
+            name = "pallas"  # a fastattn.BlockSizes sets the Triton kernel's tiles
     if return_lse and name in _NO_LSE:
         raise NotImplementedError(f"implementation={name!r} returns no lse; use "
                                   "implementation='pallas' or 'xla' with return_lse=True")

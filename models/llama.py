@@ -91,6 +91,19 @@ class LlamaConfig:
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def attention_in_use(self, seq_len: int, *, packed: bool = False) -> str:
+        """The fastattn implementation this model's attention runs over seq_len tokens on this
+        backend (attention_implementation, or what implementation=None picks; packed: with
+        segment ids)."""
+        if self.attention_implementation is not None:
+            return self.attention_implementation
+        q = jax.ShapeDtypeStruct((1, seq_len, self.num_heads, self.head_size), self.dtype)
+        k = jax.ShapeDtypeStruct((1, seq_len, self.num_kv_heads, self.head_size), self.dtype)
+        ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+        return fastattn.default_implementation(q, k, causal=True, sliding_window=window,
+                                               segment_ids=(ids, ids) if packed else None)
+
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=128, max_position_embeddings=512)

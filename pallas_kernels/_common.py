@@ -104,13 +104,6 @@ def paged_rows(page_ids, keys, *, page_size: int, width: int):
     return page_ids[:, None], jax.lax.rem(keys, page_size)[:, None], jnp.arange(width)[None, :]
 
 
-def paged_kv_index(table_ref, keys, valid, *, page_size: int, width: int, table_offset=0):
-    """`paged_rows` of the keys, their page ids read from the table now."""
-    pages = load_page_ids(table_ref, keys, valid, page_size=page_size,
-                          table_offset=table_offset)
-    return paged_rows(pages, keys, page_size=page_size, width=width)
-
-
 def online_softmax_init(rows: int, width: int):
     """(acc [rows, width], running max m [rows], running sum l [rows]) before any key."""
     return (jnp.zeros((rows, width), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),

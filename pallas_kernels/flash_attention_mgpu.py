@@ -806,8 +806,8 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
     Differentiable in q, k, v (segment ids get no gradient), fed this forward's out and lse
     and the same masks. backward: "triton" (the Triton kernel's recomputing backward,
     `pallas_kernels.flash_attention.flash_attention_backward`) or "mosaic" (the Mosaic GPU
-    backward, `pallas_kernels.flash_attention_mgpu_bwd`: head dims 64 / 128, S a multiple of
-    128; checked here, before any work; not yet compiled or measured on a GPU).
+    backward, `pallas_kernels.flash_attention_mgpu_bwd`: head dims 64 / 128, T and S
+    multiples of 128; checked here, before any work; measured in BENCHMARKS.md).
     """
     if backward not in ("triton", "mosaic"):
         raise ValueError(f"backward must be 'triton' or 'mosaic', got {backward!r}")

@@ -152,12 +152,12 @@ class MosaicBackwardBlockSizes:
         BENCHMARKS.md): 128-key dQ steps at both head dims (+1.6% summed over four H = 128
         configs, +3% at H = 64), 128-query dK/dV steps at H = 64 (at H = 128 the dK, dV
         accumulators leave registers for no more than 64), three stages at H = 64 and two at
-        H = 128 (a third dK/dV stage won on one H = 128 config and lost on two). Lengths that
-        are not a multiple of 128 fall back to 64-row steps."""
-        del causal  # the same tiles serve both; kept for a uniform signature
+        H = 128 (a third dK/dV stage won on one H = 128 config and lost on two). Every tile
+        is 64 or 128 rows, and the 128-row dQ query and dK/dV key tiles already ask T and S
+        to be multiples of 128."""
+        del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
-        return cls(block_q_dkv=128 if small and q_len % 128 == 0 else 64,
-                   block_k_dq=128 if kv_len % 128 == 0 else 64,
+        return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=3 if small else 2, num_stages_dq=3 if small else 2)
 
 

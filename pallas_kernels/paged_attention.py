@@ -104,7 +104,8 @@ class RaggedTile:
     block_k: keys per loop step, gathered from as many pages as they span.
     prefetch_page_ids: read key tile t + 1's page ids while tile t is processed (as
         DecodeBlockSizes.prefetch_page_ids). Off: the mixed step took 1.27 ms with it and
-        1.10 without on an H100 (BENCHMARKS.md, session 6).
+        1.10 without on an H100 (BENCHMARKS.md, session 6). A decode-only step runs the
+        paged decode kernel under its own DecodeBlockSizes: these tiles do not reach it.
     """
 
     block_q: int

@@ -243,6 +243,40 @@ def test_default_implementation_on_gpus(monkeypatch, hopper, T, S, H, dtype, opt
     assert fastattn.default_implementation(q) == "pallas"  # without k: Triton or XLA only
 
 
+def test_models_report_the_attention_they_run(monkeypatch):
+    """LlamaConfig.attention_in_use: the rule above on the model's own shapes (the 0.85B train
+    step: H = 64, causal, GQA), its packed rows, and an explicit implementation."""
+    import dataclasses
+
+    from fastattn import _attention
+    from models.llama import LLAMA_0_85B
+
+    monkeypatch.setattr(_attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(_attention, "_on_hopper", lambda: True)
+    assert LLAMA_0_85B.attention_in_use(2048) == "pallas_mosaic_bwd"
+    assert LLAMA_0_85B.attention_in_use(2048, packed=True) == "pallas"
+    assert LLAMA_0_85B.attention_in_use(100) == "pallas"  # not a multiple of 128
+    explicit = dataclasses.replace(LLAMA_0_85B, attention_implementation="cudnn")
+    assert explicit.attention_in_use(2048) == "cudnn"
+
+
+def test_triton_tiles_keep_implementation_none_on_triton(monkeypatch):
+    """block_sizes (a fastattn.BlockSizes: the Triton kernel's tiles) with implementation=None
+    runs the Triton kernel, also where the rule would pick the Hopper pair."""
+    from fastattn import _attention
+
+    monkeypatch.setattr(_attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(_attention, "_on_hopper", lambda: True)
+    ran = []
+    for name in ("pallas", "pallas_mosaic_bwd"):
+        monkeypatch.setitem(_attention.IMPLEMENTATIONS, name,
+                            lambda c, name=name: ran.append(name) or (c.q, None))
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    fastattn.attention(q, q, q, causal=True)
+    fastattn.attention(q, q, q, causal=True, block_sizes=fastattn.BlockSizes(block_q=64))
+    assert ran == ["pallas_mosaic_bwd", "pallas"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -130,8 +130,10 @@ def test_default_block_sizes_fit_shared_memory():
 interpret_only = pytest.mark.skipif(jax.default_backend() == "gpu",
                                     reason="interpret mode is the CPU path")
 
-# Tiny shapes: dK/dV key tiles of 128 (two consumers of 64 keys), query tiles of 64; dQ
-# query tiles of 128, key tiles of 64 (the defaults). Each case says what it reaches.
+# Tiny shapes under the default tiles: dK/dV key tiles of 128 (two consumers of 64 keys),
+# query steps of 64 (H = 128) or 128 (H = 64); dQ query tiles of 128, key steps of 128; 2
+# stages at H = 128, 3 at H = 64 (the last case wraps the 3-stage rings). Each case says what
+# it reaches.
 INTERPRET_CASES = [
     # what, B, T, S, N, K, causal, window, softcap, segments
     ("plain", 1, 128, 128, 2, 1, False, None, None, False),
@@ -145,6 +147,7 @@ INTERPRET_CASES = [
     ("softcap", 1, 128, 128, 2, 1, False, None, 2.0, False),
     ("segment ids with lonely rows", 1, 128, 128, 2, 1, False, None, None, True),
     ("segment ids + causal + softcap, T > S", 1, 256, 128, 1, 1, True, None, 5.0, True),
+    ("T = S = 512 causal: the 3-stage rings wrap", 1, 512, 512, 1, 1, True, None, None, False),
 ]
 
 
