@@ -343,7 +343,7 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
         accumulator (0: one per row, 1: one per column), ready to broadcast against it."""
         if st.interpret:  # the interpreter has neither layouts nor plgpu.load
             return ref[...]
-        return load_in_layout(plgpu, ref, plgpu.Layout.WGMMA.reduce(1 - axis))
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
 
     def visible(j):
         """[rows, bk] bool: query q_start + r sees key j * bk + c (see MaskSpec)."""
@@ -641,16 +641,6 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
             _producer(gm, sm, st=st, num_q_tiles=num_q_tiles)
 
     pl.run_scoped(body, collective_axes="wg", **scratch)
-
-
-def load_in_layout(plgpu, ref, layout):
-    """plgpu.load of a whole SMEM ref in `layout`. JAX 0.10 takes the index as a required
-    second argument; 0.11 deprecates passing it (feature detection: no index argument, or one
-    with a default, means the ref alone)."""
-    idx = inspect.signature(plgpu.load).parameters.get("idx")
-    if idx is None or idx.default is not inspect.Parameter.empty:
-        return plgpu.load(ref, layout=layout)
-    return plgpu.load(ref, (), layout=layout)
 
 
 def _kernel_call(plgpu, body, out_types, *, name, **kwargs):

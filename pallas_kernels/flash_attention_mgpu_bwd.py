@@ -76,7 +76,6 @@ from pallas_kernels.flash_attention_mgpu import (
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
-    load_in_layout,
     require_hopper,
 )
 from pallas_kernels._common import check_scalar_options
@@ -181,7 +180,7 @@ def _load_vector(ref, st: _Static, *, axis: int):
     if st.interpret:  # the interpreter has neither layouts nor plgpu.load
         return ref[...]
     plgpu = _plgpu()
-    return load_in_layout(plgpu, ref, plgpu.Layout.WGMMA.reduce(1 - axis))
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
 
 
 def _along(x, shape, axis):
