@@ -111,13 +111,8 @@ def run(configs, out_path, ragged):
 
     for B, S in configs:
         name = f"b{B} kv{S} hq{N} hkv{K} d{H}"
-        keys = jax.random.split(jax.random.key(B * S), 3)
-        q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
-        k = jax.random.normal(keys[1], (B, S, K, H), jnp.bfloat16)
-        v = jax.random.normal(keys[2], (B, S, K, H), jnp.bfloat16)
-        lengths = jnp.full((B,), S, jnp.int32)
-        kv_bytes = 2 * k.size * k.dtype.itemsize
-        paged = (*_to_pages(k, v, page_size=PAGE_SIZE, seed=B + S), q * H ** -0.5)
+        q, k, v, lengths, kv_bytes, pool = _decode_problem(B, S, key_seed=B * S)
+        paged = (*pool, q * H ** -0.5)
         copy = jax.jit(lambda x, one: x * one)  # reads and writes every byte
         ms = time_fn(copy, k, jnp.ones((), k.dtype), repeats=REPEATS)
         rows.append(dict(config=name, impl="copy_ceiling", ms=ms,
@@ -234,7 +229,7 @@ def sweep(configs, kernel="decode", tiny=False):
     if kernel == "prefetch":
         return sweep_prefetch(configs, tiny=tiny)
     for B, S in configs:
-        q, k, v, lengths, kv_bytes, (k_pages, v_pages, tables) = _sweep_problem(B, S)
+        q, k, v, lengths, kv_bytes, (k_pages, v_pages, tables) = _decode_problem(B, S)
         results = []
         if kernel == "paged":  # the contiguous kernel's default: the yardstick of the target
             _time_contiguous(B, S, q, k, v, lengths, kv_bytes)
@@ -264,9 +259,9 @@ def sweep(configs, kernel="decode", tiny=False):
             print(f"   {row[0]:7.0f}  {row[1:]}", flush=True)
 
 
-def _sweep_problem(B, S):
+def _decode_problem(B, S, *, key_seed=1):
     """(q, k, v, lengths, K + V bytes, (k_pages, v_pages, tables)) of one decode row."""
-    keys = jax.random.split(jax.random.key(1), 3)
+    keys = jax.random.split(jax.random.key(key_seed), 3)
     q = jax.random.normal(keys[0], (B, N, H), jnp.bfloat16)
     k, v = (jax.random.normal(kk, (B, S, K, H), jnp.bfloat16) for kk in keys[1:])
     lengths = jnp.full((B,), S, jnp.int32)
@@ -293,7 +288,7 @@ def sweep_prefetch(configs, tiny=False):
     decode under a few tiles next to our contiguous decode, then the mixed ragged step under
     its default tiles both ways next to the split baseline (flash forward + paged decode)."""
     for B, S in configs:
-        q, k, v, lengths, kv_bytes, pool = _sweep_problem(B, S)
+        q, k, v, lengths, kv_bytes, pool = _decode_problem(B, S)
         yardstick = _time_contiguous(B, S, q, k, v, lengths, kv_bytes)
         for block_k, warps, stages in PREFETCH_PAGED:
             for prefetch in (False, True):
