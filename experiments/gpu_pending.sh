@@ -23,6 +23,11 @@
 #                                              #   its compiles take; train step packed, default
 #   bash experiments/gpu_pending.sh attention_bwd  # H100: fwd+bwd vs cuDNN, either backward
 #   bash experiments/gpu_pending.sh attention_bwd64  # H100: the same at H = 64, Triton vs Mosaic
+#   bash experiments/gpu_pending.sh train_shape  # H100: the train step's attention shape
+#                                              #   (H = 64, GQA 32/8, causal T = 2048): Mosaic
+#                                              #   forward and backward variants vs cuDNN
+#   bash experiments/gpu_pending.sh decode_profile  # H100: paged vs contiguous decode on the
+#                                              #   rows short of 0.95x: timings, PTX, ncu
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -100,6 +105,26 @@ for step in "$@"; do
       timeout 400 python3 experiments/bench_attention.py --only bwd --configs d64 \
         --impls cudnn,fastattn_pallas,fastattn_mosaic_bwd \
         --out "$OUT/attention_bwd64.json" 2>&1 | tee "$OUT/bench_attention_bwd64.txt" | tail -10 ;;
+    train_shape)
+      timeout 150 python3 experiments/mgpu_check.py --configs "train step" \
+        --out "$OUT/mgpu_check_train.json" 2>&1 | tee "$OUT/mgpu_check_train.txt" | tail -8
+      timeout 420 python3 experiments/mgpu_bwd_check.py --configs "train step" \
+        --out "$OUT/mgpu_bwd_check_train.json" 2>&1 | tee "$OUT/mgpu_bwd_check_train.txt" \
+        | tail -12 ;;
+    decode_profile)
+      timeout 100 python3 experiments/profile_decode.py --time 2>&1 \
+        | tee "$OUT/profile_decode_time.txt"
+      rm -rf /tmp/xladump
+      XLA_FLAGS=--xla_dump_to=/tmp/xladump timeout 100 python3 experiments/profile_decode.py \
+        --once > /dev/null 2>&1
+      ptx=$(grep -l decode_attention /tmp/xladump/*.ptx 2>/dev/null)
+      echo "ptx files: $(echo $ptx | wc -w)"; [ -n "$ptx" ] && tar czf "$OUT/decode_ptx.tgz" $ptx
+      timeout 300 ncu --clock-control none -k regex:decode_attention --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats \
+        python3 experiments/profile_decode.py --once > "$OUT/ncu_decode.txt" 2>&1
+      grep -E "decode_attention|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occ|Stall Long|Warp Cycles Per Issued" \
+        "$OUT/ncu_decode.txt" | head -80 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

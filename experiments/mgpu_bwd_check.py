@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from experiments.bench_attention import rel_err, time_fn
 from experiments.mgpu_check import CONFIGS as FORWARD_CONFIGS
-from experiments.mgpu_check import _error_text, parse_args
+from experiments.mgpu_check import _error_text, parse_args, unpack
 from experiments.results import write_results
 from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
 from pallas_kernels.flash_attention_mgpu_bwd import (
@@ -63,9 +63,10 @@ TIMING = {"min_time": 0.2, "samples": 7}
 TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
 
 
-def _inputs(B_, T, N, H, causal, interpret):
+def _inputs(B_, T, N, K, H, causal, interpret):
     keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, d_out = (jax.random.normal(key, (B_, T, N, H), jnp.bfloat16) for key in keys)
+    q, d_out = (jax.random.normal(key, (B_, T, N, H), jnp.bfloat16) for key in keys[:2])
+    k, v = (jax.random.normal(key, (B_, T, K, H), jnp.bfloat16) for key in keys[2:])
     out, lse = flash_attention(q, k, v, causal=causal, interpret=interpret)
     return q, k, v, out, lse, d_out
 
@@ -90,8 +91,8 @@ def _mosaic(causal, block_sizes, interpret):
 
 
 def run_config(cfg, *, interpret=False, with_variants=True):
-    name, B_, T, N, H, causal = cfg
-    q, k, v, out, lse, d_out = _inputs(B_, T, N, H, causal, interpret)
+    name, B_, T, N, K, H, causal = unpack(cfg)
+    q, k, v, out, lse, d_out = _inputs(B_, T, N, K, H, causal, interpret)
     flops = 2.5 * 4 * B_ * N * T * T * H * (0.5 if causal else 1.0)
     ours = (q, k, v, out, lse, d_out)
     # impl -> (jitted fn, a function giving its arguments), giving (dq, dk, dv)
