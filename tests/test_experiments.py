@@ -65,6 +65,16 @@ def test_bench_decode_tiny_prefetch_sweep_times_both_ways(capsys):
     assert "fastattn_ragged[prefetch]:" in out and "x the split's speed" in out
 
 
+def test_profile_decode_tiny_times_every_variant():
+    """experiments/profile_decode.py --tiny: each variant reads the same keys (checked
+    inside against the contiguous kernel) and gets a bandwidth."""
+    from experiments import profile_decode
+
+    results = profile_decode.main(["--tiny"])
+    assert {name for _, _, name in results} == set(profile_decode.VARIANTS)
+    assert all(gbps > 0 for gbps in results.values())
+
+
 def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
     from experiments import demo
 
