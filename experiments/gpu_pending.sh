@@ -28,6 +28,8 @@
 #                                              #   forward and backward variants vs cuDNN
 #   bash experiments/gpu_pending.sh decode_profile  # H100: paged vs contiguous decode on the
 #                                              #   rows short of 0.95x: timings, PTX, ncu
+#   bash experiments/gpu_pending.sh decode_train  # H100: paged decode over pools in and out of
+#                                              #   order; the train step, cuDNN vs default
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -125,6 +127,11 @@ for step in "$@"; do
         python3 experiments/profile_decode.py --once > "$OUT/ncu_decode.txt" 2>&1
       grep -E "decode_attention|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occ|Stall Long|Warp Cycles Per Issued" \
         "$OUT/ncu_decode.txt" | head -80 ;;
+    decode_train)
+      timeout 220 python3 experiments/profile_decode.py --time 2>&1 \
+        | tee "$OUT/profile_decode_time.txt"
+      timeout 360 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
+        --out "$OUT/train_default.json" 2>&1 | tee "$OUT/bench_train_default.txt" | tail -5 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

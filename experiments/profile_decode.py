@@ -7,10 +7,14 @@ Run on the GPU machine (PYTHONPATH=.):
     python experiments/profile_decode.py --time            # GB/s of each variant, one process
     ncu --clock-control none -k regex:decode_attention \\
         python experiments/profile_decode.py --once        # each variant's kernel once, warm
-Variants (DecodeBlockSizes): `contiguous` and `paged` at their defaults; `paged as
-contiguous`: the paged kernel with the contiguous kernel's tiles, waves and stages (so the
-same grid: the difference is the gather); `paged 1 split` (no combine). --tiny: a small row
-in interpret mode (CPU), so the tests can run it.
+Variants: `contiguous` and `paged` at their default tiles, the paged one over the
+benchmark's pool (16-token pages in a random order); `paged in order`: the same kernel over
+a pool whose pages sit in sequence order (the block tables still go through every page);
+`paged runs of 4`: pages shuffled in runs of 4 consecutive pages (64 tokens, 16 KB per
+head). If the in-order pool reads as fast as the contiguous cache, the gap is the shuffled
+pool's DRAM / TLB locality, not the kernel's gather. (Session 7 dropped two variants: the
+contiguous tiles on the paged kernel were slower, 2248 vs 2308 GB/s on b1 x 32768, and one
+split is 8 programs there.) --tiny: a small row in interpret mode (CPU), for the tests.
 """
 
 from __future__ import annotations
@@ -18,33 +22,52 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
 
 import fastattn
 from experiments.bench_attention import rel_err, time_fn
-from experiments.bench_decode import REPEATS, _decode_problem
+from experiments.bench_decode import PAGE_SIZE, REPEATS, _decode_problem
 
 ROWS = [(1, 32768), (16, 4096)]
-TINY_ROWS = [(1, 64)]
-CONTIGUOUS = fastattn.DecodeBlockSizes.default_for(paged=False)
-PAGED = fastattn.DecodeBlockSizes.default_for(paged=True)
-VARIANTS = {  # name -> (paged?, block sizes)
-    "contiguous": (False, CONTIGUOUS),
-    "paged": (True, PAGED),
-    "paged as contiguous": (True, CONTIGUOUS),
-    "paged 1 split": (True, fastattn.DecodeBlockSizes(num_splits=1)),
+TINY_ROWS = [(1, 128)]  # 8 pages: runs of 4 still move
+VARIANTS = {  # name -> pages shuffled in runs of this many (None: the contiguous cache)
+    "contiguous": None,
+    "paged": 1,
+    "paged in order": "in order",
+    "paged runs of 4": 4,
 }
 
 
-def _fns(pool):
+def _pool(k, v, run, *, seed):
+    """k, v [B, S, K, H] as a page pool [K, P, PAGE_SIZE, H] and block tables [B, S /
+    PAGE_SIZE]: runs of `run` consecutive pages placed in a random order ("in order": none
+    moved)."""
+    B, S, K, H = k.shape
+    per_seq = S // PAGE_SIZE
+    if run == "in order":
+        perm = jnp.arange(B * per_seq)
+    else:
+        runs = jax.random.permutation(jax.random.key(seed), B * per_seq // run)
+        perm = (runs[:, None] * run + jnp.arange(run)[None, :]).reshape(-1)
+    inverse = jnp.argsort(perm)  # perm[i]: the pool slot of page i (sequence-major)
+
+    def pool(x):
+        return x.reshape(B * per_seq, PAGE_SIZE, K, H).transpose(2, 0, 1, 3)[:, inverse]
+
+    return pool(k), pool(v), perm.reshape(B, per_seq).astype(jnp.int32)
+
+
+def _fns(k, v, seed):
     """On a CPU implementation=\"pallas\" runs the kernels in interpret mode."""
     fns = {}
-    for name, (paged, bs) in VARIANTS.items():
-        if paged:
-            fns[name] = jax.jit(lambda q, k, v, n, bs=bs: fastattn.paged_attention(
-                q, *pool, n, implementation="pallas", block_sizes=bs))
+    for name, run in VARIANTS.items():
+        if run is None:
+            fns[name] = jax.jit(lambda q, k, v, n: fastattn.decode_attention(
+                q, k, v, n, implementation="pallas"))
         else:
-            fns[name] = jax.jit(lambda q, k, v, n, bs=bs: fastattn.decode_attention(
-                q, k, v, n, implementation="pallas", block_sizes=bs))
+            pool = _pool(k, v, run, seed=seed)
+            fns[name] = jax.jit(lambda q, k, v, n, pool=pool: fastattn.paged_attention(
+                q, *pool, n, implementation="pallas"))
     return fns
 
 
@@ -56,8 +79,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     results = {}
     for B, S in TINY_ROWS if args.tiny else ROWS:
-        q, k, v, lengths, kv_bytes, pool = _decode_problem(B, S)
-        fns = _fns(pool)
+        q, k, v, lengths, kv_bytes, _ = _decode_problem(B, S)
+        fns = _fns(k, v, seed=B + S)
         outs = {name: jax.block_until_ready(fn(q, k, v, lengths)) for name, fn in fns.items()}
         reference = outs["contiguous"][0] if isinstance(outs["contiguous"], tuple) \
             else outs["contiguous"]

@@ -11,6 +11,8 @@ windows, softcap, segment ids, head dims 64/128/256, T != S both ways. Run there
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu.py
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,10 +162,13 @@ def test_block_sizes_validate(kw):
 
 def test_default_block_sizes_fit_the_shapes():
     for H in (64, 128, 256):
-        for S in (128, 192, 4096):
-            bs = MosaicBlockSizes.default_for(q_len=128, kv_len=S, head_dim=H, causal=True)
-            assert S % bs.block_k == 0
+        for T, S in itertools.product((128, 256, 384, 4096), (128, 192, 4096)):
+            bs = MosaicBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=True)
+            assert T % bs.block_q == 0 and S % bs.block_k == 0
             assert bs.smem_bytes(H, 2) <= 227 * 1024
+    # H = 64 takes 256-query tiles where T allows (session 7's H100 variants)
+    assert MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64,
+                                        causal=True).block_q == 256
 
 
 INTERPRET_CASES = [

@@ -132,7 +132,8 @@ interpret_only = pytest.mark.skipif(jax.default_backend() == "gpu",
 
 # Tiny shapes under the default tiles: dK/dV key tiles of 128 (two consumers of 64 keys),
 # query steps of 64 (H = 128) or 128 (H = 64); dQ query tiles of 128, key steps of 128; 2
-# stages at H = 128, 3 at H = 64 (the last case wraps the 3-stage rings). Each case says what
+# stages at H = 128, 4 (dK/dV) and 3 (dQ) at H = 64 (the last case wraps both rings). Each
+# case says what
 # it reaches.
 INTERPRET_CASES = [
     # what, B, T, S, N, K, causal, window, softcap, segments
@@ -147,7 +148,8 @@ INTERPRET_CASES = [
     ("softcap", 1, 128, 128, 2, 1, False, None, 2.0, False),
     ("segment ids with lonely rows", 1, 128, 128, 2, 1, False, None, None, True),
     ("segment ids + causal + softcap, T > S", 1, 256, 128, 1, 1, True, None, 5.0, True),
-    ("T = S = 512 causal: the 3-stage rings wrap", 1, 512, 512, 1, 1, True, None, None, False),
+    ("T = S = 640 causal: the 4-stage dK/dV and 3-stage dQ rings wrap", 1, 640, 640, 1, 1,
+     True, None, None, False),
 ]
 
 
