@@ -24,14 +24,20 @@ import numpy as np
 from fastattn.data import pack_documents
 from fastattn.training import (
     OptimizerConfig, TrainState, make_optimizer, make_train_step, peak_flops)
+from experiments import trace_kernels
 from experiments.results import write_results
 from models import LLAMA_0_85B, TINY, Llama, train_flops_per_token
 
 
+TRACED_STEPS = 2
+
+
 def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int,
-          packed: bool = True, fused_loss: bool = False) -> dict:
+          packed: bool = True, fused_loss: bool = False, trace_dir=None) -> dict:
     """packed: attention gets the rows' segment ids (what packed training runs); False: none
-    (each row here is one document, so the masks agree; cuDNN takes no segment ids)."""
+    (each row here is one document, so the masks agree; cuDNN takes no segment ids).
+    trace_dir: after the timed steps, TRACED_STEPS more under the JAX profiler, and the
+    per-kernel GPU times of one step in the result (`trace`, experiments/trace_kernels.py)."""
     model = Llama(config)
     rng = np.random.default_rng(0)
     docs = rng.integers(0, config.vocab_size, (batch_size, seq_len)).tolist()
@@ -58,7 +64,15 @@ def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int,
     flops = train_flops_per_token(config, seq_len) * tokens
     peak = peak_flops()
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    return {"ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+    traced = {}
+    if trace_dir is not None:
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(TRACED_STEPS):
+                state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+        traced["trace"] = trace_kernels.summary(trace_kernels.kernel_times(trace_dir),
+                                                steps=TRACED_STEPS)
+    return {**traced, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
             "mfu": (flops / seconds / peak) if peak else None, "params": n_params,
             "loss": float(metrics["loss"])}
 
@@ -90,6 +104,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--out", default="benchmarks/train.json")
+    parser.add_argument("--trace", default=None, metavar="DIR",
+                        help="also trace two steps per implementation into DIR/<impl> and "
+                             "report each kernel's GPU time per step")
     args = parser.parse_args(argv)
     base, seq_len, batch, steps = LLAMA_0_85B, args.seq_len, args.batch, args.steps
     if args.tiny:
@@ -110,7 +127,8 @@ def main(argv=None) -> dict:
                                      else impl)
         try:
             r = bench(config, seq_len, batch, args.grad_accum, steps, packed=packed,
-                      fused_loss=option == "fused_loss")
+                      fused_loss=option == "fused_loss",
+                      trace_dir=None if args.trace is None else f"{args.trace}/{name}")
         except Exception as e:  # e.g. cuDNN off a GPU: report and go on with the others
             rows.append({"config": f"T{seq_len} b{batch}", "impl": name, "error": str(e)[:1500]})
             print(f"  {name:<10} ERROR {str(e).splitlines()[0][:200]}")
@@ -125,6 +143,8 @@ def main(argv=None) -> dict:
               f"{r['ms']:9.1f} ms/step {r['tokens_per_s']:12,.0f} tok/s "
               f"{r['tflops']:8.1f} TFLOP/s  MFU {mfu} (datasheet), "
               f"{100 * r['mfu_of_measured_ceiling']:.1f}% (measured ceiling)")
+        if "trace" in r:
+            trace_kernels.print_summary(f"  {name} kernels (traced)", r["trace"])
         write_results(args.out, rows, matmul_ceiling_tflops=ceiling)  # a cut run keeps these
     return write_results(args.out, rows, matmul_ceiling_tflops=ceiling)
 

@@ -30,6 +30,8 @@
 #                                              #   rows short of 0.95x: timings, PTX, ncu
 #   bash experiments/gpu_pending.sh decode_train  # H100: paged decode over pools in and out of
 #                                              #   order; the train step, cuDNN vs default
+#   bash experiments/gpu_pending.sh train_trace  # H100: the train step, cuDNN vs default,
+#                                              #   with each kernel's GPU time inside the step
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -132,6 +134,10 @@ for step in "$@"; do
         | tee "$OUT/profile_decode_time.txt"
       timeout 360 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
         --out "$OUT/train_default.json" 2>&1 | tee "$OUT/bench_train_default.txt" | tail -5 ;;
+    train_trace)
+      timeout 500 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
+        --trace /tmp/train_trace --out "$OUT/train_trace.json" 2>&1 \
+        | tee "$OUT/bench_train_trace.txt" | grep -v "^wrote" | tail -60 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

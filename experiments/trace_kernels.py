@@ -1,0 +1,84 @@
+"""GPU kernel times inside a JAX program, from a profiler trace (no nsys needed).
+
+Question: inside a whole jitted step (not a kernel timed alone), how long does each GPU
+kernel run, and how much of the step is attention?
+Use:  with jax.profiler.trace(DIR, create_perfetto_trace=True): <run some steps>
+      then `kernel_times(DIR)` or  python experiments/trace_kernels.py DIR [--steps N]
+Reads DIR/**/perfetto_trace.json.gz (Chrome trace events), sums the durations of the
+complete ("X") events on GPU device tracks by kernel name, and prints the top kernels and
+the attention kernels' share (names matching ATTENTION).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+
+ATTENTION = re.compile(r"flash|fmha|cudnn|attention|dkdv|dq_mgpu|sdpa|softmax", re.I)
+
+
+def _trace_file(trace_dir) -> pathlib.Path:
+    files = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: trace with "
+                                "jax.profiler.trace(..., create_perfetto_trace=True)")
+    return files[-1]
+
+
+def kernel_times(trace_dir) -> dict[str, float]:
+    """{kernel name: total microseconds} over the GPU device tracks of the newest trace in
+    trace_dir (empty when the trace has no GPU track, e.g. on a CPU)."""
+    with gzip.open(_trace_file(trace_dir), "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events
+                if e.get("ph") == "M" and e.get("name") == "process_name"
+                and re.search(r"GPU|gpu", str(e.get("args", {}).get("name", "")))}
+    if not gpu_pids:  # say what the trace has instead (a CPU run; or names changed)
+        names = sorted({str(e.get("args", {}).get("name")) for e in events
+                        if e.get("ph") == "M" and e.get("name") == "process_name"})
+        print(f"trace_kernels: no GPU track in the trace; processes: {names[:10]}")
+    totals: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            totals[e.get("name", "?")] += float(e.get("dur", 0.0))
+    return dict(totals)
+
+
+def summary(times: dict[str, float], *, steps: int = 1, top: int = 15) -> dict:
+    """Per-step totals: all kernels, the attention kernels, and the `top` longest names."""
+    total = sum(times.values()) / steps
+    attention = {n: t / steps for n, t in times.items() if ATTENTION.search(n)}
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {"kernel_ms_per_step": total / 1e3,
+            "attention_ms_per_step": sum(attention.values()) / 1e3,
+            "attention_kernels_ms": {n: t / 1e3 for n, t in sorted(
+                attention.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {n: t / steps / 1e3 for n, t in ranked}}
+
+
+def print_summary(label: str, s: dict) -> None:
+    print(f"{label}: GPU kernels {s['kernel_ms_per_step']:.2f} ms/step, attention "
+          f"{s['attention_ms_per_step']:.2f} ms/step")
+    for name, ms in s["attention_kernels_ms"].items():
+        print(f"    attention  {ms:8.3f} ms  {name[:90]}")
+    for name, ms in s["top_kernels_ms"].items():
+        print(f"    top        {ms:8.3f} ms  {name[:90]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace_dir")
+    p.add_argument("--steps", type=int, default=1, help="steps the trace holds")
+    args = p.parse_args(argv)
+    s = summary(kernel_times(args.trace_dir), steps=args.steps)
+    print_summary(args.trace_dir, s)
+    return s
+
+
+if __name__ == "__main__":
+    main()
