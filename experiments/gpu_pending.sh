@@ -32,6 +32,8 @@
 #                                              #   order; the train step, cuDNN vs default
 #   bash experiments/gpu_pending.sh train_trace  # H100: the train step, cuDNN vs default,
 #                                              #   with each kernel's GPU time inside the step
+#   bash experiments/gpu_pending.sh decode_ncu  # H100: ncu of the contiguous and the paged
+#                                              #   decode (pages in order) on b1 x 32768
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -138,6 +140,14 @@ for step in "$@"; do
       timeout 500 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
         --trace /tmp/train_trace --out "$OUT/train_trace.json" 2>&1 \
         | tee "$OUT/bench_train_trace.txt" | grep -v "^wrote" | tail -60 ;;
+    decode_ncu)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 ncu --clock-control none \
+        -k regex:decode_attention --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section SchedulerStats python3 experiments/profile_decode.py --once \
+        --rows 1x32768 --variants "paged in order" > "$OUT/ncu_decode.txt" 2>&1
+      grep -E "decode_attention|Duration|DRAM Throughput|Registers Per|Achieved Occ|Theoretical Occ|Stall|Warp Cycles Per Issued|Dynamic Shared|Block Limit" \
+        "$OUT/ncu_decode.txt" | head -70 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -1,12 +1,14 @@
 """Where does the paged decode lose to the contiguous one? (issue 3, the two rows short of
 0.95x: b1 x 32768 and b16 x 4096).
 
-Question: at the same grid and tiles, how much slower is the gathered read of a shuffled page
-pool than the strided read of a contiguous cache, and how much does the split combine add?
+Question: how much of the paged kernel's gap to the contiguous one is the order of the pages
+in the pool (DRAM / TLB locality), and how much the kernel's gathered tile?
 Run on the GPU machine (PYTHONPATH=.):
     python experiments/profile_decode.py --time            # GB/s of each variant, one process
-    ncu --clock-control none -k regex:decode_attention \\
-        python experiments/profile_decode.py --once        # each variant's kernel once, warm
+    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none \\
+        -k regex:decode_attention python experiments/profile_decode.py --once \\
+        --rows 1x32768                                     # each variant's kernel, warm
+(without the preallocation off, ncu backs up JAX's whole 60 GB pool before every replay)
 Variants: `contiguous` and `paged` at their default tiles, the paged one over the
 benchmark's pool (16-token pages in a random order); `paged in order`: the same kernel over
 a pool whose pages sit in sequence order (the block tables still go through every page);
@@ -76,11 +78,17 @@ def main(argv=None):
     p.add_argument("--once", action="store_true", help="run each variant once (for ncu)")
     p.add_argument("--time", action="store_true", help="GB/s of each variant")
     p.add_argument("--tiny", action="store_true", help="a small row, interpret mode (CPU)")
+    p.add_argument("--rows", default="", help="only these B x S rows, e.g. 1x32768")
+    p.add_argument("--variants", default="", help="only these variants, comma separated")
     args = p.parse_args(argv)
+    rows = TINY_ROWS if args.tiny else ROWS
+    if args.rows:
+        rows = [tuple(int(x) for x in r.split("x")) for r in args.rows.split(",")]
+    keep = set(args.variants.split(",")) if args.variants else set(VARIANTS)
     results = {}
-    for B, S in TINY_ROWS if args.tiny else ROWS:
+    for B, S in rows:
         q, k, v, lengths, kv_bytes, _ = _decode_problem(B, S)
-        fns = _fns(k, v, seed=B + S)
+        fns = {n: f for n, f in _fns(k, v, seed=B + S).items() if n in keep | {"contiguous"}}
         outs = {name: jax.block_until_ready(fn(q, k, v, lengths)) for name, fn in fns.items()}
         reference = outs["contiguous"][0] if isinstance(outs["contiguous"], tuple) \
             else outs["contiguous"]
