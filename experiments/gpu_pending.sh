@@ -34,6 +34,8 @@
 #                                              #   with each kernel's GPU time inside the step
 #   bash experiments/gpu_pending.sh decode_ncu  # H100: ncu of the contiguous and the paged
 #                                              #   decode (pages in order) on b1 x 32768
+#   bash experiments/gpu_pending.sh fused      # H100: the fused backward's GPU tests (a few),
+#                                              #   then it against the two kernels and cuDNN
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -148,6 +150,15 @@ for step in "$@"; do
         --rows 1x32768 --variants "paged in order" > "$OUT/ncu_decode.txt" 2>&1
       grep -E "decode_attention|Duration|DRAM Throughput|Registers Per|Achieved Occ|Theoretical Occ|Stall|Warp Cycles Per Issued|Dynamic Shared|Block Limit" \
         "$OUT/ncu_decode.txt" | head -70 ;;
+    fused)
+      timeout 170 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" --durations=0 \
+        tests/test_attention_mgpu_bwd.py -k "gpu_fused and (2-1024-1024-8-2-128 or 1-1024-512 or 1-2048-2048)" \
+        2>&1 | tee "$OUT/fused_tests.txt" | tail -12
+      for c in "train step" "b4 s4096 h16 d128 causal" "b1 s16384"; do
+        timeout 125 python3 experiments/mgpu_bwd_check.py --configs "$c" --variants fused \
+          --out "$OUT/fused_$(echo $c | tr -dc a-z0-9).json" 2>&1 | grep -v "^wrote" \
+          | tee -a "$OUT/fused_check.txt" | tail -5
+      done ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

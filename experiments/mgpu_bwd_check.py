@@ -57,8 +57,12 @@ VARIANTS = {
         "dq bq256 bk64": B(block_q_dkv=128, block_q_dq=256, block_k_dq=64, num_stages_dkv=3,
                            num_stages_dq=3),
         "st2": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2, num_stages_dq=2),
+        # One kernel, dQ through TMA reduce-add (session 7): the consumers split the rows.
+        "fused": B(block_q_dkv=128, num_stages_dkv=2, fused_dq=True),
     },
 }
+# H = 128: the consumers split the head dim of each step's dQ tile.
+VARIANTS[128]["fused"] = B(block_q_dkv=64, num_stages_dkv=2, fused_dq=True)
 TIMING = {"min_time": 0.2, "samples": 7}
 TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
 
@@ -90,7 +94,8 @@ def _mosaic(causal, block_sizes, interpret):
         interpret=interpret))
 
 
-def run_config(cfg, *, interpret=False, with_variants=True):
+def run_config(cfg, *, interpret=False, with_variants=True, only=""):
+    """only: run just the variants whose name contains it."""
     name, B_, T, N, K, H, causal = unpack(cfg)
     q, k, v, out, lse, d_out = _inputs(B_, T, N, K, H, causal, interpret)
     flops = 2.5 * 4 * B_ * N * T * T * H * (0.5 if causal else 1.0)
@@ -102,7 +107,7 @@ def run_config(cfg, *, interpret=False, with_variants=True):
                          lambda: _cudnn_args(causal, q, k, v, d_out))
     runs["mosaic"] = (_mosaic(causal, None, interpret), lambda: ours)
     if with_variants and not interpret:
-        for variant, bs in VARIANTS.get(H, {}).items():
+        for variant, bs in ((n, b) for n, b in VARIANTS.get(H, {}).items() if only in n):
             runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret), lambda: ours)
     rows, grads = [], {}
     for impl, (fn, make_args) in runs.items():
@@ -149,7 +154,8 @@ def main(argv=None):
     start, rows = time.perf_counter(), []
     for cfg in TINY if args.tiny else CONFIGS:
         if args.configs in cfg[0]:
-            rows += run_config(cfg, interpret=args.tiny, with_variants=not args.no_variants)
+            rows += run_config(cfg, interpret=args.tiny, with_variants=not args.no_variants,
+                               only=args.variants)
             write_results(args.out, rows)  # after every config: a cut run keeps what it did
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -151,6 +151,7 @@ def parse_args(argv, doc: str, json_name: str):
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--configs", default="", help="keep configs whose name contains this")
     p.add_argument("--no-variants", action="store_true", help="default block sizes only")
+    p.add_argument("--variants", default="", help="only the variants whose name has this")
     p.add_argument("--tiny", action="store_true", help="one small config, interpret mode (CPU)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), json_name))
     return p.parse_args(argv)
@@ -171,7 +172,8 @@ def main(argv=None):
         rows += new
         if not (args.no_variants or args.tiny):
             peers = {impl: res for impl, res in results.items() if impl != "mgpu"}
-            for variant, bs in VARIANTS.get(cfg[4], {}).items():
+            for variant, bs in ((n, b) for n, b in VARIANTS.get(cfg[4], {}).items()
+                                if args.variants in n):
                 rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
                                    peer_results=peers)[0]
         del results

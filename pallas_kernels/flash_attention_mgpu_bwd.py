@@ -96,6 +96,14 @@ class MosaicBackwardBlockSizes:
     block_q_dq: queries per dQ CTA, split over the two consumers: 128 or 256. block_k_dq:
         keys per dQ step, a multiple of 64 in [64, 256]. num_stages_dq: K/V stages (>= 2).
     consumer_registers / producer_registers: setmaxnreg limits, as MosaicBlockSizes.
+    fused_dq: one kernel instead of two (FlashAttention-3's backward): the dK/dV kernel also
+        computes each step's dQ contribution dS K from the dS it already has, and adds it
+        into an f32 accumulator in global memory with TMA reduce-add; the dQ kernel does not
+        run. 5 products per step instead of 7 over both kernels, at the price of dS through
+        shared memory, a barrier between the consumers per step, and f32 atomics (the sum
+        order varies from run to run: not bitwise deterministic). Needs block_q_dkv = 128
+        (each consumer takes 64 of the step's query rows) or H = 128 with block_q_dkv = 64
+        (each takes half of the head dim). The block_*_dq fields are then unused.
     """
 
     block_q_dkv: int = 64
@@ -106,6 +114,7 @@ class MosaicBackwardBlockSizes:
     num_stages_dq: int = 2
     consumer_registers: int = 240
     producer_registers: int = 24
+    fused_dq: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -131,12 +140,17 @@ class MosaicBackwardBlockSizes:
                              f"producer_registers = {total} exceeds 512")
 
     def smem_bytes_dkv(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
-        """K, V rows of the CTA, then per stage Q, dO, lse, delta (and query ids)."""
+        """K, V rows of the CTA, then per stage Q, dO, lse, delta (and query ids); with
+        fused_dq, two dS buffers [block_k_dkv, block_q_dkv] and the f32 dQ staging tile."""
         kv = 2 * self.block_k_dkv * head_dim * itemsize + (self.block_k_dkv * 4 if segments
                                                             else 0)
         per_stage = self.block_q_dkv * (2 * head_dim * itemsize + 2 * 4 + (4 if segments
                                                                             else 0))
-        return kv + self.num_stages_dkv * per_stage
+        fused = 0
+        if self.fused_dq:
+            fused = 2 * self.block_k_dkv * self.block_q_dkv * itemsize + \
+                self.block_q_dkv * head_dim * 4
+        return kv + self.num_stages_dkv * per_stage + fused
 
     def smem_bytes_dq(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
         """Q, dO, lse, delta (and ids) of the CTA's rows, then per stage K, V (and kv ids)."""
@@ -328,6 +342,26 @@ def _launch(kernel, out_types, operands, *, grid, grid_names, st: _Static, name)
     return call(*operands)
 
 
+def _launch_with_refs(kernel, out_types, operands, *, grid, grid_names, st: _Static, name):
+    """_launch through pl.kernel, which (unlike plgpu.kernel, whose vmap wrapper refuses
+    them) takes mutable array Refs among the operands: the fused backward's dQ accumulator."""
+    plgpu = _plgpu()
+    kwargs = {}
+    if st.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams()
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=NUM_CONSUMERS + 1,
+                      thread_name="wg")
+    call = pl.kernel(kernel, out_type=out_types, mesh=mesh, name=name,
+                     compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
+    return call(*operands)
+
+
+def _zeros_ref(shape):
+    """A zero-filled f32 Ref in GPU global memory that a kernel can add into."""
+    return jax.new_ref(jnp.zeros(shape, jnp.float32), memory_space=_plgpu().GMEM)
+
+
 # ----------------------------------------------------------------------------- dK/dV kernel
 
 
@@ -343,6 +377,62 @@ class _DkvSmem(NamedTuple):
     kv_ready: Any  # [consumer]
     ready: Any  # [stage]
     free: Any  # [consumer * num_stages + stage]
+    # fused_dq only (None otherwise): k is then one [block_k_dkv, H] tile (both consumers'
+    # rows: each step's dQ product reads all of them), and
+    ds: Any = None  # [2, block_k_dkv, block_q_dkv]: dS^T of a step, double-buffered
+    dq: Any = None  # [2, rows, cols] f32: each consumer's dQ part on its way to the TMA add
+    ds_ready: Any = None  # [2]: both consumers wrote their dS^T rows into ds[t % 2]
+    done: Any = None  # [1]: both consumers finished their last dQ product (K may be reused)
+
+
+def _dq_split(st: _Static):
+    """fused_dq: the [rows, cols] part of a step's dQ tile [block_q_dkv, H] that each
+    consumer computes, and whether the consumers split the query rows (block_q_dkv = 128:
+    64 rows each, all of H) or else the head dim (block_q_dkv = 64, H = 128: 64 columns
+    each). Either way each part is one M = 64 wgmma over all block_k_dkv keys."""
+    bq, H = st.block_sizes.block_q_dkv, st.head_dim
+    by_rows = bq == NUM_CONSUMERS * WGMMA_M
+    return ((bq // NUM_CONSUMERS, H) if by_rows else (bq, H // NUM_CONSUMERS)), by_rows
+
+
+def _dq_contribution(ds_buf, k_all, wg, st: _Static):
+    """scale * (dS K) for consumer wg's part of the step's dQ tile, f32 [rows, cols], from
+    dS^T [block_k_dkv, block_q_dkv] and K [block_k_dkv, H] in SMEM. The wgmma reads dS^T
+    through a transposed view (16-bit operands only): dS itself never exists."""
+    (rows, cols), by_rows = _dq_split(st)
+    a = ds_buf.at[:, pl.ds(wg * rows, rows)] if by_rows else ds_buf  # [keys, rows]
+    b = k_all if by_rows else k_all.at[:, pl.ds(wg * cols, cols)]  # [keys, cols]
+    if st.interpret:  # the interpreter (JAX 0.10) cannot transpose a wgmma operand
+        return lax.dot_general(a[...], b[...], (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32) * st.scale
+    plgpu = _plgpu()
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a.transpose((1, 0)), b)
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((rows, cols), jnp.float32)) * st.scale
+
+
+def _add_dq(part, stage_ref, acc_ref, *, batch, head, q0, wg, st: _Static):
+    """Adds consumer wg's dQ part (query rows from q0) into the f32 accumulator
+    [B, T, N, H] with a TMA reduce-add. The stage is reused once the previous step's copy
+    has read it. Interpret mode has no TMA reductions: acc_ref has a leading key-tile axis
+    there, each CTA writes its own slice (its steps cover distinct (head, query) tiles), and
+    the caller sums the slices."""
+    plgpu = _plgpu()
+    (rows, cols), by_rows = _dq_split(st)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    stage_ref[...] = part
+    plgpu.commit_smem()
+    if by_rows:
+        index = (batch, pl.ds(q0 + wg * rows, rows), head)
+    else:
+        index = (batch, pl.ds(q0, rows), head, pl.ds(wg * cols, cols))
+    if st.interpret:
+        plgpu.copy_smem_to_gmem(stage_ref, acc_ref.at[(lax.axis_index("kv_tile"), *index)])
+    else:
+        plgpu.copy_smem_to_gmem(stage_ref, acc_ref.at[index], reduction_op="add")
 
 
 def _dkv_plan(st: _Static):
@@ -362,10 +452,15 @@ def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
     bs = st.block_sizes
     rows, bq, depth = bs.block_k_dkv // NUM_CONSUMERS, bs.block_q_dkv, bs.num_stages_dkv
     dtype = refs["k"].dtype
+    fused = bs.fused_dq
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("kv_head")
     k_start = lax.axis_index("kv_tile") * bs.block_k_dkv + wg * rows
     keys = pl.ds(k_start, rows)
-    k_rows, v_rows = sm.k.at[wg], sm.v.at[wg]
+    k_rows = sm.k.at[pl.ds(wg * rows, rows)] if fused else sm.k.at[wg]
+    v_rows = sm.v.at[wg]
+    ranges, nq = _dkv_plan(st)
+    _, n = _tile_span(ranges, st, nq)
+    safe_n = jnp.maximum(n, 1)  # n = 0: no step runs, but the division is still traced
     plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head], k_rows, sm.kv_ready.at[wg])
     plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head], v_rows, sm.kv_ready.at[wg])
     if st.has_segments:
@@ -393,12 +488,24 @@ def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
         ds_t = p_t * (dp_t - _along(delta, (rows, bq), 1))  # P = 0 where hidden: dS = 0
         if dcap is not None:
             ds_t = ds_t * dcap
-        dk = _accumulate(dk, ds_t.astype(dtype), q, st)
-        plgpu.barrier_arrive(sm.free.at[wg * depth + s])
+        ds_t = ds_t.astype(dtype)
+        if fused:  # this consumer's key rows of dS^T, for both consumers' dQ products
+            buf = lax.rem(t, 2)
+            sm.ds.at[buf].at[pl.ds(wg * rows, rows)][...] = ds_t
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(sm.ds_ready.at[buf])
+        dk = _accumulate(dk, ds_t, q, st)
+        plgpu.barrier_arrive(sm.free.at[wg * depth + s])  # the dQ product reads no Q or dO
+        if fused:
+            # ds[buf] is written again at step t + 2, by a consumer that has passed step
+            # t + 1's barrier: the other consumer's product of step t is complete by then.
+            plgpu.barrier_wait(sm.ds_ready.at[buf])
+            part = _dq_contribution(sm.ds.at[buf], sm.k, wg, st)
+            head = kv_head * st.group + lax.div(t, safe_n)
+            _add_dq(part, sm.dq.at[wg], refs["dq_acc"], batch=batch, head=head,
+                    q0=q_tile * bq, wg=wg, st=st)
         return dk, dv
 
-    ranges, nq = _dkv_plan(st)
-    _, n = _tile_span(ranges, st, nq)
     zeros = _wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32), st)
     carry = (zeros, zeros)
     run = functools.partial(_run_steps, step, ranges=ranges, st=st, count=nq)
@@ -407,6 +514,9 @@ def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
     else:  # the G query heads of this kv head, one after the other
         carry = lax.fori_loop(0, st.group, lambda g, c: run(c, first_step=g * n), carry)
     dk, dv = carry
+    if fused:  # the other consumer's last dQ product may still read these K rows
+        plgpu.barrier_arrive(sm.done.at[0])
+        plgpu.barrier_wait(sm.done.at[0])
     k_rows[...] = (dk * st.scale).astype(dtype)  # K, V are dead: their tiles stage dK, dV
     v_rows[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -465,15 +575,17 @@ def _warp_specialised(scratch, smem_type, consumer, producer, refs, st: _Static)
 def _dkv_kernel(*refs, st: _Static):
     names = ["q", "k", "v", "do", "lse", "delta"]
     names += ["q_seg", "kv_seg"] if st.has_segments else []
+    bs = st.block_sizes
+    names += ["dq_acc"] if bs.fused_dq else []
     refs = dict(zip(names + ["dk", "dv"], refs))
     plgpu = _plgpu()
-    bs = st.block_sizes
     dtype, H = refs["q"].dtype, st.head_dim
     rows, bq, depth = bs.block_k_dkv // NUM_CONSUMERS, bs.block_q_dkv, bs.num_stages_dkv
     tiled = _scratch_tiles(dtype, H)
     seg = st.has_segments
+    k_shape = (bs.block_k_dkv, H) if bs.fused_dq else (NUM_CONSUMERS, rows, H)
     scratch = {
-        "k": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
+        "k": plgpu.SMEM(k_shape, dtype, transforms=tiled),
         "v": plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled),
         "q": plgpu.SMEM((depth, bq, H), dtype, transforms=tiled),
         "do": plgpu.SMEM((depth, bq, H), dtype, transforms=tiled),
@@ -488,6 +600,14 @@ def _dkv_kernel(*refs, st: _Static):
     if seg:
         scratch["kv_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
         scratch["q_seg"] = plgpu.SMEM((depth, bq), jnp.int32)
+    if bs.fused_dq:
+        dq_shape, _ = _dq_split(st)
+        scratch["ds"] = plgpu.SMEM((2, bs.block_k_dkv, bq), dtype,
+                                   transforms=_scratch_tiles(dtype, bq))
+        scratch["dq"] = plgpu.SMEM((NUM_CONSUMERS, *dq_shape), jnp.float32,
+                                   transforms=_scratch_tiles(jnp.float32, dq_shape[1]))
+        scratch["ds_ready"] = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=2)
+        scratch["done"] = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=1)
 
     _warp_specialised(scratch, _DkvSmem, _dkv_consumer, _dkv_producer, refs, st)
 
@@ -644,6 +764,18 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     delta = jnp.where(empty, 0.0, delta)
     lse2 = jnp.where(empty, jnp.inf, lse.astype(jnp.float32) * LOG2E)
     operands = (q, k, v, d_out.astype(q.dtype), lse2, delta, *(segment_ids or ()))
+    kv_types = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if bs.fused_dq:  # one kernel; dQ comes out of the f32 accumulator it adds into
+        num_kv_tiles = S // bs.block_k_dkv
+        acc = _zeros_ref(((num_kv_tiles,) if st.interpret else ()) + q.shape)
+        dk, dv = _launch_with_refs(
+            functools.partial(_dkv_kernel, st=st), kv_types, (*operands, acc),
+            grid=(num_kv_tiles, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
+            name="flash_attention_bwd_fused_mgpu")
+        dq = acc[...]
+        if st.interpret:
+            dq = dq.sum(axis=0)
+        return dq.astype(q.dtype), dk, dv
     dk, dv = _launch(
         functools.partial(_dkv_kernel, st=st),
         (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
@@ -679,8 +811,15 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
             f"registers); {fallback}")
     bs = block_sizes or MosaicBackwardBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None)
+    if bs.fused_dq and not (bs.block_q_dkv == NUM_CONSUMERS * WGMMA_M
+                            or (bs.block_q_dkv == WGMMA_M and H == 128)):
+        raise ValueError(f"{bs}: fused_dq needs block_q_dkv=128, or block_q_dkv=64 at "
+                         f"head_dim=128 (got head_dim={H}): the two consumers split a step's "
+                         "dQ tile into two 64-row products")
+    dq_tiles = () if bs.fused_dq else ("dq",)  # the dQ kernel's tiles serve no kernel then
     for length, name, tiles in (
-            (T, "T", ("block_q_dkv", "block_q_dq")), (S, "S", ("block_k_dkv", "block_k_dq"))):
+            (T, "T", ("block_q_dkv",) + tuple(f"block_q_{t}" for t in dq_tiles)),
+            (S, "S", ("block_k_dkv",) + tuple(f"block_k_{t}" for t in dq_tiles))):
         for tile in tiles:
             if length % getattr(bs, tile):
                 raise NotImplementedError(
@@ -688,8 +827,10 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
                     f"{tile}={getattr(bs, tile)}, got {name}={length} (no ragged tiles); "
                     f"{fallback}")
     itemsize, segments = jnp.dtype(q.dtype).itemsize, segment_ids is not None
-    for kernel, need in (("dK/dV", bs.smem_bytes_dkv(H, itemsize, segments=segments)),
-                         ("dQ", bs.smem_bytes_dq(H, itemsize, segments=segments))):
+    kernels = [("dK/dV", bs.smem_bytes_dkv(H, itemsize, segments=segments))]
+    if not bs.fused_dq:
+        kernels.append(("dQ", bs.smem_bytes_dq(H, itemsize, segments=segments)))
+    for kernel, need in kernels:
         if need > SMEM_BUDGET:
             raise ValueError(f"{bs} needs {need} bytes of shared memory in the {kernel} kernel "
                              f"at head_dim={H}, more than the {SMEM_BUDGET} allowed; use fewer "

@@ -172,6 +172,46 @@ def test_interpret_mode_head_dim_128_and_other_tiles():
                                                 num_stages_dkv=2, num_stages_dq=2))
 
 
+# The fused backward (fused_dq): one kernel, dQ added into an f32 accumulator. Interpret
+# mode has no TMA reductions, so there each key tile writes its own slice (summed after);
+# the products, the dS^T exchange between the consumers and their barriers run as on the GPU.
+FUSED_64 = MosaicBackwardBlockSizes(block_q_dkv=128, num_stages_dkv=2, fused_dq=True)
+FUSED_128 = MosaicBackwardBlockSizes(block_q_dkv=64, num_stages_dkv=2, fused_dq=True)
+FUSED_CASES = [
+    # what, B, T, S, N, K, H, causal, softcap, segments, block sizes
+    ("GQA 2:1 causal, consumers split the query rows", 1, 256, 256, 4, 2, 64, True, None,
+     False, FUSED_64),
+    ("segment ids + softcap, T > S", 1, 256, 128, 1, 1, 64, True, 5.0, True, FUSED_64),
+    ("T = S = 512 causal: the dS buffers and stages wrap", 1, 512, 512, 1, 1, 64, True, None,
+     False, FUSED_64),
+    ("H = 128, GQA causal, consumers split the head dim", 1, 256, 256, 2, 1, 128, True, None,
+     False, FUSED_128),
+]
+
+
+@interpret_only
+@pytest.mark.parametrize("what,B,T,S,N,K,H,causal,softcap,segments,bs", FUSED_CASES,
+                         ids=[c[0] for c in FUSED_CASES])
+def test_interpret_mode_fused_dq_matches_reference_gradients(what, B, T, S, N, K, H, causal,
+                                                             softcap, segments, bs):
+    _check(B, T, S, N, K, H, causal=causal, softcap=softcap, segments=segments,
+           block_sizes=bs, interpret=True)
+
+
+def test_fused_dq_refuses_tiles_it_cannot_split():
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="fused_dq needs block_q_dkv=128"):
+        mgpu_bwd.check_supported_backward(
+            q, q, q, causal=True, require_device=False,
+            block_sizes=MosaicBackwardBlockSizes(block_q_dkv=64, fused_dq=True))
+    # its shared memory is counted: a third stage does not fit next to the dS buffers
+    with pytest.raises(ValueError, match="shared memory"):
+        mgpu_bwd.check_supported_backward(
+            q, q, q, causal=True, require_device=False,
+            block_sizes=MosaicBackwardBlockSizes(block_q_dkv=128, num_stages_dkv=3,
+                                                 fused_dq=True))
+
+
 @interpret_only
 def test_interpret_mode_negative_scale():
     _check(1, 128, 128, 2, 1, 64, causal=True, scale=-0.1, interpret=True)
@@ -195,15 +235,17 @@ def test_interpret_mode_same_as_the_triton_backward():
                                    atol=3e-2, rtol=3e-2, err_msg=name)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two kernels", "fused"])
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("causal,window,softcap,segments", [
     (False, None, None, False),
     (True, None, None, False),
     (True, (128, None), 30.0, True),
 ], ids=["plain", "causal", "causal-window-softcap-segments"])
-def test_lowers_for_cuda(H, causal, window, softcap, segments, monkeypatch):
-    """Both kernels lower to Mosaic GPU for CUDA, on the CPU (tests/test_gpu_lowering.py's
-    method; the Hopper device check is lifted: there is none here)."""
+def test_lowers_for_cuda(H, causal, window, softcap, segments, fused, monkeypatch):
+    """Both kernels (or the fused one) lower to Mosaic GPU for CUDA, on the CPU
+    (tests/test_gpu_lowering.py's method; the Hopper device check is lifted: there is none
+    here)."""
     check = mgpu_bwd.check_supported_backward
     monkeypatch.setattr(mgpu_bwd, "check_supported_backward",
                         lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
@@ -211,17 +253,19 @@ def test_lowers_for_cuda(H, causal, window, softcap, segments, monkeypatch):
     zeros = lambda *shape, dtype=jnp.bfloat16: jnp.zeros(shape, dtype)
     seg = (zeros(B, T, dtype=jnp.int32), zeros(B, S, dtype=jnp.int32)) if segments else None
 
+    bs = (FUSED_64 if H == 64 else FUSED_128) if fused else None
+
     def backward(q, k, v, out, lse, d_out):
         return flash_attention_mgpu_backward(q, k, v, out, lse, d_out, causal=causal,
                                              window=window, softcap=softcap, segment_ids=seg,
-                                             interpret=False)
+                                             interpret=False, block_sizes=bs)
 
     lowered = jax.jit(backward).trace(
         zeros(B, T, N, H), zeros(B, S, K, H), zeros(B, S, K, H), zeros(B, T, N, H),
         zeros(B, N, T, dtype=jnp.float32), zeros(B, T, N, H)).lower(
             lowering_platforms=("cuda",))
     text = lowered.as_text()
-    assert text.count("custom_call") >= 2, "the two kernels are not in the lowered module"
+    assert text.count("custom_call") >= (1 if fused else 2), "kernels missing from the module"
 
 
 # ----------------------------------------------------------------------------- Hopper GPU
@@ -245,6 +289,15 @@ GPU_CASES = [
 @pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments", GPU_CASES, ids=str)
 def test_gpu_matches_reference_gradients(B, T, S, N, K, H, causal, window, softcap, segments):
     _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments)
+
+
+@hopper
+@pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments", GPU_CASES, ids=str)
+def test_gpu_fused_dq_matches_reference_gradients(B, T, S, N, K, H, causal, window, softcap,
+                                                   segments):
+    """The fused backward (TMA reduce-add of dQ, which interpret mode cannot run)."""
+    _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
+           block_sizes=FUSED_64 if H == 64 else FUSED_128)
 
 
 @hopper
