@@ -34,7 +34,7 @@
 #                                              #   with each kernel's GPU time inside the step
 #   bash experiments/gpu_pending.sh decode_ncu  # H100: ncu of the contiguous and the paged
 #                                              #   decode (pages in order) on b1 x 32768
-#   bash experiments/gpu_pending.sh fused      # H100: the fused backward's GPU tests (a few),
+#   bash experiments/gpu_pending.sh fused_bwd  # H100: the fused backward's GPU tests (a few),
 #                                              #   then it against the two kernels and cuDNN
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
@@ -150,7 +150,7 @@ for step in "$@"; do
         --rows 1x32768 --variants "paged in order" > "$OUT/ncu_decode.txt" 2>&1
       grep -E "decode_attention|Duration|DRAM Throughput|Registers Per|Achieved Occ|Theoretical Occ|Stall|Warp Cycles Per Issued|Dynamic Shared|Block Limit" \
         "$OUT/ncu_decode.txt" | head -70 ;;
-    fused)
+    fused_bwd)
       timeout 170 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" --durations=0 \
         tests/test_attention_mgpu_bwd.py -k "gpu_fused and (2-1024-1024-8-2-128 or 1-1024-512 or 1-2048-2048)" \
         2>&1 | tee "$OUT/fused_tests.txt" | tail -12
