@@ -36,6 +36,8 @@
 #                                              #   decode (pages in order) on b1 x 32768
 #   bash experiments/gpu_pending.sh fused_bwd  # H100: the fused backward's GPU tests (a few),
 #                                              #   then it against the two kernels and cuDNN
+#   bash experiments/gpu_pending.sh delta      # H100: delta computed in the dQ kernel (H = 64):
+#                                              #   GPU tests, backward variants, the train step
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -159,6 +161,16 @@ for step in "$@"; do
           --out "$OUT/fused_$(echo $c | tr -dc a-z0-9).json" 2>&1 | grep -v "^wrote" \
           | tee -a "$OUT/fused_check.txt" | tail -5
       done ;;
+    delta)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" --durations=0 \
+        tests/test_attention_mgpu_bwd.py -k "gpu_matches and (2-1024-1024-4-1-64 or 1-1024-512-4-2-64)" \
+        2>&1 | tee "$OUT/delta_tests.txt" | tail -6
+      timeout 110 python3 experiments/mgpu_bwd_check.py --configs "train step" \
+        --variants "delta in xla" --out "$OUT/delta_check.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/delta_check.txt" | tail -4
+      timeout 300 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
+        --trace /tmp/train_trace --out "$OUT/train_delta.json" 2>&1 \
+        | tee "$OUT/bench_train_delta.txt" | grep -E "ms/step|GPU kernels|attention  " ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -49,14 +49,15 @@ VARIANTS = {
         "regs 232/40": B(block_k_dq=128, num_stages_dkv=2, num_stages_dq=2,
                          consumer_registers=232, producer_registers=40),
     },
-    # Around the session 6 default (128-query dK/dV steps, 128-key dQ steps, 3 stages each).
+    # Around the session 7 default (128-query dK/dV steps with 4 stages, 128-key dQ steps
+    # with 3, delta computed in the dQ kernel).
     64: {
         "session 5 tiles": B(block_q_dkv=64, block_k_dq=64, num_stages_dkv=3, num_stages_dq=3),
-        "dkv st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=3),
-        "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3, num_stages_dq=4),
-        "dq bq256 bk64": B(block_q_dkv=128, block_q_dq=256, block_k_dq=64, num_stages_dkv=3,
-                           num_stages_dq=3),
-        "st2": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2, num_stages_dq=2),
+        "session 6 tiles": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3,
+                             num_stages_dq=3),
+        "delta in xla": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=3),
+        "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=4,
+                    delta_in_dq_kernel=True),
         # One kernel, dQ through TMA reduce-add (session 7): the consumers split the rows.
         "fused": B(block_q_dkv=128, num_stages_dkv=2, fused_dq=True),
     },

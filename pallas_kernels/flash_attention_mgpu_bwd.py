@@ -104,6 +104,13 @@ class MosaicBackwardBlockSizes:
         order varies from run to run: not bitwise deterministic). Needs block_q_dkv = 128
         (each consumer takes 64 of the step's query rows) or H = 128 with block_q_dkv = 64
         (each takes half of the head dim). The block_*_dq fields are then unused.
+        Measured slower than the two kernels on an H100 (BENCHMARKS.md, session 7).
+    delta_in_dq_kernel: the two-kernel backward runs the dQ kernel first, and it computes
+        delta = rowsum(dO * O) - dlse for its rows from an O tile it loads next to dO,
+        and writes delta out for the dK/dV kernel. This saves the separate XLA pass over
+        dO and O (2 x B T N H elements read, a launch per layer). It needs the O tile's
+        shared memory (block_q_dq x H) on top of the dQ kernel's; with fused_dq there is
+        no dQ kernel and XLA computes delta.
     """
 
     block_q_dkv: int = 64
@@ -115,6 +122,7 @@ class MosaicBackwardBlockSizes:
     consumer_registers: int = 240
     producer_registers: int = 24
     fused_dq: bool = False
+    delta_in_dq_kernel: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -153,8 +161,10 @@ class MosaicBackwardBlockSizes:
         return kv + self.num_stages_dkv * per_stage + fused
 
     def smem_bytes_dq(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
-        """Q, dO, lse, delta (and ids) of the CTA's rows, then per stage K, V (and kv ids)."""
-        rows = self.block_q_dq * (2 * head_dim * itemsize + 2 * 4 + (4 if segments else 0))
+        """Q, dO (and O with delta_in_dq_kernel), lse, delta (and ids) of the CTA's rows,
+        then per stage K, V (and kv ids)."""
+        tiles = 3 if self.delta_in_dq_kernel else 2
+        rows = self.block_q_dq * (tiles * head_dim * itemsize + 2 * 4 + (4 if segments else 0))
         per_stage = self.block_k_dq * (2 * head_dim * itemsize + (4 if segments else 0))
         return rows + self.num_stages_dq * per_stage
 
@@ -172,8 +182,11 @@ class MosaicBackwardBlockSizes:
         three (cuDNN's backward: 263)."""
         del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
+        # delta in the dQ kernel where its O tile fits (H = 64; at H = 128 the kernel's
+        # shared memory is full); session 7, not yet timed on its own
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
-                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2)
+                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
+                   delta_in_dq_kernel=small)
 
 
 # ----------------------------------------------------------------------------- shared math
@@ -197,6 +210,18 @@ def _load_vector(ref, st: _Static, *, axis: int):
         return ref[...]
     plgpu = _plgpu()
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def _row_dot(a_ref, b_ref, st: _Static):
+    """rowsum(a * b) in f32 of two SMEM tiles [rows, H], one value per row in the layout
+    of a wgmma accumulator's rows (as _load_vector(..., axis=0))."""
+    if st.interpret:
+        a, b = a_ref[...], b_ref[...]
+    else:
+        plgpu = _plgpu()
+        a = plgpu.load(a_ref, (), layout=plgpu.Layout.WGMMA)
+        b = plgpu.load(b_ref, (), layout=plgpu.Layout.WGMMA)
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
 
 
 def _along(x, shape, axis):
@@ -556,7 +581,10 @@ def _warp_specialised(scratch, smem_type, consumer, producer, refs, st: _Static)
     plgpu, bs = _plgpu(), st.block_sizes
 
     def body(**buffers):
-        sm = smem_type(**{"kv_seg": None, "q_seg": None, **buffers})
+        defaults = {"kv_seg": None, "q_seg": None}
+        if smem_type is _DqSmem:
+            defaults["o"] = None
+        sm = smem_type(**{**defaults, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < NUM_CONSUMERS)
@@ -618,6 +646,7 @@ def _dkv_kernel(*refs, st: _Static):
 class _DqSmem(NamedTuple):
     q: Any  # [2, rows, H]: each consumer's Q rows, then its dQ
     do: Any  # [2, rows, H]
+    o: Any  # [2, rows, H] with delta_in_dq_kernel, else None
     lse: Any  # [2, rows] f32 (log2 domain)
     delta: Any  # [2, rows] f32
     q_seg: Any  # [2, rows] int32 or None
@@ -665,9 +694,17 @@ def _dq_consumer(wg, refs, sm: _DqSmem, *, st: _Static):
     plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, queries], sm.delta.at[wg], ready)
     if st.has_segments:
         plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, queries], sm.q_seg.at[wg], ready)
+    in_kernel = bs.delta_in_dq_kernel
+    if in_kernel:
+        plgpu.copy_gmem_to_smem(refs["o"].at[batch, queries, head], sm.o.at[wg], ready)
     plgpu.barrier_wait(ready)
     lse2 = _load_vector(sm.lse.at[wg], st, axis=0)
     delta = _load_vector(sm.delta.at[wg], st, axis=0)
+    if in_kernel:  # the input held -dlse; add rowsum(dO * O) and hand delta to dK/dV
+        delta = delta + _row_dot(do_rows, sm.o.at[wg], st)
+        sm.delta.at[wg][...] = delta
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sm.delta.at[wg], refs["delta_out"].at[batch, head, queries])
     q_ids = _load_vector(sm.q_seg.at[wg], st, axis=0) if st.has_segments else None
 
     def step(k_tile, t, dq, *, masked):
@@ -719,11 +756,13 @@ def _dq_producer(refs, sm: _DqSmem, *, st: _Static):
 
 
 def _dq_kernel(*refs, st: _Static):
+    bs = st.block_sizes
     names = ["q", "k", "v", "do", "lse", "delta"]
     names += ["q_seg", "kv_seg"] if st.has_segments else []
-    refs = dict(zip(names + ["dq"], refs))
+    names += ["o"] if bs.delta_in_dq_kernel else []
+    outputs = ["dq", "delta_out"] if bs.delta_in_dq_kernel else ["dq"]
+    refs = dict(zip(names + outputs, refs))
     plgpu = _plgpu()
-    bs = st.block_sizes
     dtype, H = refs["q"].dtype, st.head_dim
     rows, bk, depth = bs.block_q_dq // NUM_CONSUMERS, bs.block_k_dq, bs.num_stages_dq
     tiled = _scratch_tiles(dtype, H)
@@ -735,13 +774,17 @@ def _dq_kernel(*refs, st: _Static):
         "delta": plgpu.SMEM((NUM_CONSUMERS, rows), jnp.float32),
         "k": plgpu.SMEM((depth, bk, H), dtype, transforms=tiled),
         "v": plgpu.SMEM((depth, bk, H), dtype, transforms=tiled),
-        "q_ready": plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=NUM_CONSUMERS),
+        # TMA copies completing on each: Q, dO, lse, delta (+ O, + q ids)
+        "q_ready": plgpu.Barrier(num_arrivals=4 + seg + bs.delta_in_dq_kernel,
+                                 num_barriers=NUM_CONSUMERS),
         "ready": plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=depth),
         "free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * depth),
     }
     if seg:
         scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((depth, bk), jnp.int32)
+    if bs.delta_in_dq_kernel:
+        scratch["o"] = plgpu.SMEM((NUM_CONSUMERS, rows, H), dtype, transforms=tiled)
 
     _warp_specialised(scratch, _DqSmem, _dq_consumer, _dq_producer, refs, st)
 
@@ -754,6 +797,8 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     B, T, N, _ = q.shape
     _, S, K, _ = k.shape
     bs = st.block_sizes
+    if bs.delta_in_dq_kernel and not bs.fused_dq:
+        return _bwd_delta_in_dq_kernel(q, k, v, out, lse, d_out, d_lse, segment_ids, st)
     # delta_i = rowsum(dO * O) (FA-2 Alg. 2 line 4); a cotangent on lse adds P * dlse to dS,
     # the same as subtracting it from delta. Rows that see no key: lse * log2(e) = +inf, so
     # that P = exp2(score - inf) = 0 on every tile, and delta = 0.
@@ -785,6 +830,35 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
         functools.partial(_dq_kernel, st=st), jax.ShapeDtypeStruct(q.shape, q.dtype),
         operands, grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"),
         st=st, name="flash_attention_dq_mgpu")
+    return dq, dk, dv
+
+
+def _bwd_delta_in_dq_kernel(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
+    """The two kernels, the dQ kernel first: it computes delta (see
+    MosaicBackwardBlockSizes.delta_in_dq_kernel) and the dK/dV kernel reads it."""
+    B, T, N, _ = q.shape
+    _, S, K, _ = k.shape
+    bs = st.block_sizes
+    # Rows that see no key: lse * log2(e) = +inf, so P = 0 on every tile and their delta
+    # (finite: O = 0 there) multiplies only zeros.
+    empty = jnp.isneginf(lse)
+    lse2 = jnp.where(empty, jnp.inf, lse.astype(jnp.float32) * LOG2E)
+    minus_dlse = jnp.zeros((B, N, T), jnp.float32) if d_lse is None else \
+        jnp.where(empty, 0.0, -d_lse.astype(jnp.float32))
+    d_out = d_out.astype(q.dtype)
+    segments = tuple(segment_ids or ())
+    dq, delta = _launch(
+        functools.partial(_dq_kernel, st=st),
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+        (q, k, v, d_out, lse2, minus_dlse, *segments, out.astype(q.dtype)),
+        grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"), st=st,
+        name="flash_attention_dq_mgpu")
+    dk, dv = _launch(
+        functools.partial(_dkv_kernel, st=st),
+        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        (q, k, v, d_out, lse2, delta, *segments),
+        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
+        name="flash_attention_dkdv_mgpu")
     return dq, dk, dv
 
 

@@ -213,6 +213,19 @@ def test_fused_dq_refuses_tiles_it_cannot_split():
 
 
 @interpret_only
+@pytest.mark.parametrize("in_kernel", [False, True], ids=["delta by XLA", "delta in dQ"])
+def test_interpret_mode_delta_either_way(in_kernel):
+    """delta = rowsum(dO * O) - dlse computed by XLA before both kernels, or by the dQ
+    kernel (run first) for the dK/dV kernel: the same gradients, dlse included."""
+    bs = MosaicBackwardBlockSizes(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2,
+                                  num_stages_dq=2, delta_in_dq_kernel=in_kernel)
+    assert bs.smem_bytes_dq(64, 2) - MosaicBackwardBlockSizes(
+        block_k_dq=128, num_stages_dq=2).smem_bytes_dq(64, 2) == (128 * 64 * 2 if in_kernel
+                                                                    else 0)
+    _check(1, 256, 128, 2, 1, 64, causal=True, softcap=3.0, interpret=True, block_sizes=bs)
+
+
+@interpret_only
 def test_interpret_mode_negative_scale():
     _check(1, 128, 128, 2, 1, 64, causal=True, scale=-0.1, interpret=True)
 
