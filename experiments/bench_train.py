@@ -70,8 +70,9 @@ def bench(config, seq_len: int, batch_size: int, grad_accum: int, steps: int,
             for _ in range(TRACED_STEPS):
                 state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
-        traced["trace"] = trace_kernels.summary(trace_kernels.kernel_times(trace_dir),
-                                                steps=TRACED_STEPS)
+        traced["trace"] = trace_kernels.summary(
+            trace_kernels.kernel_times(trace_dir), steps=TRACED_STEPS,
+            idle=trace_kernels.idle_before(trace_dir))
     return {**traced, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
             "mfu": (flops / seconds / peak) if peak else None, "params": n_params,
             "loss": float(metrics["loss"])}

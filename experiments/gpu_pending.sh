@@ -38,6 +38,9 @@
 #                                              #   then it against the two kernels and cuDNN
 #   bash experiments/gpu_pending.sh delta      # H100: delta computed in the dQ kernel (H = 64):
 #                                              #   GPU tests, backward variants, the train step
+#   bash experiments/gpu_pending.sh idle       # H100: the train step traced with cuDNN, the
+#                                              #   Mosaic pair, Mosaic + Triton, Triton: which
+#                                              #   kernels the GPU sits idle before
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -171,6 +174,10 @@ for step in "$@"; do
       timeout 300 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
         --trace /tmp/train_trace --out "$OUT/train_delta.json" 2>&1 \
         | tee "$OUT/bench_train_delta.txt" | grep -E "ms/step|GPU kernels|attention  " ;;
+    idle)
+      timeout 560 python3 experiments/bench_train.py --impls cudnn,default,pallas_mosaic,pallas \
+        --unpacked --trace /tmp/train_trace --out "$OUT/train_idle.json" 2>&1 \
+        | tee "$OUT/bench_train_idle.txt" | grep -E "ms/step|GPU kernels|attention  |idle" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -29,12 +29,26 @@ def _trace_file(trace_dir) -> pathlib.Path:
     return files[-1]
 
 
+def _events(trace_dir) -> list:
+    with gzip.open(_trace_file(trace_dir), "rt") as f:
+        events = json.load(f)
+    return events["traceEvents"] if isinstance(events, dict) else events
+
+
 def kernel_times(trace_dir) -> dict[str, float]:
     """{kernel name: total microseconds} over the GPU device tracks of the newest trace in
     trace_dir (empty when the trace has no GPU track, e.g. on a CPU)."""
-    with gzip.open(_trace_file(trace_dir), "rt") as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
+    return _kernel_stats(_events(trace_dir))[0]
+
+
+def idle_before(trace_dir) -> dict[str, float]:
+    """{kernel name: total microseconds that its GPU track sat idle just before it ran}: the
+    gaps between one kernel's end and the next one's start on the same stream, each charged
+    to the kernel that ends it (launch latency, host work, waits on other streams)."""
+    return _kernel_stats(_events(trace_dir))[1]
+
+
+def _kernel_stats(events) -> tuple[dict[str, float], dict[str, float]]:
     gpu_pids = {e["pid"] for e in events
                 if e.get("ph") == "M" and e.get("name") == "process_name"
                 and re.search(r"GPU|gpu", str(e.get("args", {}).get("name", "")))}
@@ -43,18 +57,35 @@ def kernel_times(trace_dir) -> dict[str, float]:
                         if e.get("ph") == "M" and e.get("name") == "process_name"})
         print(f"trace_kernels: no GPU track in the trace; processes: {names[:10]}")
     totals: dict[str, float] = collections.defaultdict(float)
+    idle: dict[str, float] = collections.defaultdict(float)
+    tracks = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             totals[e.get("name", "?")] += float(e.get("dur", 0.0))
-    return dict(totals)
+            tracks[(e["pid"], e.get("tid"))].append(e)
+    for track in tracks.values():
+        track.sort(key=lambda e: float(e.get("ts", 0.0)))
+        for before, after in zip(track, track[1:]):
+            gap = float(after.get("ts", 0.0)) - float(before.get("ts", 0.0)) - \
+                float(before.get("dur", 0.0))
+            if gap > 0:
+                idle[after.get("name", "?")] += gap
+    return dict(totals), dict(idle)
 
 
-def summary(times: dict[str, float], *, steps: int = 1, top: int = 15) -> dict:
-    """Per-step totals: all kernels, the attention kernels, and the `top` longest names."""
+def summary(times: dict[str, float], *, steps: int = 1, top: int = 15,
+            idle: dict[str, float] | None = None) -> dict:
+    """Per-step totals: all kernels, the attention kernels, and the `top` longest names;
+    with `idle` (idle_before), the idle GPU time per step and the kernels most waited for."""
     total = sum(times.values()) / steps
     attention = {n: t / steps for n, t in times.items() if ATTENTION.search(n)}
     ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
-    return {"kernel_ms_per_step": total / 1e3,
+    extra = {}
+    if idle is not None:
+        extra = {"idle_ms_per_step": sum(idle.values()) / steps / 1e3,
+                 "idle_before_ms": {n: t / steps / 1e3 for n, t in sorted(
+                     idle.items(), key=lambda kv: -kv[1])[:top]}}
+    return {**extra, "kernel_ms_per_step": total / 1e3,
             "attention_ms_per_step": sum(attention.values()) / 1e3,
             "attention_kernels_ms": {n: t / 1e3 for n, t in sorted(
                 attention.items(), key=lambda kv: -kv[1])},
@@ -68,6 +99,10 @@ def print_summary(label: str, s: dict) -> None:
         print(f"    attention  {ms:8.3f} ms  {name[:90]}")
     for name, ms in s["top_kernels_ms"].items():
         print(f"    top        {ms:8.3f} ms  {name[:90]}")
+    if "idle_ms_per_step" in s:
+        print(f"  idle GPU time between kernels: {s['idle_ms_per_step']:.2f} ms/step; before:")
+        for name, ms in s["idle_before_ms"].items():
+            print(f"    idle       {ms:8.3f} ms  {name[:90]}")
 
 
 def main(argv=None):
@@ -75,7 +110,8 @@ def main(argv=None):
     p.add_argument("trace_dir")
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds")
     args = p.parse_args(argv)
-    s = summary(kernel_times(args.trace_dir), steps=args.steps)
+    s = summary(kernel_times(args.trace_dir), steps=args.steps,
+                idle=idle_before(args.trace_dir))
     print_summary(args.trace_dir, s)
     return s
 

@@ -123,10 +123,12 @@ def test_trace_kernels_sums_gpu_tracks_by_name(tmp_path):
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-        {"ph": "X", "pid": 1, "name": "flash_attention_fwd_mgpu", "dur": 400.0},
-        {"ph": "X", "pid": 1, "name": "flash_attention_fwd_mgpu", "dur": 600.0},
-        {"ph": "X", "pid": 1, "name": "gemm_fusion", "dur": 3000.0},
-        {"ph": "X", "pid": 2, "name": "gemm_fusion", "dur": 9999.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "flash_attention_fwd_mgpu", "ts": 0.0,
+         "dur": 400.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm_fusion", "ts": 450.0, "dur": 3000.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "flash_attention_fwd_mgpu", "ts": 3460.0,
+         "dur": 600.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "gemm_fusion", "ts": 0.0, "dur": 9999.0},
     ]
     run = tmp_path / "plugins" / "profile" / "run1"
     run.mkdir(parents=True)
@@ -134,8 +136,10 @@ def test_trace_kernels_sums_gpu_tracks_by_name(tmp_path):
         json.dump({"traceEvents": events}, f)
     times = trace_kernels.kernel_times(tmp_path)
     assert times == {"flash_attention_fwd_mgpu": 1000.0, "gemm_fusion": 3000.0}
-    s = trace_kernels.summary(times, steps=2)
+    s = trace_kernels.summary(times, steps=2, idle=trace_kernels.idle_before(tmp_path))
     assert s["kernel_ms_per_step"] == 2.0 and s["attention_ms_per_step"] == 0.5
+    # idle: 50 us before the gemm, 10 us before the second attention kernel
+    assert s["idle_before_ms"] == {"gemm_fusion": 0.025, "flash_attention_fwd_mgpu": 0.005}
 
 
 def test_bench_serving_tiny_writes_json(tmp_path):
