@@ -36,7 +36,7 @@
 #                                              #   decode (pages in order) on b1 x 32768
 #   bash experiments/gpu_pending.sh fused_bwd  # H100: the fused backward's GPU tests (a few),
 #                                              #   then it against the two kernels and cuDNN
-#   bash experiments/gpu_pending.sh delta      # H100: delta computed in the dQ kernel (H = 64):
+#   bash experiments/gpu_pending.sh delta      # H100: delta in the dQ kernel or by XLA (H = 64):
 #                                              #   GPU tests, backward variants, the train step
 #   bash experiments/gpu_pending.sh idle       # H100: the train step traced with cuDNN, the
 #                                              #   Mosaic pair, Mosaic + Triton, Triton: which
@@ -169,7 +169,7 @@ for step in "$@"; do
         tests/test_attention_mgpu_bwd.py -k "gpu_matches and (2-1024-1024-4-1-64 or 1-1024-512-4-2-64)" \
         2>&1 | tee "$OUT/delta_tests.txt" | tail -6
       timeout 110 python3 experiments/mgpu_bwd_check.py --configs "train step" \
-        --variants "delta in xla" --out "$OUT/delta_check.json" 2>&1 | grep -v "^wrote" \
+        --variants "delta in dq" --out "$OUT/delta_check.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/delta_check.txt" | tail -4
       timeout 300 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
         --trace /tmp/train_trace --out "$OUT/train_delta.json" 2>&1 \

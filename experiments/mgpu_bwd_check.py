@@ -50,14 +50,14 @@ VARIANTS = {
                          consumer_registers=232, producer_registers=40),
     },
     # Around the session 7 default (128-query dK/dV steps with 4 stages, 128-key dQ steps
-    # with 3, delta computed in the dQ kernel).
+    # with 3).
     64: {
         "session 5 tiles": B(block_q_dkv=64, block_k_dq=64, num_stages_dkv=3, num_stages_dq=3),
         "session 6 tiles": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=3,
                              num_stages_dq=3),
-        "delta in xla": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=3),
-        "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=4,
-                    delta_in_dq_kernel=True),
+        "delta in dq kernel": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4,
+                                num_stages_dq=3, delta_in_dq_kernel=True),
+        "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=4),
         # One kernel, dQ through TMA reduce-add (session 7): the consumers split the rows.
         "fused": B(block_q_dkv=128, num_stages_dkv=2, fused_dq=True),
     },

@@ -110,7 +110,10 @@ class MosaicBackwardBlockSizes:
         and writes delta out for the dK/dV kernel. This saves the separate XLA pass over
         dO and O (2 x B T N H elements read, a launch per layer). It needs the O tile's
         shared memory (block_q_dq x H) on top of the dQ kernel's; with fused_dq there is
-        no dQ kernel and XLA computes delta.
+        no dQ kernel and XLA computes delta. Off by default: on an H100 the backward with
+        it ran at 314 TFLOP/s against 323 without (train step shape, same process, XLA's
+        delta pass included), because each dQ CTA now waits for O and the row sums
+        before its first step (BENCHMARKS.md, session 7).
     """
 
     block_q_dkv: int = 64
@@ -182,11 +185,8 @@ class MosaicBackwardBlockSizes:
         three (cuDNN's backward: 263)."""
         del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
-        # delta in the dQ kernel where its O tile fits (H = 64; at H = 128 the kernel's
-        # shared memory is full); session 7, not yet timed on its own
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
-                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
-                   delta_in_dq_kernel=small)
+                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2)
 
 
 # ----------------------------------------------------------------------------- shared math
