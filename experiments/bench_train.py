@@ -147,6 +147,11 @@ def main(argv=None) -> dict:
         if "trace" in r:
             trace_kernels.print_summary(f"  {name} kernels (traced)", r["trace"])
         write_results(args.out, rows, matmul_ceiling_tflops=ceiling)  # a cut run keeps these
+    traced = [r for r in rows if "trace" in r]
+    for r in traced[1:]:  # which kernels differ from the first implementation's step
+        print(f"  kernels of {r['impl']} minus {traced[0]['impl']} (ms per step):")
+        for name, ms in trace_kernels.diff(traced[0]["trace"], r["trace"]).items():
+            print(f"    {ms:+8.3f}  {name[:100]}")
     return write_results(args.out, rows, matmul_ceiling_tflops=ceiling)
 
 

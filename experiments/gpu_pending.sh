@@ -41,6 +41,8 @@
 #   bash experiments/gpu_pending.sh idle       # H100: the train step traced with cuDNN, the
 #                                              #   Mosaic pair, Mosaic + Triton, Triton: which
 #                                              #   kernels the GPU sits idle before
+#   bash experiments/gpu_pending.sh kernel_diff  # H100: the train step traced with cuDNN and
+#                                              #   with ours: every kernel whose time differs
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -178,6 +180,10 @@ for step in "$@"; do
       timeout 560 python3 experiments/bench_train.py --impls cudnn,default,pallas_mosaic,pallas \
         --unpacked --trace /tmp/train_trace --out "$OUT/train_idle.json" 2>&1 \
         | tee "$OUT/bench_train_idle.txt" | grep -E "ms/step|GPU kernels|attention  |idle" ;;
+    kernel_diff)
+      timeout 400 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
+        --trace /tmp/train_trace --out "$OUT/train_diff.json" 2>&1 \
+        | tee "$OUT/bench_train_diff.txt" | grep -E "ms/step|GPU kernels|minus|^    [+-]" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

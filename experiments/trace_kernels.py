@@ -85,11 +85,23 @@ def summary(times: dict[str, float], *, steps: int = 1, top: int = 15,
         extra = {"idle_ms_per_step": sum(idle.values()) / steps / 1e3,
                  "idle_before_ms": {n: t / steps / 1e3 for n, t in sorted(
                      idle.items(), key=lambda kv: -kv[1])[:top]}}
+    extra["all_kernels_ms"] = {n: t / steps / 1e3 for n, t in sorted(
+        times.items(), key=lambda kv: -kv[1])}
     return {**extra, "kernel_ms_per_step": total / 1e3,
             "attention_ms_per_step": sum(attention.values()) / 1e3,
             "attention_kernels_ms": {n: t / 1e3 for n, t in sorted(
                 attention.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {n: t / steps / 1e3 for n, t in ranked}}
+
+
+def diff(base: dict, other: dict, *, threshold_ms: float = 0.03) -> dict[str, float]:
+    """Per-step kernel time of `other` minus `base` (two summaries), by kernel name, where
+    it differs by more than threshold_ms: the kernels one program runs and the other does
+    not, or runs slower."""
+    a, b = base["all_kernels_ms"], other["all_kernels_ms"]
+    delta = {n: b.get(n, 0.0) - a.get(n, 0.0) for n in set(a) | set(b)}
+    return dict(sorted(((n, d) for n, d in delta.items() if abs(d) > threshold_ms),
+                       key=lambda kv: -abs(kv[1])))
 
 
 def print_summary(label: str, s: dict) -> None:

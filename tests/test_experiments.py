@@ -140,6 +140,9 @@ def test_trace_kernels_sums_gpu_tracks_by_name(tmp_path):
     assert s["kernel_ms_per_step"] == 2.0 and s["attention_ms_per_step"] == 0.5
     # idle: 50 us before the gemm, 10 us before the second attention kernel
     assert s["idle_before_ms"] == {"gemm_fusion": 0.025, "flash_attention_fwd_mgpu": 0.005}
+    other = trace_kernels.summary({"gemm_fusion": 3000.0, "transpose": 200.0}, steps=2)
+    assert trace_kernels.diff(s, other) == {"flash_attention_fwd_mgpu": -0.5,
+                                            "transpose": 0.1}
 
 
 def test_bench_serving_tiny_writes_json(tmp_path):
