@@ -354,31 +354,27 @@ def _scratch_tiles(dtype, head_dim):
             plgpu.SwizzleTransform(swizzle))
 
 
-def _launch(kernel, out_types, operands, *, grid, grid_names, st: _Static, name):
+def _launch(kernel, out_types, operands, *, grid, grid_names, st: _Static, name,
+            with_refs: bool = False):
+    """Runs `kernel` on the warp-specialised mesh. with_refs: some operands are mutable
+    array Refs (the fused backward's dQ accumulator), which plgpu.kernel's vmap wrapper
+    refuses: the call then goes through pl.kernel."""
     plgpu = _plgpu()
     kwargs = {}
     if st.interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
-    call = _kernel_call(
-        plgpu, kernel, out_types, grid=grid, grid_names=grid_names,
-        num_threads=NUM_CONSUMERS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), name=name, **kwargs)
-    return call(*operands)
-
-
-def _launch_with_refs(kernel, out_types, operands, *, grid, grid_names, st: _Static, name):
-    """_launch through pl.kernel, which (unlike plgpu.kernel, whose vmap wrapper refuses
-    them) takes mutable array Refs among the operands: the fused backward's dQ accumulator."""
-    plgpu = _plgpu()
-    kwargs = {}
-    if st.interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams()
-    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=NUM_CONSUMERS + 1,
-                      thread_name="wg")
-    call = pl.kernel(kernel, out_type=out_types, mesh=mesh, name=name,
-                     compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
+    params = plgpu.CompilerParams(approx_math=True)
+    if with_refs:
+        mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=NUM_CONSUMERS + 1,
+                          thread_name="wg")
+        call = pl.kernel(kernel, out_type=out_types, mesh=mesh, name=name,
+                         compiler_params=params, **kwargs)
+    else:
+        call = _kernel_call(
+            plgpu, kernel, out_types, grid=grid, grid_names=grid_names,
+            num_threads=NUM_CONSUMERS + 1, thread_name="wg", compiler_params=params,
+            name=name, **kwargs)
     return call(*operands)
 
 
@@ -581,10 +577,7 @@ def _warp_specialised(scratch, smem_type, consumer, producer, refs, st: _Static)
     plgpu, bs = _plgpu(), st.block_sizes
 
     def body(**buffers):
-        defaults = {"kv_seg": None, "q_seg": None}
-        if smem_type is _DqSmem:
-            defaults["o"] = None
-        sm = smem_type(**{**defaults, **buffers})
+        sm = smem_type(**{"kv_seg": None, "q_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < NUM_CONSUMERS)
@@ -646,7 +639,6 @@ def _dkv_kernel(*refs, st: _Static):
 class _DqSmem(NamedTuple):
     q: Any  # [2, rows, H]: each consumer's Q rows, then its dQ
     do: Any  # [2, rows, H]
-    o: Any  # [2, rows, H] with delta_in_dq_kernel, else None
     lse: Any  # [2, rows] f32 (log2 domain)
     delta: Any  # [2, rows] f32
     q_seg: Any  # [2, rows] int32 or None
@@ -656,6 +648,7 @@ class _DqSmem(NamedTuple):
     q_ready: Any  # [consumer]
     ready: Any  # [stage]
     free: Any  # [consumer * num_stages + stage]
+    o: Any = None  # [2, rows, H] with delta_in_dq_kernel
 
 
 def _dq_cta_start(st: _Static):
@@ -813,19 +806,18 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     if bs.fused_dq:  # one kernel; dQ comes out of the f32 accumulator it adds into
         num_kv_tiles = S // bs.block_k_dkv
         acc = _zeros_ref(((num_kv_tiles,) if st.interpret else ()) + q.shape)
-        dk, dv = _launch_with_refs(
+        dk, dv = _launch(
             functools.partial(_dkv_kernel, st=st), kv_types, (*operands, acc),
             grid=(num_kv_tiles, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
-            name="flash_attention_bwd_fused_mgpu")
+            name="flash_attention_bwd_fused_mgpu", with_refs=True)
         dq = acc[...]
         if st.interpret:
             dq = dq.sum(axis=0)
         return dq.astype(q.dtype), dk, dv
     dk, dv = _launch(
-        functools.partial(_dkv_kernel, st=st),
-        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        operands, grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"),
-        st=st, name="flash_attention_dkdv_mgpu")
+        functools.partial(_dkv_kernel, st=st), kv_types, operands,
+        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
+        name="flash_attention_dkdv_mgpu")
     dq = _launch(
         functools.partial(_dq_kernel, st=st), jax.ShapeDtypeStruct(q.shape, q.dtype),
         operands, grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"),
