@@ -43,6 +43,8 @@
 #                                              #   kernels the GPU sits idle before
 #   bash experiments/gpu_pending.sh kernel_diff  # H100: the train step traced with cuDNN and
 #                                              #   with ours: every kernel whose time differs
+#   bash experiments/gpu_pending.sh decode_trace  # H100: every GPU kernel of one decode call,
+#                                              #   contiguous and paged, from a profiler trace
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -184,6 +186,9 @@ for step in "$@"; do
       timeout 400 python3 experiments/bench_train.py --impls cudnn,default --unpacked \
         --trace /tmp/train_trace --out "$OUT/train_diff.json" 2>&1 \
         | tee "$OUT/bench_train_diff.txt" | grep -E "ms/step|GPU kernels|minus|^    [+-]" ;;
+    decode_trace)
+      timeout 200 python3 experiments/profile_decode.py --trace /tmp/decode_trace 2>&1 \
+        | tee "$OUT/decode_trace.txt" | grep -v "^wrote" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

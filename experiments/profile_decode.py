@@ -5,6 +5,7 @@ Question: how much of the paged kernel's gap to the contiguous one is the order 
 in the pool (DRAM / TLB locality), and how much the kernel's gathered tile?
 Run on the GPU machine (PYTHONPATH=.):
     python experiments/profile_decode.py --time            # GB/s of each variant, one process
+    python experiments/profile_decode.py --trace DIR       # every GPU kernel of one call
     XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none \\
         -k regex:decode_attention python experiments/profile_decode.py --once \\
         --rows 1x32768                                     # each variant's kernel, warm
@@ -27,10 +28,12 @@ import jax
 import jax.numpy as jnp
 
 import fastattn
+from experiments import trace_kernels
 from experiments.bench_attention import rel_err, time_fn
 from experiments.bench_decode import PAGE_SIZE, REPEATS, _decode_problem
 
 ROWS = [(1, 32768), (16, 4096)]
+TRACED_CALLS = 20
 TINY_ROWS = [(1, 128)]  # 8 pages: runs of 4 still move
 VARIANTS = {  # name -> pages shuffled in runs of this many (None: the contiguous cache)
     "contiguous": None,
@@ -80,12 +83,15 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a small row, interpret mode (CPU)")
     p.add_argument("--rows", default="", help="only these B x S rows, e.g. 1x32768")
     p.add_argument("--variants", default="", help="only these variants, comma separated")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help=f"also run each variant {TRACED_CALLS} times under the JAX profiler "
+                        "and print every GPU kernel's time per call (trace_kernels)")
     args = p.parse_args(argv)
     rows = TINY_ROWS if args.tiny else ROWS
     if args.rows:
         rows = [tuple(int(x) for x in r.split("x")) for r in args.rows.split(",")]
     keep = set(args.variants.split(",")) if args.variants else set(VARIANTS)
-    results = {}
+    results, traces = {}, {}  # GB/s, and with --trace the kernel summaries, per (B, S, name)
     for B, S in rows:
         q, k, v, lengths, kv_bytes, _ = _decode_problem(B, S)
         fns = {n: f for n, f in _fns(k, v, seed=B + S).items() if n in keep | {"contiguous"}}
@@ -99,6 +105,21 @@ def main(argv=None):
         if args.once:  # the profiled launches: every variant once more, warm
             for fn in fns.values():
                 jax.block_until_ready(fn(q, k, v, lengths))
+        if args.trace:
+            for name, fn in fns.items():
+                where = f"{args.trace}/b{B}_{S}_{name.replace(' ', '_')}"
+                with jax.profiler.trace(where, create_perfetto_trace=True):
+                    for _ in range(TRACED_CALLS):
+                        out = fn(q, k, v, lengths)
+                    jax.block_until_ready(out)
+                summary = trace_kernels.summary(trace_kernels.kernel_times(where),
+                                                steps=TRACED_CALLS,
+                                                idle=trace_kernels.idle_before(where))
+                traces[(B, S, name)] = summary
+                print(f"b{B} kv{S} {name}: kernels {1e3 * summary['kernel_ms_per_step']:.1f} "
+                      f"us per call, idle between them {1e3 * summary['idle_ms_per_step']:.1f}")
+                for kernel, ms in summary["all_kernels_ms"].items():
+                    print(f"    {1e3 * ms:8.2f} us  {kernel[:90]}")
         if args.time or args.tiny:
             for name, fn in fns.items():
                 ms = time_fn(fn, q, k, v, lengths, min_time=0.1,
@@ -107,7 +128,7 @@ def main(argv=None):
                 results[(B, S, name)] = kv_bytes / ms / 1e6
                 print(f"b{B} kv{S} {name:22s} {ms * 1e3:8.1f} us {results[(B, S, name)]:7.0f} "
                       f"GB/s", flush=True)
-    return results
+    return {"gbps": results, "traces": traces}
 
 
 if __name__ == "__main__":

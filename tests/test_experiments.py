@@ -65,14 +65,19 @@ def test_bench_decode_tiny_prefetch_sweep_times_both_ways(capsys):
     assert "fastattn_ragged[prefetch]:" in out and "x the split's speed" in out
 
 
-def test_profile_decode_tiny_times_every_variant():
+def test_profile_decode_tiny_times_and_traces_the_variants(tmp_path):
     """experiments/profile_decode.py --tiny: each variant reads the same keys (checked
     inside against the contiguous kernel) and gets a bandwidth."""
     from experiments import profile_decode
 
-    results = profile_decode.main(["--tiny"])
-    assert {name for _, _, name in results} == set(profile_decode.VARIANTS)
-    assert all(gbps > 0 for gbps in results.values())
+    results = profile_decode.main(["--tiny", "--variants", "paged in order",
+                                   "--trace", str(tmp_path / "tr")])
+    gbps = results["gbps"]
+    assert {name for _, _, name in gbps} == {"contiguous", "paged in order"}
+    assert all(value > 0 for value in gbps.values())
+    # one trace summary per variant (a CPU has no GPU track: the kernel table is empty)
+    assert set(results["traces"]) == set(gbps)
+    assert all("idle_ms_per_step" in t for t in results["traces"].values())
 
 
 def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
