@@ -45,6 +45,8 @@
 #                                              #   with ours: every kernel whose time differs
 #   bash experiments/gpu_pending.sh decode_trace  # H100: every GPU kernel of one decode call,
 #                                              #   contiguous and paged, from a profiler trace
+#   bash experiments/gpu_pending.sh fwd64      # H100: the forward's H = 64 variants on both
+#                                              #   H = 64 configs
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -189,6 +191,9 @@ for step in "$@"; do
     decode_trace)
       timeout 200 python3 experiments/profile_decode.py --trace /tmp/decode_trace 2>&1 \
         | tee "$OUT/decode_trace.txt" | grep -v "^wrote" ;;
+    fwd64)
+      timeout 250 python3 experiments/mgpu_check.py --configs d64 \
+        --out "$OUT/mgpu_check_d64.json" 2>&1 | tee "$OUT/mgpu_check_d64.txt" | tail -16 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -58,10 +58,15 @@ VARIANTS = {
         "regs 232/40": MosaicBlockSizes(block_k=128, num_stages=2, consumer_registers=232,
                                         producer_registers=40),
     },
+    # Around the session 7 default (256-query tiles of 64-key steps, 4 stages).
     64: {
-        "bk128 st2": MosaicBlockSizes(block_k=128, num_stages=2),
-        "bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4),
-        "bk256 st2": MosaicBlockSizes(block_k=256, num_stages=2),
+        "bq128 bk128 st4": MosaicBlockSizes(block_k=128, num_stages=4),
+        "bq128 bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4),
+        "bq256 bk64 st2": MosaicBlockSizes(block_q=256, block_k=64, num_stages=2),
+        "bq256 bk64 st6": MosaicBlockSizes(block_q=256, block_k=64, num_stages=6),
+        "bq256 bk64 regs 232/40": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
+                                                   consumer_registers=232,
+                                                   producer_registers=40),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
