@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments import attention_check, bench_attention
 
 
@@ -78,6 +80,8 @@ def test_profile_decode_tiny_times_and_traces_the_variants(tmp_path):
     # one trace summary per variant (a CPU has no GPU track: the kernel table is empty)
     assert set(results["traces"]) == set(gbps)
     assert all("idle_ms_per_step" in t for t in results["traces"].values())
+    with pytest.raises(ValueError, match="--variants: unknown"):
+        profile_decode.main(["--tiny", "--variants", "paged shuffled"])
 
 
 def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
