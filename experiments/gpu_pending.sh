@@ -47,6 +47,8 @@
 #                                              #   contiguous and paged, from a profiler trace
 #   bash experiments/gpu_pending.sh fwd64      # H100: the forward's H = 64 variants on both
 #                                              #   H = 64 configs
+#   bash experiments/gpu_pending.sh fwd_context  # H100: the H = 64 forward alone and after
+#                                              #   the step's matmuls, ours and cuDNN's
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -194,6 +196,9 @@ for step in "$@"; do
     fwd64)
       timeout 250 python3 experiments/mgpu_check.py --configs d64 \
         --out "$OUT/mgpu_check_d64.json" 2>&1 | tee "$OUT/mgpu_check_d64.txt" | tail -16 ;;
+    fwd_context)
+      timeout 200 python3 experiments/fwd_in_context.py --out "$OUT/fwd_in_context.json" \
+        2>&1 | tee "$OUT/fwd_in_context.txt" | grep -v "^wrote" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

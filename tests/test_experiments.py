@@ -84,6 +84,17 @@ def test_profile_decode_tiny_times_and_traces_the_variants(tmp_path):
         profile_decode.main(["--tiny", "--variants", "paged shuffled"])
 
 
+def test_fwd_in_context_tiny_traces_both_contexts(tmp_path):
+    """experiments/fwd_in_context.py --tiny: both contexts run and are traced (a CPU has no
+    GPU track, so the kernel times are 0 there)."""
+    from experiments import fwd_in_context
+
+    result = fwd_in_context.main(["--tiny", "--out", str(tmp_path / "f.json")])
+    assert [(r["impl"], r["context"]) for r in result["rows"]] == [
+        ("xla", "alone"), ("xla", "after matmuls")]
+    assert json.loads((tmp_path / "f.json").read_text())["rows"] == result["rows"]
+
+
 def test_demo_tiny_trains_checkpoints_reloads_and_scores(tmp_path, capsys):
     from experiments import demo
 

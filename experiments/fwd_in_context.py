@@ -1,0 +1,89 @@
+"""Does an attention forward kernel run slower between matmuls than alone? (issue 4)
+
+Question: inside the 0.85B train step our H = 64 Mosaic forward takes 0.50 ms per layer,
+against 0.43 ms timed alone, while cuDNN's takes 0.40 in both (BENCHMARKS.md, session 7).
+Is that the step's context (the matmuls before it: clocks under load, a cold L2), or the
+step's inputs? Here each forward runs (a) alone, back to back, and (b) after the step's MLP
+matmuls, with the same inputs; a profiler trace gives each kernel's own time.
+Run (GPU): PYTHONPATH=. python experiments/fwd_in_context.py [--out FILE]
+           --tiny: a small shape in interpret mode / XLA (CPU), for the tests.
+Prints per implementation the forward kernel's us per call alone and after the matmuls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import fastattn
+from experiments import trace_kernels
+from experiments.results import write_results
+
+SHAPE = (8, 2048, 32, 8, 64)  # B, T, N, K, H of the train step's attention
+TINY_SHAPE = (1, 128, 2, 1, 64)
+MLP = (16384, 2048, 5632)  # tokens, hidden, FFN width of the step's matmuls
+TINY_MLP = (128, 64, 128)
+CALLS = 10
+
+
+def _impls(on_gpu):
+    names = ("pallas_mosaic_bwd", "cudnn") if on_gpu else ("xla",)
+    return {name: (lambda q, k, v, name=name: fastattn.attention(
+        q, k, v, causal=True, implementation=name)) for name in names}
+
+
+def _programs(attend, with_matmuls):
+    """CALLS forwards in one jitted program, each after the MLP matmuls or not. Tiny
+    dependencies chain them in order (matmuls -> forward -> next matmuls); both contexts run
+    the same elementwise ops, so only the matmuls differ."""
+    def run(q, k, v, x, w_in, w_out):
+        out = q
+        for _ in range(CALLS):
+            if with_matmuls:  # up and down projections: the step's largest matmuls
+                x = (jax.nn.silu(x @ w_in) @ w_out).astype(x.dtype)
+            out = attend(q + (x[0, :q.shape[-1]] * 1e-3).astype(q.dtype), k, v)
+            x = x + (out[0, 0, 0, 0] * 1e-3).astype(x.dtype)
+        return out, x
+    return jax.jit(run)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"),
+                                                  "fwd_in_context.json"))
+    args = p.parse_args(argv)
+    B, T, N, K, H = TINY_SHAPE if args.tiny else SHAPE
+    M, D, F = TINY_MLP if args.tiny else MLP
+    keys = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(keys[0], (B, T, N, H), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (B, T, K, H), jnp.bfloat16) for kk in keys[1:3])
+    x = jax.random.normal(keys[3], (M, D), jnp.bfloat16)
+    w_in = (jax.random.normal(keys[4], (D, F), jnp.bfloat16) / D ** 0.5).astype(jnp.bfloat16)
+    w_out = (jax.random.normal(keys[5], (F, D), jnp.bfloat16) / F ** 0.5).astype(jnp.bfloat16)
+    rows = []
+    for name, attend in _impls(jax.default_backend() == "gpu").items():
+        for context, with_matmuls in (("alone", False), ("after matmuls", True)):
+            fn = _programs(attend, with_matmuls)
+            jax.block_until_ready(fn(q, k, v, x, w_in, w_out))  # compile
+            with tempfile.TemporaryDirectory() as where:
+                with jax.profiler.trace(where, create_perfetto_trace=True):
+                    jax.block_until_ready(fn(q, k, v, x, w_in, w_out))
+                times = trace_kernels.kernel_times(where)
+            attention = {n: t for n, t in times.items() if trace_kernels.ATTENTION.search(n)}
+            row = {"impl": name, "context": context,
+                   "attention_us_per_call": sum(attention.values()) / CALLS,
+                   "kernels_us": {n: t / CALLS for n, t in attention.items()}}
+            rows.append(row)
+            print(f"{name:18s} {context:14s} attention kernels "
+                  f"{row['attention_us_per_call']:8.1f} us per call  {list(attention)[:3]}",
+                  flush=True)
+    return write_results(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
