@@ -7,7 +7,8 @@ step's inputs? Here each forward runs (a) alone, back to back, and (b) after the
 matmuls, with the same inputs; a profiler trace gives each kernel's own time.
 Run (GPU): PYTHONPATH=. python experiments/fwd_in_context.py [--out FILE]
            --tiny: a small shape in interpret mode / XLA (CPU), for the tests.
-Prints per implementation the forward kernel's us per call alone and after the matmuls.
+Prints per implementation the forward kernel's us per call alone and after the matmuls,
+and every kernel of the program (what else a call launches: casts, layout changes).
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def main(argv=None):
             attention = {n: t for n, t in times.items() if trace_kernels.ATTENTION.search(n)}
             row = {"impl": name, "context": context,
                    "attention_us_per_call": sum(attention.values()) / CALLS,
-                   "kernels_us": {n: t / CALLS for n, t in attention.items()}}
+                   "kernels_us": {n: t / CALLS for n, t in sorted(
+                       times.items(), key=lambda kv: -kv[1])}}
             rows.append(row)
             print(f"{name:18s} {context:14s} attention kernels "
-                  f"{row['attention_us_per_call']:8.1f} us per call  {list(attention)[:3]}",
+                  f"{row['attention_us_per_call']:8.1f} us per call; every kernel:",
                   flush=True)
+            for kernel, us in row["kernels_us"].items():  # the matmuls too, after them
+                print(f"    {us:8.1f} us  {kernel[:90]}")
     return write_results(args.out, rows)
 
 
