@@ -91,7 +91,7 @@ def test_fwd_in_context_tiny_traces_both_contexts(tmp_path):
 
     result = fwd_in_context.main(["--tiny", "--out", str(tmp_path / "f.json")])
     assert [(r["impl"], r["context"]) for r in result["rows"]] == [
-        ("xla", "alone"), ("xla", "after matmuls")]
+        ("xla", "alone"), ("xla", "after matmuls"), ("xla", "jitted alone")]
     assert json.loads((tmp_path / "f.json").read_text())["rows"] == result["rows"]
 
 
