@@ -53,11 +53,17 @@ RAGGED_STEP = (8, 512, 248, 2048)  # prefill chunks, new tokens per chunk, decod
 RAGGED_TINY = (2, 32, 6, 64)
 
 
-def _to_pages(k, v, *, page_size, seed):
-    """The same K/V as a shuffled page pool [K, P, page_size, H] and its block tables."""
+def _to_pages(k, v, *, page_size, seed, run=1):
+    """The same K/V as a page pool [K, P, page_size, H] and its block tables, runs of `run`
+    consecutive pages placed in a random order (run 1: every page shuffled; None: the pages
+    in sequence order)."""
     B, S, K, H = k.shape
     per_seq = S // page_size
-    perm = jax.random.permutation(jax.random.key(seed), B * per_seq)  # page of (b, i)
+    if run is None:
+        perm = jnp.arange(B * per_seq)
+    else:  # perm[i]: the pool slot of page i (sequence-major)
+        runs = jax.random.permutation(jax.random.key(seed), B * per_seq // run)
+        perm = (runs[:, None] * run + jnp.arange(run)[None, :]).reshape(-1)
     inverse = jnp.argsort(perm)
 
     def pool(x):  # [B, S, K, H] -> [K, B * per_seq, page_size, H], pages shuffled

@@ -43,13 +43,14 @@ CONFIGS = [
     # heads on 8 kv heads): where the step's last 0.9 ms to cuDNN is (BENCHMARKS.md).
     ("b8 s2048 h32/8 d64 causal (train step)", 8, 2048, 32, 64, True, 8),
 ]
+TINY = [("b1 s128 h2 d64 causal (interpret)", 1, 128, 2, 64, True)]
 
 
 def unpack(cfg):
     """(name, B, T, N, K, H, causal) of a config tuple (K = N when it names none)."""
     name, B, T, N, H, causal, *kv_heads = cfg
     return name, B, T, N, (kv_heads or [N])[0], H, causal
-TINY = [("b1 s128 h2 d64 causal (interpret)", 1, 128, 2, 64, True)]
+
 
 # Tried besides the default, per head dim (name -> MosaicBlockSizes).
 VARIANTS = {
@@ -177,7 +178,8 @@ def main(argv=None):
         rows += new
         if not (args.no_variants or args.tiny):
             peers = {impl: res for impl, res in results.items() if impl != "mgpu"}
-            for variant, bs in ((n, b) for n, b in VARIANTS.get(cfg[4], {}).items()
+            head_dim = unpack(cfg)[5]
+            for variant, bs in ((n, b) for n, b in VARIANTS.get(head_dim, {}).items()
                                 if args.variants in n):
                 rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
                                    peer_results=peers)[0]

@@ -25,52 +25,33 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 
 import fastattn
 from experiments import trace_kernels
 from experiments.bench_attention import rel_err, time_fn
-from experiments.bench_decode import PAGE_SIZE, REPEATS, _decode_problem
+from experiments.bench_decode import PAGE_SIZE, REPEATS, _decode_problem, _to_pages
 
 ROWS = [(1, 32768), (16, 4096)]
 TRACED_CALLS = 20
 TINY_ROWS = [(1, 128)]  # 8 pages: runs of 4 still move
-VARIANTS = {  # name -> pages shuffled in runs of this many (None: the contiguous cache)
-    "contiguous": None,
+CONTIGUOUS = "contiguous"
+VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or CONTIGUOUS
+    "contiguous": CONTIGUOUS,
     "paged": 1,
-    "paged in order": "in order",
+    "paged in order": None,
     "paged runs of 4": 4,
 }
-
-
-def _pool(k, v, run, *, seed):
-    """k, v [B, S, K, H] as a page pool [K, P, PAGE_SIZE, H] and block tables [B, S /
-    PAGE_SIZE]: runs of `run` consecutive pages placed in a random order ("in order": none
-    moved)."""
-    B, S, K, H = k.shape
-    per_seq = S // PAGE_SIZE
-    if run == "in order":
-        perm = jnp.arange(B * per_seq)
-    else:
-        runs = jax.random.permutation(jax.random.key(seed), B * per_seq // run)
-        perm = (runs[:, None] * run + jnp.arange(run)[None, :]).reshape(-1)
-    inverse = jnp.argsort(perm)  # perm[i]: the pool slot of page i (sequence-major)
-
-    def pool(x):
-        return x.reshape(B * per_seq, PAGE_SIZE, K, H).transpose(2, 0, 1, 3)[:, inverse]
-
-    return pool(k), pool(v), perm.reshape(B, per_seq).astype(jnp.int32)
 
 
 def _fns(k, v, seed):
     """On a CPU implementation=\"pallas\" runs the kernels in interpret mode."""
     fns = {}
     for name, run in VARIANTS.items():
-        if run is None:
+        if run == CONTIGUOUS:
             fns[name] = jax.jit(lambda q, k, v, n: fastattn.decode_attention(
                 q, k, v, n, implementation="pallas"))
         else:
-            pool = _pool(k, v, run, seed=seed)
+            pool = _to_pages(k, v, page_size=PAGE_SIZE, seed=seed, run=run)
             fns[name] = jax.jit(lambda q, k, v, n, pool=pool: fastattn.paged_attention(
                 q, *pool, n, implementation="pallas"))
     return fns
