@@ -790,67 +790,44 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     B, T, N, _ = q.shape
     _, S, K, _ = k.shape
     bs = st.block_sizes
-    if bs.delta_in_dq_kernel and not bs.fused_dq:
-        return _bwd_delta_in_dq_kernel(q, k, v, out, lse, d_out, d_lse, segment_ids, st)
     # delta_i = rowsum(dO * O) (FA-2 Alg. 2 line 4); a cotangent on lse adds P * dlse to dS,
     # the same as subtracting it from delta. Rows that see no key: lse * log2(e) = +inf, so
     # that P = exp2(score - inf) = 0 on every tile, and delta = 0.
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    if d_lse is not None:
-        delta = delta - d_lse.astype(jnp.float32)
-    empty = jnp.isneginf(lse)
-    delta = jnp.where(empty, 0.0, delta)
-    lse2 = jnp.where(empty, jnp.inf, lse.astype(jnp.float32) * LOG2E)
-    operands = (q, k, v, d_out.astype(q.dtype), lse2, delta, *(segment_ids or ()))
-    kv_types = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    if bs.fused_dq:  # one kernel; dQ comes out of the f32 accumulator it adds into
-        num_kv_tiles = S // bs.block_k_dkv
-        acc = _zeros_ref(((num_kv_tiles,) if st.interpret else ()) + q.shape)
-        dk, dv = _launch(
-            functools.partial(_dkv_kernel, st=st), kv_types, (*operands, acc),
-            grid=(num_kv_tiles, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
-            name="flash_attention_bwd_fused_mgpu", with_refs=True)
-        dq = acc[...]
-        if st.interpret:
-            dq = dq.sum(axis=0)
-        return dq.astype(q.dtype), dk, dv
-    dk, dv = _launch(
-        functools.partial(_dkv_kernel, st=st), kv_types, operands,
-        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
-        name="flash_attention_dkdv_mgpu")
-    dq = _launch(
-        functools.partial(_dq_kernel, st=st), jax.ShapeDtypeStruct(q.shape, q.dtype),
-        operands, grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"),
-        st=st, name="flash_attention_dq_mgpu")
-    return dq, dk, dv
-
-
-def _bwd_delta_in_dq_kernel(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
-    """The two kernels, the dQ kernel first: it computes delta (see
-    MosaicBackwardBlockSizes.delta_in_dq_kernel) and the dK/dV kernel reads it."""
-    B, T, N, _ = q.shape
-    _, S, K, _ = k.shape
-    bs = st.block_sizes
-    # Rows that see no key: lse * log2(e) = +inf, so P = 0 on every tile and their delta
-    # (finite: O = 0 there) multiplies only zeros.
     empty = jnp.isneginf(lse)
     lse2 = jnp.where(empty, jnp.inf, lse.astype(jnp.float32) * LOG2E)
     minus_dlse = jnp.zeros((B, N, T), jnp.float32) if d_lse is None else \
         jnp.where(empty, 0.0, -d_lse.astype(jnp.float32))
     d_out = d_out.astype(q.dtype)
     segments = tuple(segment_ids or ())
-    dq, delta = _launch(
-        functools.partial(_dq_kernel, st=st),
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
-        (q, k, v, d_out, lse2, minus_dlse, *segments, out.astype(q.dtype)),
-        grid=(T // bs.block_q_dq, B, N), grid_names=("q_tile", "batch", "head"), st=st,
-        name="flash_attention_dq_mgpu")
-    dk, dv = _launch(
-        functools.partial(_dkv_kernel, st=st),
-        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        (q, k, v, d_out, lse2, delta, *segments),
-        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st,
-        name="flash_attention_dkdv_mgpu")
+    dq_launch = functools.partial(
+        _launch, functools.partial(_dq_kernel, st=st), grid=(T // bs.block_q_dq, B, N),
+        grid_names=("q_tile", "batch", "head"), st=st, name="flash_attention_dq_mgpu")
+    dq_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    delta_in_dq_kernel = bs.delta_in_dq_kernel and not bs.fused_dq
+    if delta_in_dq_kernel:  # the dQ kernel first: it adds rowsum(dO * O) and hands delta on
+        dq, delta = dq_launch(
+            (dq_type, jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+            (q, k, v, d_out, lse2, minus_dlse, *segments, out.astype(q.dtype)))
+    else:
+        rowsum = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
+                            d_out.astype(jnp.float32))
+        delta = jnp.where(empty, 0.0, rowsum + minus_dlse)
+    operands = (q, k, v, d_out, lse2, delta, *segments)
+    kv_types = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    dkv_launch = functools.partial(
+        _launch, functools.partial(_dkv_kernel, st=st), kv_types,
+        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st)
+    if bs.fused_dq:  # one kernel; dQ comes out of the f32 accumulator it adds into
+        acc = _zeros_ref(((S // bs.block_k_dkv,) if st.interpret else ()) + q.shape)
+        dk, dv = dkv_launch((*operands, acc), name="flash_attention_bwd_fused_mgpu",
+                            with_refs=True)
+        dq = acc[...]
+        if st.interpret:
+            dq = dq.sum(axis=0)
+        return dq.astype(q.dtype), dk, dv
+    dk, dv = dkv_launch(operands, name="flash_attention_dkdv_mgpu")
+    if not delta_in_dq_kernel:
+        dq = dq_launch(dq_type, operands)
     return dq, dk, dv
 
 
