@@ -8,6 +8,7 @@ matmuls, with the same inputs, and (c) jitted on its own, one call per program, 
 benchmarks time it. A profiler trace gives each kernel's own time.
 Run (GPU): PYTHONPATH=. python experiments/fwd_in_context.py [--out FILE]
            --tiny: a small shape in interpret mode / XLA (CPU), for the tests.
+           --once: one bare forward per implementation, nothing traced (for ncu).
 Prints per implementation the forward kernel's us per call alone and after the matmuls,
 and every kernel of the program (what else a call launches: casts, layout changes).
 """
@@ -56,6 +57,8 @@ def _programs(attend, with_matmuls):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--once", action="store_true",
+                   help="run each implementation's forward once, untraced, and stop")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"),
                                                   "fwd_in_context.json"))
     args = p.parse_args(argv)
@@ -70,6 +73,10 @@ def main(argv=None):
     rows = []
     for name, attend in _impls(jax.default_backend() == "gpu").items():
         bare = jax.jit(attend)
+        if args.once:  # one launch of each kernel for a profiler that replays it
+            jax.block_until_ready(bare(q, k, v))
+            rows.append({"impl": name, "context": "once"})
+            continue
         for context in ("alone", "after matmuls", "jitted alone"):
             # "jitted alone": one call per program on the program's own parameters, as the
             # benchmarks time it (XLA then fixes the inputs' layout)

@@ -49,6 +49,10 @@
 #                                              #   H = 64 configs
 #   bash experiments/gpu_pending.sh fwd_context  # H100: the H = 64 forward alone and after
 #                                              #   the step's matmuls, ours and cuDNN's
+#   bash experiments/gpu_pending.sh fwd_ncu    # H100: ncu of our H = 64 forward and cuDNN's
+#                                              #   at the train step's shape, our SASS
+#   bash experiments/gpu_pending.sh bwd_driver # H100: a few Mosaic backward GPU tests (the
+#                                              #   one-driver refactor of session 7)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -199,6 +203,29 @@ for step in "$@"; do
     fwd_context)
       timeout 200 python3 experiments/fwd_in_context.py --out "$OUT/fwd_in_context.json" \
         2>&1 | tee "$OUT/fwd_in_context.txt" | grep -v "^wrote" ;;
+    fwd_ncu)
+      mkdir -p /tmp/mdump
+      MOSAIC_GPU_DUMP_TO=/tmp/mdump MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+        MOSAIC_GPU_DUMP_PTX=1 timeout 120 python3 experiments/fwd_in_context.py --once \
+        --out /tmp/once.json > "$OUT/fwd_dump_log.txt" 2>&1
+      ls -la /tmp/mdump | head; tar czf "$OUT/fwd_dump.tgz" -C /tmp mdump
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 ncu --clock-control none \
+        -k "regex:flash_attention_fwd|fprop" --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section InstructionStats --section Occupancy --section LaunchStats \
+        python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > "$OUT/ncu_fwd.txt" 2>&1
+      grep -E "fwd|fprop|Duration|Registers Per|Achieved Occ|Warp Cycles Per Issued|Issued Ipc|Issue Slots|Compute \(SM\)|Block Limit|Dynamic Shared" "$OUT/ncu_fwd.txt" | head -60
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 ncu --clock-control none \
+        -k "regex:flash_attention_fwd|fprop" \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active" \
+        python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > "$OUT/ncu_fwd_metrics.txt" 2>&1
+      tail -5 "$OUT/ncu_fwd_metrics.txt" ;;
+    bwd_driver)
+      timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" --durations=0 \
+        tests/test_attention_mgpu_bwd.py -k "(gpu_matches and (2-1024-1024-4-1-64 or 1-1024-1024-4-2-128-False)) or (gpu_fused and 2-1024-1024-8-2-128)" \
+        2>&1 | tee "$OUT/bwd_driver_tests.txt" | tail -12 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
