@@ -53,6 +53,9 @@
 #                                              #   at the train step's shape, our SASS
 #   bash experiments/gpu_pending.sh bwd_driver # H100: a few Mosaic backward GPU tests (the
 #                                              #   one-driver refactor of session 7)
+#   bash experiments/gpu_pending.sh fwd_sched  # H100: the forward's scheduling options
+#                                              #   (softmax under PV, no ping-pong) at H = 64
+#                                              #   and 128, with ptxas's report
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -226,6 +229,16 @@ for step in "$@"; do
       timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" --durations=0 \
         tests/test_attention_mgpu_bwd.py -k "(gpu_matches and (2-1024-1024-4-1-64 or 1-1024-1024-4-2-128-False)) or (gpu_fused and 2-1024-1024-8-2-128)" \
         2>&1 | tee "$OUT/bwd_driver_tests.txt" | tail -12 ;;
+    fwd_sched)
+      # ptxas's report (registers, spills, wgmma serialisation warnings) goes to stdout
+      MOSAIC_GPU_DUMP_PTXAS=1 timeout 330 python3 experiments/mgpu_check.py --configs "d64" \
+        --variants "overlap,pingpong,bk128 st2" --out "$OUT/mgpu_check_sched64.json" 2>&1 \
+        | grep -v "^wrote" | tee "$OUT/mgpu_check_sched64.txt" | grep -v "ptxas" | tail -16
+      timeout 200 python3 experiments/mgpu_check.py --configs "b4 s4096 h16 d128 causal" \
+        --variants "overlap,pingpong" --out "$OUT/mgpu_check_sched128.json" 2>&1 \
+        | grep -v "^wrote" | tee "$OUT/mgpu_check_sched128.txt" | tail -6
+      grep -h "C75\|Used\|spill" "$OUT/mgpu_check_sched64.txt" | sort | uniq -c \
+        | sort -rn | head -20 | tee "$OUT/ptxas_summary.txt" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

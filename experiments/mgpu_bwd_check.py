@@ -96,7 +96,7 @@ def _mosaic(causal, block_sizes, interpret):
 
 
 def run_config(cfg, *, interpret=False, with_variants=True, only=""):
-    """only: run just the variants whose name contains it."""
+    """only: run just the variants whose name contains one of its comma-separated parts."""
     name, B_, T, N, K, H, causal = unpack(cfg)
     q, k, v, out, lse, d_out = _inputs(B_, T, N, K, H, causal, interpret)
     flops = 2.5 * 4 * B_ * N * T * T * H * (0.5 if causal else 1.0)
@@ -108,7 +108,8 @@ def run_config(cfg, *, interpret=False, with_variants=True, only=""):
                          lambda: _cudnn_args(causal, q, k, v, d_out))
     runs["mosaic"] = (_mosaic(causal, None, interpret), lambda: ours)
     if with_variants and not interpret:
-        for variant, bs in ((n, b) for n, b in VARIANTS.get(H, {}).items() if only in n):
+        for variant, bs in ((n, b) for n, b in VARIANTS.get(H, {}).items()
+                            if any(part in n for part in only.split(","))):
             runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret), lambda: ours)
     rows, grads = [], {}
     for impl, (fn, make_args) in runs.items():

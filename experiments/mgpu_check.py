@@ -58,6 +58,9 @@ VARIANTS = {
         "bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4),
         "regs 232/40": MosaicBlockSizes(block_k=128, num_stages=2, consumer_registers=232,
                                         producer_registers=40),
+        # The scheduling options (session 8): the softmax under the PV product, no turns.
+        "overlap": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
+        "no-pingpong": MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages).
     64: {
@@ -68,6 +71,16 @@ VARIANTS = {
         "bq256 bk64 regs 232/40": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
                                                    consumer_registers=232,
                                                    producer_registers=40),
+        "bq256 bk128 st2": MosaicBlockSizes(block_q=256, block_k=128, num_stages=2),
+        # The scheduling options (session 8), on the default tiles and on 64 x 128 ones.
+        "overlap bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
+                                                   overlap_softmax=True),
+        "no-pingpong bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64,
+                                                       num_stages=4, pingpong=False),
+        "overlap no-pingpong bq256 bk64 st4": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True),
+        "overlap bq128 bk128 st4": MosaicBlockSizes(block_k=128, num_stages=4,
+                                                    overlap_softmax=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
@@ -157,7 +170,8 @@ def parse_args(argv, doc: str, json_name: str):
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--configs", default="", help="keep configs whose name contains this")
     p.add_argument("--no-variants", action="store_true", help="default block sizes only")
-    p.add_argument("--variants", default="", help="only the variants whose name has this")
+    p.add_argument("--variants", default="",
+                   help="only the variants whose name has one of these (comma-separated)")
     p.add_argument("--tiny", action="store_true", help="one small config, interpret mode (CPU)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), json_name))
     return p.parse_args(argv)
@@ -179,11 +193,13 @@ def main(argv=None):
         if not (args.no_variants or args.tiny):
             peers = {impl: res for impl, res in results.items() if impl != "mgpu"}
             head_dim = unpack(cfg)[5]
+            wanted = args.variants.split(",")  # any of these substrings ("" keeps all)
             for variant, bs in ((n, b) for n, b in VARIANTS.get(head_dim, {}).items()
-                                if args.variants in n):
+                                if any(w in n for w in wanted)):
                 rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
                                    peer_results=peers)[0]
         del results
+        write_results(args.out, rows)  # after every config: a cut run keeps what it did
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return write_results(args.out, rows)

@@ -125,6 +125,12 @@ class MosaicBlockSizes:
         an SM, so 2 * consumer + producer <= 512. 240/24 (FA-3's split) measured 487 vs 457
         TFLOP/s for 232/40 at B4 T4096 N16 H128 causal on an H100, the same elsewhere
         (experiments/mgpu_check.py, one run each).
+    pingpong: the consumers take turns issuing their matrix products (FA-3's ping-pong),
+        so that one's softmax runs while the other's products do. False: each issues as
+        soon as its data is ready.
+    overlap_softmax: a consumer waits only for S_j = Q K_j^T before its softmax, leaving
+        O += P_{j-1} V_{j-1} running under it (FA-3's intra-warpgroup overlap); O is
+        rescaled once that product completes. False: the softmax starts after both.
     """
 
     block_q: int = 128
@@ -132,6 +138,8 @@ class MosaicBlockSizes:
     num_stages: int = 2
     consumer_registers: int = 240
     producer_registers: int = 24
+    pingpong: bool = True
+    overlap_softmax: bool = False
 
     def __post_init__(self):
         if self.block_q not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
@@ -401,12 +409,19 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
 
         return pl.run_state(issue)(plgpu.ACC.init(acc))
 
+    def take_turn():
+        if bs.pingpong:
+            plgpu.barrier_wait(sm.turn.at[wg])
+
+    def pass_turn():
+        if bs.pingpong:
+            plgpu.barrier_arrive(sm.turn.at[other])
+
     def gemms(j, acc, p_prev):
         """Tensor-core work of step j under this warpgroup's turn: S_j = Q K_j^T, and
         O += P_{j-1} V_{j-1} unless j is the first step. The turn passes to the other
         consumer as soon as both are issued, before they complete."""
-        plgpu.barrier_wait(sm.turn.at[wg])
-        pass_turn = functools.partial(plgpu.barrier_arrive, sm.turn.at[other])
+        take_turn()
 
         def with_scores(s_ref):
             read_scores = issue_qk(j, s_ref)
@@ -427,6 +442,15 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     def softmax(j, s, acc, m, l, *, masked: bool):
         """Folds scores s [rows, bk] of key tile j into (acc, m, l); returns P_j in q's
         dtype for the next PV product (FA-2 Alg. 1 lines 8-10, log2 domain)."""
+        p, m_new, l, alpha = probabilities(j, s, m, l, masked=masked)
+        return rescale(acc, alpha), m_new, l, p
+
+    def rescale(acc, alpha):
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+    def probabilities(j, s, m, l, *, masked: bool):
+        """P_j in q's dtype, the new row max and row sum, and alpha, the factor that O
+        (so far) takes on (FA-2 Alg. 1 lines 8-10, log2 domain)."""
         if st.softcap is None:
             c = st.scale * LOG2E
         else:
@@ -448,13 +472,49 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
         alpha = jnp.exp2(m - m_shift)
         p = jnp.exp2(s * c - lax.broadcast_in_dim(m_shift, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        return acc, m_new, l, p.astype(dtype)
+        return p.astype(dtype), m_new, l, alpha
+
+    def overlapped(j, acc, m, l, p_prev, *, masked):
+        """Step j with its softmax under O += P_{j-1} V_{j-1} (overlap_softmax): both
+        products issued under the turn, S_j awaited alone (wgmma groups complete in
+        order), the softmax, then O awaited and rescaled."""
+        take_turn()
+        if st.interpret:  # no asynchronous products: the same numbers in program order
+            s = issue_qk(j, None)()
+            acc = accumulate_pv(j - 1, acc, p_prev, pass_turn)
+            if not st.has_segments:
+                plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
+            p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
+        else:
+            def under_pv(refs):
+                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+
+                def scores(s_ref):
+                    issue_qk(j, s_ref)
+                    plgpu.barrier_wait(sm.v_ready.at[stage(j - 1)])
+                    plgpu.wgmma(o_ref, p_prev, sm.v.at[stage(j - 1)])
+                    pass_turn()
+                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+
+                s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
+                if not st.has_segments:
+                    plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
+                    j, s, m, l, masked=masked)
+
+            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
+            acc, p, m, l, alpha = pl.run_state(under_pv)(
+                (plgpu.ACC.init(acc), p_prev, m, l, m))
+        plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
+        return rescale(acc, alpha), m, l, p
 
     def step(j, carry, *, masked):
         acc, m, l, p_prev = carry
-        s, acc = gemms(j, acc, p_prev)
-        carry = softmax(j, s, acc, m, l, masked=masked)
+        if bs.overlap_softmax and p_prev is not None:
+            carry = overlapped(j, acc, m, l, p_prev, masked=masked)
+        else:
+            s, acc = gemms(j, acc, p_prev)
+            carry = softmax(j, s, acc, m, l, masked=masked)
         if st.has_segments:  # the kv ids are read: now the producer may refill the stage
             plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
         return carry
@@ -497,10 +557,10 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
         def _():
             if st.ends_differ:
                 observe_ready(sm.k_ready, end)
-            plgpu.barrier_arrive(sm.turn.at[other])
+            pass_turn()
 
     # The last PV product, alone under the turn.
-    plgpu.barrier_wait(sm.turn.at[wg])
+    take_turn()
     acc = accumulate_pv(end - 1, acc, p_last, hand_over_last)
     plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(end - 1)])
 
@@ -508,14 +568,14 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
         # Consumer 0 ran fewer steps than consumer 1 (it owns the upper rows): keep passing
         # the turn until consumer 1 is done, or consumer 1 would wait on it forever. Turn j
         # lets consumer 1 run S_{j+1} and O += P_j V_j.
-        def pass_turn(j, carry):
-            plgpu.barrier_wait(sm.turn.at[wg])
+        def idle_turn(j, carry):
+            take_turn()
             observe_ready(sm.k_ready, j + 1)
             observe_ready(sm.v_ready, j)
-            plgpu.barrier_arrive(sm.turn.at[other])
+            pass_turn()
             return carry
 
-        lax.fori_loop(end, end_last, pass_turn, None)
+        lax.fori_loop(end, end_last, idle_turn, None)
 
     if st.some_row_empty:
         seen = l > 0
@@ -636,8 +696,8 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
         @pl.when(wg < NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
-            # Consumer 0 takes the first turn: consumer 1 hands it over up front.
-            pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
+            if bs.pingpong:  # consumer 0 takes the first turn: consumer 1 hands it over
+                pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
             _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles)
 
         @pl.when(wg == NUM_CONSUMERS)

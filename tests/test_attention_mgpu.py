@@ -218,6 +218,30 @@ def test_interpret_mode_masks_match_reference(what, T, S, causal, window, softca
         assert empty.any() and not empty.all(), "the case must have rows that see no key"
 
 
+SCHEDULE_CASES = [
+    # what, T, S, causal, window, segments, block_sizes: the two scheduling options change
+    # the order of waits and arrivals (the interpreter checks every barrier) and no number
+    ("softmax under PV, causal GQA, consumer ends differ", 256, 256, True, None, False,
+     MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True)),
+    ("softmax under PV, window + segment ids", 256, 256, False, (100, 100), True,
+     MosaicBlockSizes(block_k=64, num_stages=2, overlap_softmax=True)),
+    ("no ping-pong, causal GQA, consumer ends differ", 256, 256, True, None, False,
+     MosaicBlockSizes(block_k=64, num_stages=2, pingpong=False)),
+    ("no ping-pong + softmax under PV, 256-query tiles", 256, 512, True, None, False,
+     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
+                      overlap_softmax=True)),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode is the CPU path")
+@pytest.mark.parametrize("what,T,S,causal,window,segments,block_sizes", SCHEDULE_CASES,
+                         ids=[c[0] for c in SCHEDULE_CASES])
+def test_interpret_mode_schedules_match_reference(what, T, S, causal, window, segments,
+                                                  block_sizes):
+    _check(1, T, S, 4, 2, 64, causal=causal, window=window, segments=segments,
+           interpret=True, block_sizes=block_sizes)
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode is the CPU path")
 def test_interpret_mode_negative_scale_keeps_masked_scores_hidden():
     """A scale <= 0 is applied to every score before the mask (a masked -inf times a
@@ -284,6 +308,8 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_k=64, num_stages=4),
     MosaicBlockSizes(block_k=128, num_stages=2, consumer_registers=232, producer_registers=40),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2),
+    MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
+    MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False),
 ], ids=str)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])

@@ -149,6 +149,28 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
     lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)
 
 
+@pytest.mark.parametrize("overlap_softmax,pingpong", [(True, True), (False, False),
+                                                      (True, False)])
+@pytest.mark.parametrize("causal,window,segments", [(True, None, False),
+                                                    (False, (64, 64), True)])
+def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, causal, window, segments,
+                                        monkeypatch):
+    """The forward's scheduling options lower for the GPU (the softmax under an in-flight
+    PV product: a wgmma accumulator read while a later group runs, values out of run_state)."""
+    from pallas_kernels import flash_attention_mgpu as mgpu
+
+    check = mgpu.check_supported  # without its check for a Hopper device: there is none here
+    monkeypatch.setattr(mgpu, "check_supported",
+                        lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
+    bs = mgpu.MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=pingpong,
+                               overlap_softmax=overlap_softmax)
+    T = S = 512
+    q, k = zeros(1, T, 4, 64), zeros(1, S, 2, 64)
+    seg = (jnp.zeros((1, T), jnp.int32), jnp.zeros((1, S), jnp.int32)) if segments else None
+    lowers_for_cuda(lambda q, k, v: mgpu.flash_attention_mgpu(
+        q, k, v, causal=causal, window=window, segment_ids=seg, block_sizes=bs)[0], q, k, k)
+
+
 @pytest.mark.parametrize("max_q_len", [1, 64], ids=["decode-only", "mixed"])
 @pytest.mark.parametrize("filters", [False, True])
 def test_engine_step_lowers_without_host_round_trips(max_q_len, filters):
