@@ -232,13 +232,16 @@ for step in "$@"; do
     fwd_sched)
       # ptxas's report (registers, spills, wgmma serialisation warnings) goes to stdout
       MOSAIC_GPU_DUMP_PTXAS=1 timeout 330 python3 experiments/mgpu_check.py --configs "d64" \
-        --variants "overlap,pingpong,bk128 st2" --out "$OUT/mgpu_check_sched64.json" 2>&1 \
+        --variants "overlap,pingpong,4c" --out "$OUT/mgpu_check_sched64.json" 2>&1 \
         | grep -v "^wrote" | tee "$OUT/mgpu_check_sched64.txt" | grep -v "ptxas" | tail -16
-      timeout 200 python3 experiments/mgpu_check.py --configs "b4 s4096 h16 d128 causal" \
+      timeout 200 python3 experiments/mgpu_check.py --configs "b4 s4096 h16 d128" \
         --variants "overlap,pingpong" --out "$OUT/mgpu_check_sched128.json" 2>&1 \
-        | grep -v "^wrote" | tee "$OUT/mgpu_check_sched128.txt" | tail -6
+        | grep -v "^wrote" | tee "$OUT/mgpu_check_sched128.txt" | tail -10
       grep -h "C75\|Used\|spill" "$OUT/mgpu_check_sched64.txt" | sort | uniq -c \
-        | sort -rn | head -20 | tee "$OUT/ptxas_summary.txt" ;;
+        | sort -rn | head -20 | tee "$OUT/ptxas_summary.txt"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "variants and (overlap or pingpong or consumers)" \
+        2>&1 | tee "$OUT/sched_tests.txt" | tail -4 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -92,7 +92,7 @@ from pallas_kernels.flash_attention import (
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-NUM_CONSUMERS = 2  # consumer warpgroups per CTA; warpgroup NUM_CONSUMERS is the producer
+NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, always)
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep some room for the barriers and the
@@ -114,37 +114,52 @@ class MosaicBlockSizes:
     """Tiles, pipeline depth and register split of the Hopper forward kernel.
     Changes speed, never numbers.
 
-    block_q: query rows per CTA, split evenly over the two consumer warpgroups; each one's
-        share (block_q / 2) is a multiple of 64, the M of one wgmma. 128 or 256.
+    block_q: query rows per CTA, split evenly over the consumer warpgroups; each one's
+        share (block_q / consumers) is 64 or 128 (the M of one wgmma, or two).
     block_k: keys per pipeline stage: the N of S = Q K^T and the contraction of P V.
         A multiple of 64, at most 256 (one TMA box).
     num_stages: K/V stages in shared memory (>= 2), i.e. how many key tiles the producer
         may run ahead of the slower consumer.
+    consumers: consumer warpgroups per CTA, 2 or 4 (4 needs pingpong=False: the turns
+        are a pair). More of them hide more of each one's softmax latency.
     consumer_registers / producer_registers: per-thread register limits after setmaxnreg
-        (multiples of 8 in [24, 256]); 2 consumers + 1 producer share the 64K registers of
-        an SM, so 2 * consumer + producer <= 512. 240/24 (FA-3's split) measured 487 vs 457
+        (multiples of 8 in [24, 256]); the consumers and the producer share the 64K
+        registers of an SM, so consumers * consumer + producer <= 512. None: the most that
+        leaves, (512 - producer) / consumers (240 for 2). 240/24 (FA-3's split) measured 487 vs 457
         TFLOP/s for 232/40 at B4 T4096 N16 H128 causal on an H100, the same elsewhere
         (experiments/mgpu_check.py, one run each).
     pingpong: the consumers take turns issuing their matrix products (FA-3's ping-pong),
         so that one's softmax runs while the other's products do. False: each issues as
         soon as its data is ready.
-    overlap_softmax: a consumer waits only for S_j = Q K_j^T before its softmax, leaving
-        O += P_{j-1} V_{j-1} running under it (FA-3's intra-warpgroup overlap); O is
-        rescaled once that product completes. False: the softmax starts after both.
+    overlap_softmax: on tiles seen in full, a consumer waits only for S_j = Q K_j^T
+        before its softmax, leaving O += P_{j-1} V_{j-1} running under it (FA-3's
+        intra-warpgroup overlap); O is rescaled once that product completes. False: the
+        softmax starts after both.
     """
 
     block_q: int = 128
     block_k: int = 128
     num_stages: int = 2
-    consumer_registers: int = 240
+    consumers: int = NUM_CONSUMERS
+    consumer_registers: int | None = None
     producer_registers: int = 24
     pingpong: bool = True
     overlap_softmax: bool = False
 
     def __post_init__(self):
-        if self.block_q not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
-            raise ValueError(f"MosaicBlockSizes.block_q={self.block_q} must be 128 or 256 "
-                             "(two consumer warpgroups of 64 or 128 rows)")
+        if self.consumers not in (2, 4):
+            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} must be 2 or 4")
+        if self.consumers != 2 and self.pingpong:
+            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} needs "
+                             "pingpong=False (the turns are passed within a pair)")
+        if self.block_q not in (self.consumers * WGMMA_M, 2 * self.consumers * WGMMA_M):
+            raise ValueError(
+                f"MosaicBlockSizes.block_q={self.block_q} must be {self.consumers * WGMMA_M} "
+                f"or {2 * self.consumers * WGMMA_M} ({self.consumers} consumer warpgroups "
+                "of 64 or 128 rows)")
+        if self.consumer_registers is None:
+            most = (512 - self.producer_registers) // self.consumers // 8 * 8
+            object.__setattr__(self, "consumer_registers", min(most, 240))
         if self.block_k % 64 or not 64 <= self.block_k <= 256:
             raise ValueError(f"MosaicBlockSizes.block_k={self.block_k} must be a multiple of "
                              "64 in [64, 256]")
@@ -155,17 +170,17 @@ class MosaicBlockSizes:
             if value % 8 or not 24 <= value <= 256:
                 raise ValueError(f"MosaicBlockSizes.{name}={value} must be a multiple of 8 "
                                  "in [24, 256]")
-        total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
+        total = self.consumers * self.consumer_registers + self.producer_registers
         if total > 512:
             raise ValueError(
-                f"MosaicBlockSizes: {NUM_CONSUMERS} x consumer_registers="
+                f"MosaicBlockSizes: {self.consumers} x consumer_registers="
                 f"{self.consumer_registers} + producer_registers={self.producer_registers} "
                 f"= {total} exceeds the 512 registers per thread slot of an SM")
 
     @property
     def rows(self) -> int:
         """Query rows of one consumer warpgroup."""
-        return self.block_q // NUM_CONSUMERS
+        return self.block_q // self.consumers
 
     def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
         """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
@@ -510,7 +525,10 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
 
     def step(j, carry, *, masked):
         acc, m, l, p_prev = carry
-        if bs.overlap_softmax and p_prev is not None:
+        # Masked steps keep the plain order: with the mask's registers live as well, ptxas
+        # serialises the products around the softmax (C7513; 224 vs 322 TFLOP/s on the
+        # train step's causal shape, session 8).
+        if bs.overlap_softmax and p_prev is not None and not masked:
             carry = overlapped(j, acc, m, l, p_prev, masked=masked)
         else:
             s, acc = gemms(j, acc, p_prev)
@@ -541,7 +559,7 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     acc, m, l, p_last = carry
 
     # Steps that the last consumer (the lowest rows) runs beyond this one's end.
-    end_last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3] if st.ends_differ else end
+    end_last = _kv_tiles(cta_start, bs.consumers - 1, st)[3] if st.ends_differ else end
 
     def observe_ready(ready, j):
         """Waits for the load of step j that only the other consumer reads. Each turn
@@ -561,10 +579,21 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
 
     # The last PV product, alone under the turn.
     take_turn()
-    acc = accumulate_pv(end - 1, acc, p_last, hand_over_last)
+    acc = accumulate_pv(end - 1, acc, p_last, hand_over_last if bs.pingpong else lambda: None)
     plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(end - 1)])
 
-    if st.ends_differ:
+    if st.ends_differ and not bs.pingpong:
+        # Without turns nothing paces a consumer that is done against the producer, so it
+        # releases the tiles it does not read, like the others: the producer waits for
+        # every consumer's release of every tile, and each takes every phase in order.
+        def release_unread(j, carry):
+            for ready, free in ((sm.k_ready, sm.k_free), (sm.v_ready, sm.v_free)):
+                plgpu.barrier_wait(ready.at[stage(j)])
+                plgpu.barrier_arrive(free.at[wg * depth + stage(j)])
+            return carry
+
+        lax.fori_loop(end, end_last, release_unread, None)
+    if st.ends_differ and bs.pingpong:
         # Consumer 0 ran fewer steps than consumer 1 (it owns the upper rows): keep passing
         # the turn until consumer 1 is done, or consumer 1 would wait on it forever. Turn j
         # lets consumer 1 run S_{j+1} and O += P_j V_j.
@@ -604,7 +633,7 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
     lo = _kv_tiles(cta_start, 0, st)[0]
     # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(NUM_CONSUMERS)]
+    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(bs.consumers)]
     last = ends[-1]
 
     def load_k(t):
@@ -622,8 +651,10 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     def await_release(t, free):
         """Waits until every consumer that read stage t % depth for step t - depth is done."""
         s, previous = lax.rem(t, depth), t - depth
-        for wg in range(NUM_CONSUMERS):
-            if st.ends_differ and wg < NUM_CONSUMERS - 1:
+        for wg in range(bs.consumers):
+            # With turns a consumer that is done only observes the loads (in step with
+            # the turns); without, it releases every tile (see release_unread).
+            if st.ends_differ and bs.pingpong and wg < bs.consumers - 1:
                 pl.when(previous < ends[wg])(
                     functools.partial(plgpu.barrier_wait, free.at[wg * depth + s]))
             else:
@@ -673,34 +704,34 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
     # k_ready (K and its ids).
     arrivals = 2 if st.has_segments else 1
     scratch = {
-        "qo": plgpu.SMEM((NUM_CONSUMERS, bs.rows, st.head_dim), dtype, transforms=tiled),
+        "qo": plgpu.SMEM((bs.consumers, bs.rows, st.head_dim), dtype, transforms=tiled),
         "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
         "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "lse": plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.float32),
-        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=NUM_CONSUMERS),
+        "lse": plgpu.SMEM((bs.consumers, bs.rows), jnp.float32),
+        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.consumers),
         "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
         # [consumer * num_stages + stage], flat: interpret mode takes 1-D barrier arrays only
-        "k_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
-        "v_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
+        "k_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
+        "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=NUM_CONSUMERS),
     }
     if st.has_segments:
-        scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
         sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
-        @pl.when(wg < NUM_CONSUMERS)
+        @pl.when(wg < bs.consumers)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
             if bs.pingpong:  # consumer 0 takes the first turn: consumer 1 hands it over
                 pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
             _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles)
 
-        @pl.when(wg == NUM_CONSUMERS)
+        @pl.when(wg == bs.consumers)
         def _():
             plgpu.set_max_registers(bs.producer_registers, action="decrease")
             _producer(gm, sm, st=st, num_q_tiles=num_q_tiles)
@@ -733,7 +764,7 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
         grid=(num_q_tiles, B, N),
         grid_names=("q_tile", "batch", "head"),
-        num_threads=NUM_CONSUMERS + 1,
+        num_threads=st.block_sizes.consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         name="flash_attention_fwd_mgpu",
