@@ -92,7 +92,7 @@ from pallas_kernels.flash_attention import (
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, always)
+NUM_CONSUMERS = 2  # consumer warpgroups per CTA; warpgroup NUM_CONSUMERS is the producer
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep some room for the barriers and the
@@ -114,18 +114,15 @@ class MosaicBlockSizes:
     """Tiles, pipeline depth and register split of the Hopper forward kernel.
     Changes speed, never numbers.
 
-    block_q: query rows per CTA, split evenly over the consumer warpgroups; each one's
-        share (block_q / consumers) is 64 or 128 (the M of one wgmma, or two).
+    block_q: query rows per CTA, split evenly over the two consumer warpgroups; each one's
+        share (block_q / 2) is a multiple of 64, the M of one wgmma. 128 or 256.
     block_k: keys per pipeline stage: the N of S = Q K^T and the contraction of P V.
         A multiple of 64, at most 256 (one TMA box).
     num_stages: K/V stages in shared memory (>= 2), i.e. how many key tiles the producer
         may run ahead of the slower consumer.
-    consumers: consumer warpgroups per CTA, 2 or 4 (4 needs pingpong=False: the turns
-        are a pair). More of them hide more of each one's softmax latency.
     consumer_registers / producer_registers: per-thread register limits after setmaxnreg
-        (multiples of 8 in [24, 256]); the consumers and the producer share the 64K
-        registers of an SM, so consumers * consumer + producer <= 512. None: the most that
-        leaves, (512 - producer) / consumers (240 for 2). 240/24 (FA-3's split) measured 487 vs 457
+        (multiples of 8 in [24, 256]); 2 consumers + 1 producer share the 64K registers of
+        an SM, so 2 * consumer + producer <= 512. 240/24 (FA-3's split) measured 487 vs 457
         TFLOP/s for 232/40 at B4 T4096 N16 H128 causal on an H100, the same elsewhere
         (experiments/mgpu_check.py, one run each).
     pingpong: the consumers take turns issuing their matrix products (FA-3's ping-pong),
@@ -140,26 +137,15 @@ class MosaicBlockSizes:
     block_q: int = 128
     block_k: int = 128
     num_stages: int = 2
-    consumers: int = NUM_CONSUMERS
-    consumer_registers: int | None = None
+    consumer_registers: int = 240
     producer_registers: int = 24
     pingpong: bool = True
     overlap_softmax: bool = False
 
     def __post_init__(self):
-        if self.consumers not in (2, 4):
-            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} must be 2 or 4")
-        if self.consumers != 2 and self.pingpong:
-            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} needs "
-                             "pingpong=False (the turns are passed within a pair)")
-        if self.block_q not in (self.consumers * WGMMA_M, 2 * self.consumers * WGMMA_M):
-            raise ValueError(
-                f"MosaicBlockSizes.block_q={self.block_q} must be {self.consumers * WGMMA_M} "
-                f"or {2 * self.consumers * WGMMA_M} ({self.consumers} consumer warpgroups "
-                "of 64 or 128 rows)")
-        if self.consumer_registers is None:
-            most = (512 - self.producer_registers) // self.consumers // 8 * 8
-            object.__setattr__(self, "consumer_registers", min(most, 240))
+        if self.block_q not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
+            raise ValueError(f"MosaicBlockSizes.block_q={self.block_q} must be 128 or 256 "
+                             "(two consumer warpgroups of 64 or 128 rows)")
         if self.block_k % 64 or not 64 <= self.block_k <= 256:
             raise ValueError(f"MosaicBlockSizes.block_k={self.block_k} must be a multiple of "
                              "64 in [64, 256]")
@@ -170,17 +156,17 @@ class MosaicBlockSizes:
             if value % 8 or not 24 <= value <= 256:
                 raise ValueError(f"MosaicBlockSizes.{name}={value} must be a multiple of 8 "
                                  "in [24, 256]")
-        total = self.consumers * self.consumer_registers + self.producer_registers
+        total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
         if total > 512:
             raise ValueError(
-                f"MosaicBlockSizes: {self.consumers} x consumer_registers="
+                f"MosaicBlockSizes: {NUM_CONSUMERS} x consumer_registers="
                 f"{self.consumer_registers} + producer_registers={self.producer_registers} "
                 f"= {total} exceeds the 512 registers per thread slot of an SM")
 
     @property
     def rows(self) -> int:
         """Query rows of one consumer warpgroup."""
-        return self.block_q // self.consumers
+        return self.block_q // NUM_CONSUMERS
 
     def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
         """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
@@ -559,7 +545,7 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     acc, m, l, p_last = carry
 
     # Steps that the last consumer (the lowest rows) runs beyond this one's end.
-    end_last = _kv_tiles(cta_start, bs.consumers - 1, st)[3] if st.ends_differ else end
+    end_last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3] if st.ends_differ else end
 
     def observe_ready(ready, j):
         """Waits for the load of step j that only the other consumer reads. Each turn
@@ -633,7 +619,7 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
     lo = _kv_tiles(cta_start, 0, st)[0]
     # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(bs.consumers)]
+    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(NUM_CONSUMERS)]
     last = ends[-1]
 
     def load_k(t):
@@ -651,10 +637,10 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     def await_release(t, free):
         """Waits until every consumer that read stage t % depth for step t - depth is done."""
         s, previous = lax.rem(t, depth), t - depth
-        for wg in range(bs.consumers):
+        for wg in range(NUM_CONSUMERS):
             # With turns a consumer that is done only observes the loads (in step with
             # the turns); without, it releases every tile (see release_unread).
-            if st.ends_differ and bs.pingpong and wg < bs.consumers - 1:
+            if st.ends_differ and bs.pingpong and wg < NUM_CONSUMERS - 1:
                 pl.when(previous < ends[wg])(
                     functools.partial(plgpu.barrier_wait, free.at[wg * depth + s]))
             else:
@@ -704,34 +690,34 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
     # k_ready (K and its ids).
     arrivals = 2 if st.has_segments else 1
     scratch = {
-        "qo": plgpu.SMEM((bs.consumers, bs.rows, st.head_dim), dtype, transforms=tiled),
+        "qo": plgpu.SMEM((NUM_CONSUMERS, bs.rows, st.head_dim), dtype, transforms=tiled),
         "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
         "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "lse": plgpu.SMEM((bs.consumers, bs.rows), jnp.float32),
-        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.consumers),
+        "lse": plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.float32),
+        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=NUM_CONSUMERS),
         "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
         # [consumer * num_stages + stage], flat: interpret mode takes 1-D barrier arrays only
-        "k_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
-        "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
+        "k_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
+        "v_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=NUM_CONSUMERS),
     }
     if st.has_segments:
-        scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
         sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
-        @pl.when(wg < bs.consumers)
+        @pl.when(wg < NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
             if bs.pingpong:  # consumer 0 takes the first turn: consumer 1 hands it over
                 pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
             _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles)
 
-        @pl.when(wg == bs.consumers)
+        @pl.when(wg == NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.producer_registers, action="decrease")
             _producer(gm, sm, st=st, num_q_tiles=num_q_tiles)
@@ -764,7 +750,7 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
         grid=(num_q_tiles, B, N),
         grid_names=("q_tile", "batch", "head"),
-        num_threads=st.block_sizes.consumers + 1,
+        num_threads=NUM_CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         name="flash_attention_fwd_mgpu",

@@ -153,21 +153,11 @@ def test_refuses_without_a_hopper_gpu():
 
 @pytest.mark.parametrize("kw", [{"block_q": 64}, {"block_k": 96}, {"block_k": 320},
                                 {"num_stages": 1}, {"consumer_registers": 250},
-                                {"consumer_registers": 256, "producer_registers": 24},
-                                {"consumers": 3}, {"consumers": 4},  # 4 with turns
-                                {"consumers": 4, "pingpong": False},  # block_q 128: 32 rows
-                                {"consumers": 4, "pingpong": False, "block_q": 256,
-                                 "consumer_registers": 128}],  # 4 * 128 + 24 > 512
+                                {"consumer_registers": 256, "producer_registers": 24}],
                          ids=str)
 def test_block_sizes_validate(kw):
     with pytest.raises(ValueError, match="MosaicBlockSizes"):
         MosaicBlockSizes(**kw)
-
-
-def test_consumer_registers_default_to_what_the_split_leaves():
-    assert MosaicBlockSizes().consumer_registers == 240
-    four = MosaicBlockSizes(block_q=256, consumers=4, pingpong=False)
-    assert four.consumer_registers == 120 and four.rows == 64
 
 
 def test_default_block_sizes_fit_the_shapes():
@@ -242,11 +232,6 @@ SCHEDULE_CASES = [
     ("no ping-pong + softmax under PV, 256-query tiles", 256, 512, True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                       overlap_softmax=True)),
-    ("4 consumers, causal: four different ends", 256, 256, True, None, False,
-     MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4, pingpong=False)),
-    ("4 consumers, window + segment ids + softmax under PV", 256, 512, False, (100, 50),
-     True, MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4,
-                            pingpong=False, overlap_softmax=True)),
 ]
 
 
@@ -327,7 +312,7 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2),
     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
     MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False),
-    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                      overlap_softmax=True),
 ], ids=str)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
