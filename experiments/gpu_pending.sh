@@ -56,6 +56,9 @@
 #   bash experiments/gpu_pending.sh fwd_sched  # H100: the forward's scheduling options
 #                                              #   (softmax under PV, no ping-pong) at H = 64
 #                                              #   and 128, ptxas's report, GPU tests
+#   bash experiments/gpu_pending.sh fwd_default  # H100: the forward's GPU tests with the
+#                                              #   session 8 defaults, mgpu_check on the d64
+#                                              #   configs, the train step cuDNN / default twice
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -242,6 +245,16 @@ for step in "$@"; do
       timeout 170 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "variants" 2>&1 | tee "$OUT/sched_tests.txt" \
         | tail -4 ;;
+    fwd_default)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu and not variants" 2>&1 \
+        | tee "$OUT/fwd_default_tests.txt" | tail -3
+      timeout 60 python3 experiments/mgpu_check.py --configs "d64" --no-variants \
+        --out "$OUT/mgpu_check_default64.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/mgpu_check_default64.txt" | tail -4
+      timeout 340 python3 experiments/bench_train.py --impls cudnn,default,cudnn,default \
+        --unpacked --out "$OUT/train_default.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/bench_train_default.txt" | tail -6 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

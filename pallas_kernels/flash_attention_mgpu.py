@@ -40,9 +40,12 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
         Q tile (and its q segment ids) -> SMEM once (TMA), then per key tile j
           [ S_j = Q K_j^T  and  O += P_{j-1} V_{j-1} ]   two wgmmas issued back to back
           softmax_j on S_j (f32, exp2)  ->  P_j in registers (the A operand of the next PV)
-        Pingpong: the bracketed GEMMs of the two consumers alternate through a pair of
-        "turn" barriers, so one warpgroup's softmax runs while the other's GEMMs keep the
-        tensor cores busy (FA-3 section 3.1).
+        Pingpong (MosaicBlockSizes.pingpong): the bracketed GEMMs of the two consumers
+        alternate through a pair of "turn" barriers, so one warpgroup's softmax runs while
+        the other's GEMMs keep the tensor cores busy (FA-3 section 3.1).
+        Overlap (MosaicBlockSizes.overlap_softmax): on tiles seen in full the softmax waits
+        for S_j alone and runs under the PV product; O is rescaled after it (FA-3 3.2).
+        The per-shape defaults pick these from H100 measurements (default_for).
 
     shared memory: Q/O [2, block_q/2, H], K and V [num_stages, block_k, H] (128-byte
         swizzle, the layout wgmma reads), lse [2, block_q/2] f32; with segment ids also
@@ -180,23 +183,28 @@ class MosaicBlockSizes:
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
                     causal: bool) -> MosaicBlockSizes:
         """The per-shape rule. H <= 64: 256-query tiles (128 rows per consumer) of 64-key
-        steps, 4 stages, when T is a multiple of 256 (else 128-query tiles of 128-key steps);
-        H = 128: 128-key tiles, 2 stages (a third stage would not fit next to Q); H = 256:
+        steps, 4 stages, no turns and the softmax under the PV product, when T is a multiple
+        of 256 (else 128-query tiles of 128-key steps); H = 128: 128-key tiles, 2 stages (a
+        third stage would not fit next to Q), the softmax under the PV product; H = 256:
         64-key tiles so that O (128 registers per thread) and S still fit in a consumer's
         registers. block_k falls back to 64 when S is not a multiple of the preferred tile.
 
-        On an H100 (experiments/mgpu_check.py, jax 0.11.2, one run each): at H = 128 64-key
-        tiles with 4 stages were 10-20% slower and block_q = 256 30-40% slower; at H = 64
-        the 256-query tiles were the fastest variant on both configs measured (+3.5% on
-        b4 s4096 full, session 5; +3.3% on the train step's causal T = 2048 GQA shape,
-        session 7). H = 256 is not tuned yet."""
+        On an H100 (experiments/mgpu_check.py, jax 0.11.2): at H = 128 64-key tiles with 4
+        stages were 10-20% slower and block_q = 256 30-40% slower; at H = 64 the 256-query
+        tiles were the fastest variant on both configs measured (+3.5% on b4 s4096 full,
+        session 5; +3.3% on the train step's causal T = 2048 GQA shape, session 7). Session
+        8 (three runs): at H = 64 no turns + overlap gave +3.6 to +9.5% (full) and +4.8%
+        (train step; no turns alone +4.1 and +4.2%); at H = 128 the overlap gave +4.9 and
+        +7.2% on b4 s4096 full, +4.0% on b1 s16384 causal, -1.3 and +3.9% on b4 s4096
+        causal, the same on b16 s1024. H = 256 is not tuned yet."""
         del causal  # the same tiles serve both; kept for a uniform signature
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
-            return cls(block_q=256, block_k=64, num_stages=4)
+            return cls(block_q=256, block_k=64, num_stages=4, pingpong=False,
+                       overlap_softmax=True)
         if head_dim <= 64:
             base = cls(block_k=128, num_stages=4)
         elif head_dim <= 128:
-            base = cls(block_k=128, num_stages=2)
+            base = cls(block_k=128, num_stages=2, overlap_softmax=True)
         else:
             base = cls(block_k=64, num_stages=2)
         if kv_len % base.block_k and kv_len % 64 == 0:
