@@ -59,6 +59,9 @@
 #   bash experiments/gpu_pending.sh fwd_default  # H100: the forward's GPU tests with the
 #                                              #   session 8 defaults, mgpu_check on the d64
 #                                              #   configs, the train step cuDNN / default twice
+#   bash experiments/gpu_pending.sh fwd64_sweep  # H100: the H = 64 tiles around the session 8
+#                                              #   default, on the train step's shape (twice)
+#                                              #   and the d64 full row; the mask GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -255,6 +258,18 @@ for step in "$@"; do
       timeout 340 python3 experiments/bench_train.py --impls cudnn,default,cudnn,default \
         --unpacked --out "$OUT/train_default.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/bench_train_default.txt" | tail -6 ;;
+    fwd64_sweep)
+      for run in 1 2; do
+        timeout 150 python3 experiments/mgpu_check.py --configs "train step" --variants "np" \
+          --out "$OUT/mgpu_check_sweep64_train_$run.json" 2>&1 | grep -v "^wrote" \
+          | tee "$OUT/mgpu_check_sweep64_train_$run.txt" | tail -11
+      done
+      timeout 120 python3 experiments/mgpu_check.py --configs "d64 full" --variants "np" \
+        --out "$OUT/mgpu_check_sweep64_full.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/mgpu_check_sweep64_full.txt" | tail -11
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_masks or gpu_every or gpu_matches" 2>&1 \
+        | tee "$OUT/fwd_default_mask_tests.txt" | tail -3 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

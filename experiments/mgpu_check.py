@@ -77,6 +77,21 @@ VARIANTS = {
         # no turns. Measured worse in session 8 and dropped: bq256 bk128 st2 (spills),
         # overlap on masked tiles too, overlap bq128 bk128 st4; four 64-row consumers
         # (no turns) passed in interpret mode but hung on the H100, and were taken out.
+        # Around the session 8 default (no turns, overlap, 256 x 64, 4 stages):
+        "np-ov bq256 bk64 st2": MosaicBlockSizes(block_q=256, block_k=64, num_stages=2,
+                                                 pingpong=False, overlap_softmax=True),
+        "np-ov bq256 bk64 st3": MosaicBlockSizes(block_q=256, block_k=64, num_stages=3,
+                                                 pingpong=False, overlap_softmax=True),
+        "np-ov bq256 bk64 st6": MosaicBlockSizes(block_q=256, block_k=64, num_stages=6,
+                                                 pingpong=False, overlap_softmax=True),
+        "np-ov bq128 bk128 st4": MosaicBlockSizes(block_k=128, num_stages=4, pingpong=False,
+                                                  overlap_softmax=True),
+        "np-ov bq128 bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4, pingpong=False,
+                                                 overlap_softmax=True),
+        "np bq128 bk128 st4": MosaicBlockSizes(block_k=128, num_stages=4, pingpong=False),
+        "np-ov bq256 bk64 st4 regs 232/40": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True,
+            consumer_registers=232, producer_registers=40),
         "overlap bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
                                                    overlap_softmax=True),
         "no-pingpong bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64,
