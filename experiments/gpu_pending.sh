@@ -62,6 +62,9 @@
 #   bash experiments/gpu_pending.sh fwd64_sweep  # H100: the H = 64 tiles around the session 8
 #                                              #   default, on the train step's shape (twice)
 #                                              #   and the d64 full row; the mask GPU tests
+#   bash experiments/gpu_pending.sh train_pairs  # H100: the forward's mask GPU tests on the
+#                                              #   session 8 defaults; the train step cuDNN /
+#                                              #   default twice more
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -270,6 +273,13 @@ for step in "$@"; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_masks or gpu_every or gpu_matches" 2>&1 \
         | tee "$OUT/fwd_default_mask_tests.txt" | tail -3 ;;
+    train_pairs)
+      timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_masks or gpu_every" 2>&1 \
+        | tee "$OUT/fwd_mask_tests.txt" | tail -3
+      timeout 380 python3 experiments/bench_train.py --impls default,cudnn,default,cudnn \
+        --unpacked --out "$OUT/train_pairs.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/bench_train_pairs.txt" | tail -6 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
