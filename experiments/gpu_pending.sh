@@ -65,6 +65,8 @@
 #   bash experiments/gpu_pending.sh train_pairs  # H100: the forward's mask GPU tests on the
 #                                              #   session 8 defaults; the train step cuDNN /
 #                                              #   default twice more
+#   bash experiments/gpu_pending.sh persistent  # H100: the persistent grid's GPU tests, then
+#                                              #   it against the default at H = 64 and 128
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -280,6 +282,16 @@ for step in "$@"; do
       timeout 380 python3 experiments/bench_train.py --impls default,cudnn,default,cudnn \
         --unpacked --out "$OUT/train_pairs.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/bench_train_pairs.txt" | tail -6 ;;
+    persistent)
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "persistent_grid" 2>&1 \
+        | tee "$OUT/persistent_tests.txt" | tail -3
+      timeout 100 python3 experiments/mgpu_check.py --configs "d64" --variants "persistent" \
+        --out "$OUT/mgpu_check_persistent64.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/mgpu_check_persistent64.txt" | tail -8
+      timeout 150 python3 experiments/mgpu_check.py --configs "d128" --variants "persistent" \
+        --out "$OUT/mgpu_check_persistent128.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/mgpu_check_persistent128.txt" | tail -17 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

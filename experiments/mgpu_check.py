@@ -63,6 +63,9 @@ VARIANTS = {
         "no-pingpong": MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False),
         "overlap no-pingpong": MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False,
                                                 overlap_softmax=True),
+        "persistent overlap": MosaicBlockSizes(block_k=128, num_stages=2,
+                                               overlap_softmax=True, persistent=True),
+        "persistent": MosaicBlockSizes(block_k=128, num_stages=2, persistent=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages).
     64: {
@@ -78,6 +81,12 @@ VARIANTS = {
         # overlap on masked tiles too, overlap bq128 bk128 st4; four 64-row consumers
         # (no turns) passed in interpret mode but hung on the H100, and were taken out.
         # Around the session 8 default (no turns, overlap, 256 x 64, 4 stages):
+        "persistent np-ov bq256 bk64 st4": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True,
+            persistent=True),
+        "persistent np-ov bq256 bk64 st2": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=2, pingpong=False, overlap_softmax=True,
+            persistent=True),
         "np-ov bq256 bk64 st2": MosaicBlockSizes(block_q=256, block_k=64, num_stages=2,
                                                  pingpong=False, overlap_softmax=True),
         "np-ov bq256 bk64 st3": MosaicBlockSizes(block_q=256, block_k=64, num_stages=3,

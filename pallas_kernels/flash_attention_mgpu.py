@@ -97,6 +97,7 @@ LN2 = math.log(2.0)
 
 NUM_CONSUMERS = 2  # consumer warpgroups per CTA; warpgroup NUM_CONSUMERS is the producer
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
+INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep some room for the barriers and the
 # compiler's own cross-warp reduction scratch.
@@ -135,6 +136,9 @@ class MosaicBlockSizes:
         before its softmax, leaving O += P_{j-1} V_{j-1} running under it (FA-3's
         intra-warpgroup overlap); O is rescaled once that product completes. False: the
         softmax starts after both.
+    persistent: one CTA per SM, each taking query tiles in turn (the longest first), so
+        that the producer streams the next tile's first K/V while the consumers finish a
+        tile. False: a CTA per query tile (T / block_q x B x N of them).
     """
 
     block_q: int = 128
@@ -144,6 +148,7 @@ class MosaicBlockSizes:
     producer_registers: int = 24
     pingpong: bool = True
     overlap_softmax: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
         if self.block_q not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
@@ -323,23 +328,50 @@ def _kv_tiles(cta_start, wg, st: _Static):
     return lo, full_lo, jnp.clip(full_hi, full_lo, end), end
 
 
-def _q_tile_index(st: _Static, num_q_tiles: int):
-    tile = lax.axis_index("q_tile")
-    # A right bound (causal): the bottom tiles have the most keys to visit; start them first.
-    return num_q_tiles - 1 - tile if st.ends_differ else tile
+def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, visit):
+    """Runs visit(batch, head, cta_start, ring) over the query tiles of this CTA, threading
+    `ring` (the K/V ring position of the tile's first key tile; starts at 0) through.
+
+    ctas None: one tile per CTA, from the grid (q_tile, batch, head). Else a persistent grid
+    of `ctas` CTAs takes tiles cta, cta + ctas, ... of the list ordered q tile-major, then
+    batch, then head (the heads of one kv head side by side, as the grid is). A right bound
+    (causal): the bottom tiles have the most keys to visit, so they come first."""
+    B, _, N, _ = gm.q.shape
+
+    def q_tile_start(index):
+        return (num_q_tiles - 1 - index if st.ends_differ else index) * st.block_sizes.block_q
+
+    if ctas is None:
+        return visit(lax.axis_index("batch"), lax.axis_index("head"),
+                     q_tile_start(lax.axis_index("q_tile")), 0)
+    cta = lax.axis_index("cta")
+    count = lax.div(num_q_tiles * B * N - cta + ctas - 1, ctas)
+
+    def one(i, ring):
+        tile = cta + i * ctas
+        return visit(lax.div(tile, N) % B, tile % N, q_tile_start(lax.div(tile, N * B)), ring)
+
+    return lax.fori_loop(0, count, one, 0)
 
 
-def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
-    """One consumer warpgroup: rows [q_start, q_start + rows) of this CTA's query tile."""
+def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int | None):
+    """One consumer warpgroup, over the CTA's query tiles."""
+    _for_each_tile(gm, st, num_q_tiles, ctas, functools.partial(_consumer_tile, wg, gm, sm, st))
+    _plgpu().wait_smem_to_gmem(0)  # the last tile's O and lse written before the CTA exits
+
+
+def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start, ring):
+    """Rows [q_start, q_start + rows) of the query tile at cta_start; returns the ring
+    position after it (the key tiles the producer streamed for the tile)."""
     plgpu = _plgpu()
     bs = st.block_sizes
     rows, bk, depth = bs.rows, bs.block_k, bs.num_stages
     dtype = gm.q.dtype
-    batch, head = lax.axis_index("batch"), lax.axis_index("head")
     other = 1 - wg
-    cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
     q_start = cta_start + wg * rows
     lo, full_lo, full_hi, end = _kv_tiles(cta_start, wg, st)
+    if bs.pingpong:  # consumer 0 takes each tile's first turn: consumer 1 hands it over
+        pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
     q_tile = sm.qo.at[wg]
     plgpu.copy_gmem_to_smem(gm.q.at[batch, pl.ds(q_start, rows), head], q_tile,
                             sm.q_ready.at[wg])
@@ -349,7 +381,9 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     plgpu.barrier_wait(sm.q_ready.at[wg])
 
     def stage(j):
-        return lax.rem(j, depth)
+        """The ring stage of key tile j: the producer streams this tile's key tiles lo, lo + 1,
+        ... into ring positions ring, ring + 1, ... (the tile before it left off there)."""
+        return lax.rem(ring + j - lo, depth)
 
     def in_wgmma_layout(x, rows_of=False):
         """x in the register layout of a wgmma accumulator (or of its per-row reductions),
@@ -555,12 +589,14 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     # Steps that the last consumer (the lowest rows) runs beyond this one's end.
     end_last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3] if st.ends_differ else end
 
-    def observe_ready(ready, j):
-        """Waits for the load of step j that only the other consumer reads. Each turn
-        handed to it is preceded by such a wait for the data that turn uses, so this
-        consumer takes every phase of k_ready / v_ready in order and never falls a phase
-        behind (the producer reloads a stage as soon as the other consumer is done)."""
-        pl.when(j < end_last)(functools.partial(plgpu.barrier_wait, ready.at[stage(j)]))
+    def release_unread(ready, free, j):
+        """Key tile j is one that only the other consumer reads: wait for its load and
+        release it all the same. So this consumer takes every phase of k_ready / v_ready in
+        order, and the producer waits for every consumer's release of every tile."""
+        @pl.when(j < end_last)
+        def _():
+            plgpu.barrier_wait(ready.at[stage(j)])
+            plgpu.barrier_arrive(free.at[wg * depth + stage(j)])
 
     def hand_over_last():
         # Consumer 1 finishes last and keeps the turn, so that every turn handed over is
@@ -568,7 +604,7 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
         @pl.when(wg == 0)
         def _():
             if st.ends_differ:
-                observe_ready(sm.k_ready, end)
+                release_unread(sm.k_ready, sm.k_free, end)
             pass_turn()
 
     # The last PV product, alone under the turn.
@@ -577,24 +613,22 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(end - 1)])
 
     if st.ends_differ and not bs.pingpong:
-        # Without turns nothing paces a consumer that is done against the producer, so it
-        # releases the tiles it does not read, like the others: the producer waits for
-        # every consumer's release of every tile, and each takes every phase in order.
-        def release_unread(j, carry):
-            for ready, free in ((sm.k_ready, sm.k_free), (sm.v_ready, sm.v_free)):
-                plgpu.barrier_wait(ready.at[stage(j)])
-                plgpu.barrier_arrive(free.at[wg * depth + stage(j)])
+        # Consumer 0 ran fewer steps than consumer 1 (it owns the upper rows). Without turns
+        # nothing else paces it against the producer: it releases the rest as it comes.
+        def release_rest(j, carry):
+            release_unread(sm.k_ready, sm.k_free, j)
+            release_unread(sm.v_ready, sm.v_free, j)
             return carry
 
-        lax.fori_loop(end, end_last, release_unread, None)
+        lax.fori_loop(end, end_last, release_rest, None)
     if st.ends_differ and bs.pingpong:
-        # Consumer 0 ran fewer steps than consumer 1 (it owns the upper rows): keep passing
-        # the turn until consumer 1 is done, or consumer 1 would wait on it forever. Turn j
-        # lets consumer 1 run S_{j+1} and O += P_j V_j.
+        # Consumer 0 ran fewer steps than consumer 1: keep passing the turn until consumer 1
+        # is done, or consumer 1 would wait on it forever. Turn j lets consumer 1 run
+        # S_{j+1} and O += P_j V_j.
         def idle_turn(j, carry):
             take_turn()
-            observe_ready(sm.k_ready, j + 1)
-            observe_ready(sm.v_ready, j)
+            release_unread(sm.k_ready, sm.k_free, j + 1)
+            release_unread(sm.v_ready, sm.v_free, j)
             pass_turn()
             return carry
 
@@ -612,75 +646,63 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, gm.out.at[batch, pl.ds(q_start, rows), head])
     plgpu.copy_smem_to_gmem(sm.lse.at[wg], gm.lse.at[batch, head, pl.ds(q_start, rows)])
-    plgpu.wait_smem_to_gmem(0)
+    # The next tile's Q goes where this O is: wait until the store has read it.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    return ring + end_last - lo
 
 
-def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int):
-    """The producer warpgroup: streams the K/V tiles [lo, end) that either consumer needs
-    through the num_stages-deep ring, K ahead of V (S = Q K^T comes first in every step).
-    Tile t goes to stage t % num_stages, the stage the consumers read at step t."""
+def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int | None):
+    """The producer warpgroup: streams the K/V tiles [lo, end) that either consumer needs,
+    for each of the CTA's query tiles in turn, through the num_stages-deep ring, K ahead of V
+    (S = Q K^T comes first in every step). Ring position r (counted over the CTA's whole
+    run, so that a tile's first loads go out while the consumers finish the one before) is
+    stage r % num_stages; before refilling a stage it waits until both consumers released
+    what it held (every consumer releases every key tile, read or not)."""
     plgpu = _plgpu()
     bs = st.block_sizes
     bk, depth = bs.block_k, bs.num_stages
-    batch, head = lax.axis_index("batch"), lax.axis_index("head")
-    kv_head = lax.div(head, st.group)
-    cta_start = _q_tile_index(st, num_q_tiles) * bs.block_q
-    lo = _kv_tiles(cta_start, 0, st)[0]
-    # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-    ends = [_kv_tiles(cta_start, wg, st)[3] for wg in range(NUM_CONSUMERS)]
-    last = ends[-1]
 
-    def load_k(t):
-        s, keys = lax.rem(t, depth), pl.ds(t * bk, bk)
-        plgpu.copy_gmem_to_smem(gm.k.at[batch, keys, kv_head], sm.k.at[s], sm.k_ready.at[s])
-        if st.has_segments:  # the tile's kv ids: the second of k_ready's two arrivals
-            plgpu.copy_gmem_to_smem(gm.kv_seg.at[batch, keys], sm.kv_seg.at[s],
-                                    sm.k_ready.at[s])
-
-    def load_v(t):
-        s = lax.rem(t, depth)
-        plgpu.copy_gmem_to_smem(gm.v.at[batch, pl.ds(t * bk, bk), kv_head], sm.v.at[s],
-                                sm.v_ready.at[s])
-
-    def await_release(t, free):
-        """Waits until every consumer that read stage t % depth for step t - depth is done."""
-        s, previous = lax.rem(t, depth), t - depth
+    def await_release(r, free):
         for wg in range(NUM_CONSUMERS):
-            # With turns a consumer that is done only observes the loads (in step with
-            # the turns); without, it releases every tile (see release_unread).
-            if st.ends_differ and bs.pingpong and wg < NUM_CONSUMERS - 1:
-                pl.when(previous < ends[wg])(
-                    functools.partial(plgpu.barrier_wait, free.at[wg * depth + s]))
-            else:
-                plgpu.barrier_wait(free.at[wg * depth + s])
+            plgpu.barrier_wait(free.at[wg * depth + lax.rem(r, depth)])
 
-    for i in range(depth):  # fill the ring: tiles lo, ..., lo + depth - 1 (those that exist)
-        def first_loads(t=lo + i):
-            load_k(t)
-            load_v(t)
-        pl.when(lo + i < last)(first_loads)  # a Python bool without masks: static
+    def stream(batch, head, cta_start, ring):
+        kv_head = lax.div(head, st.group)
+        lo = _kv_tiles(cta_start, 0, st)[0]
+        # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
+        last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3]
 
-    def refill(t, carry):
-        await_release(t, sm.k_free)
-        load_k(t)
-        await_release(t, sm.v_free)
-        load_v(t)
-        return carry
+        def load(t, carry):
+            r = ring + t - lo
+            s, keys = lax.rem(r, depth), pl.ds(t * bk, bk)
+            refill = r >= depth  # the first lap of the ring finds every stage free
+            pl.when(refill)(functools.partial(await_release, r, sm.k_free))
+            plgpu.copy_gmem_to_smem(gm.k.at[batch, keys, kv_head], sm.k.at[s],
+                                    sm.k_ready.at[s])
+            if st.has_segments:  # the tile's kv ids: the second of k_ready's two arrivals
+                plgpu.copy_gmem_to_smem(gm.kv_seg.at[batch, keys], sm.kv_seg.at[s],
+                                        sm.k_ready.at[s])
+            pl.when(refill)(functools.partial(await_release, r, sm.v_free))
+            plgpu.copy_gmem_to_smem(gm.v.at[batch, keys, kv_head], sm.v.at[s],
+                                    sm.v_ready.at[s])
+            return carry
 
-    lax.fori_loop(lo + depth, last, refill, None)
+        lax.fori_loop(lo, last, load, None)
+        return ring + last - lo
 
-    def drain(t, carry):
-        await_release(t, sm.k_free)
-        await_release(t, sm.v_free)
+    streamed = _for_each_tile(gm, st, num_q_tiles, ctas, stream)
+
+    def drain(r, carry):
+        await_release(r, sm.k_free)
+        await_release(r, sm.v_free)
         return carry
 
     # Take the releases of the last stages too, as if refilling them: nothing waits on the
     # producer any more, and every barrier phase is then observed (the interpreter checks).
-    first = jnp.maximum(last, lo + depth) if st.masked else max(last, depth)
-    lax.fori_loop(first, last + depth, drain, None)
+    lax.fori_loop(jnp.maximum(streamed, depth), streamed + depth, drain, None)
 
 
-def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
+def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | None):
     # refs: q, k, v, (q_seg, kv_seg with segment ids), out, lse
     plgpu = _plgpu()
     if st.has_segments:
@@ -721,14 +743,12 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int):
         @pl.when(wg < NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
-            if bs.pingpong:  # consumer 0 takes the first turn: consumer 1 hands it over
-                pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
-            _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles)
+            _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles, ctas=ctas)
 
         @pl.when(wg == NUM_CONSUMERS)
         def _():
             plgpu.set_max_registers(bs.producer_registers, action="decrease")
-            _producer(gm, sm, st=st, num_q_tiles=num_q_tiles)
+            _producer(gm, sm, st=st, num_q_tiles=num_q_tiles, ctas=ctas)
 
     pl.run_scoped(body, collective_axes="wg", **scratch)
 
@@ -752,12 +772,19 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
     if st.interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
+    ctas = None
+    grid, grid_names = (num_q_tiles, B, N), ("q_tile", "batch", "head")
+    if st.block_sizes.persistent:  # one CTA per SM, each taking tiles in turn
+        # (lowered off a GPU, as the CPU tests do: an H100's 132)
+        sms = INTERPRET_SMS if st.interpret else getattr(jax.devices()[0], "core_count", 132)
+        ctas = min(sms, num_q_tiles * B * N)
+        grid, grid_names = (ctas,), ("cta",)
     call = _kernel_call(
         plgpu,
-        functools.partial(_flash_fwd_mgpu_kernel, st=st, num_q_tiles=num_q_tiles),
+        functools.partial(_flash_fwd_mgpu_kernel, st=st, num_q_tiles=num_q_tiles, ctas=ctas),
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
-        grid=(num_q_tiles, B, N),
-        grid_names=("q_tile", "batch", "head"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=NUM_CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -236,6 +236,15 @@ SCHEDULE_CASES = [
     ("no ping-pong + softmax under PV, 256-query tiles", 256, 512, True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                       overlap_softmax=True)),
+    # Persistent grid: 8 query tiles (2 per head) on INTERPRET_SMS = 3 CTAs, so the ring
+    # runs on across tiles of different lengths and the turns are handed over per tile.
+    ("persistent, causal GQA, turns", 256, 256, True, None, False,
+     MosaicBlockSizes(block_k=64, num_stages=3, persistent=True)),
+    ("persistent, causal, T < S, no turns + softmax under PV", 512, 1024, True, None, False,
+     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
+                      overlap_softmax=True, persistent=True)),
+    ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
+     MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
 ]
 
 
@@ -323,6 +332,20 @@ GPU_MASKS = [{}, {"window": (300, None)},
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
     _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes, **masks)
+
+
+@hopper
+@pytest.mark.parametrize("H,block_sizes", [
+    (128, MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, persistent=True)),
+    (64, MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
+                          overlap_softmax=True, persistent=True)),
+], ids=["H128 turns", "H64 no turns"])
+@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_persistent_grid_computes_the_same(H, block_sizes, masks, causal):
+    """More query tiles than an H100 has SMs (132 CTAs): B = 4 and 8 heads of T = 2048 give
+    512 tiles of 128 queries (H = 128) or 256 of 256 (H = 64), several per CTA."""
+    _check(4, 2048, 2048, 8, 2, H, causal=causal, block_sizes=block_sizes, **masks)
 
 
 @hopper
