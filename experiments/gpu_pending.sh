@@ -67,6 +67,9 @@
 #                                              #   default twice more
 #   bash experiments/gpu_pending.sh persistent  # H100: the persistent grid's GPU tests, then
 #                                              #   it against the default at H = 64 and 128
+#   bash experiments/gpu_pending.sh attention_fwd  # H100: bench_attention's forward rows, the
+#                                              #   default path, the Mosaic and Triton kernels
+#                                              #   and cuDNN (session 8 defaults)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -292,6 +295,11 @@ for step in "$@"; do
       timeout 150 python3 experiments/mgpu_check.py --configs "d128" --variants "persistent" \
         --out "$OUT/mgpu_check_persistent128.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/mgpu_check_persistent128.txt" | tail -17 ;;
+    attention_fwd)
+      timeout 420 python3 experiments/bench_attention.py --only fwd \
+        --impls cudnn,fastattn,fastattn_mosaic,fastattn_pallas \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/bench_attention_fwd.txt" | tail -18 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
