@@ -70,6 +70,7 @@
 #   bash experiments/gpu_pending.sh attention_fwd  # H100: bench_attention's forward rows, the
 #                                              #   default path, the Mosaic and Triton kernels
 #                                              #   and cuDNN (session 8 defaults)
+#   bash experiments/gpu_pending.sh train_pairs3  # H100: the train step cuDNN / default twice
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -300,6 +301,10 @@ for step in "$@"; do
         --impls cudnn,fastattn,fastattn_mosaic,fastattn_pallas \
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/bench_attention_fwd.txt" | tail -18 ;;
+    train_pairs3)
+      timeout 400 python3 experiments/bench_train.py --impls cudnn,default,cudnn,default \
+        --unpacked --out "$OUT/train_pairs3.json" 2>&1 | grep -v "^wrote" \
+        | tee "$OUT/bench_train_pairs3.txt" | tail -6 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
