@@ -30,12 +30,14 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
     grid (T / block_q, B, N); head is the fastest axis, so the G query heads that share a kv
     head run side by side and read the same K/V tiles from L2. Grids with a right bound
     (causal) launch the bottom query tiles (the longest rows) first so that they do not end
-    up as a tail.
+    up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the tiles in that
+    order in turn; measured slower, off.)
 
     warpgroup 2, producer  (few registers: setmaxnreg down)
-        TMA K_t, V_t -> stage t % num_stages, completion on k_ready / v_ready[stage] (the
-        key tile's kv segment ids ride with K, on the same k_ready);
-        before reusing a stage it waits until every consumer that read it released it.
+        TMA K_t, V_t -> the next position r of a num_stages-deep ring (stage r % num_stages),
+        completion on k_ready / v_ready[stage] (the key tile's kv segment ids ride with K, on
+        the same k_ready); before reusing a stage it waits until both consumers released it
+        (each releases every key tile of its CTA's query tile, read or not).
     warpgroups 0 and 1, consumers  (setmaxnreg up), each owns block_q / 2 query rows:
         Q tile (and its q segment ids) -> SMEM once (TMA), then per key tile j
           [ S_j = Q K_j^T  and  O += P_{j-1} V_{j-1} ]   two wgmmas issued back to back
@@ -52,11 +54,13 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
         q ids [2, block_q/2] and kv ids [num_stages, block_k] int32.
 
 Block skipping: the CTA visits key tiles [lo, end) with step index j the absolute tile index
-(stage j % num_stages everywhere). lo is the first tile the CTA's top row sees (left window
-bound), common to both consumers; each consumer's end is the tile past the last key its
-bottom row sees (right bound / causal), so consumer 0 (upper rows) may stop before
-consumer 1. The producer loads the union [lo, end_1); consumer 0, once done, keeps passing
-the turn to consumer 1 until that one is done. Tiles that every row of a consumer sees in
+(ring position ring + j - lo, ring counting the key tiles streamed for the CTA's earlier
+query tiles: 0 but on a persistent grid). lo is the first tile the CTA's top row sees (left
+window bound), common to both consumers; each consumer's end is the tile past the last key
+its bottom row sees (right bound / causal), so consumer 0 (upper rows) may stop before
+consumer 1. The producer loads the union [lo, end_1); consumer 0, once done, releases the
+rest as their loads land (with turns: one per turn it keeps passing to consumer 1 until that
+one is done). Tiles that every row of a consumer sees in
 full run without mask arithmetic; the rest (window edges, causal diagonal, every tile when
 there are segment ids) build a mask from iotas and the segment ids, which are read from
 SMEM in the register layout of the wgmma accumulator (rows for q, columns for kv).
