@@ -223,17 +223,15 @@ def test_interpret_mode_masks_match_reference(what, T, S, causal, window, softca
 
 
 SCHEDULE_CASES = [
-    # what, T, S, causal, window, segments, block_sizes: the two scheduling options change
-    # the order of waits and arrivals (the interpreter checks every barrier) and no number
+    # what, T, S, causal, window, segments, block_sizes: the scheduling options (overlap,
+    # turns, persistent grid) change the order of waits and arrivals (the interpreter checks
+    # every barrier) and no number
     ("softmax under PV, causal GQA, consumer ends differ", 256, 256, True, None, False,
      MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True)),
     ("softmax under PV, full", 128, 512, False, None, False,
      MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True)),
-    ("softmax under PV, window + segment ids", 256, 256, False, (100, 100), True,
-     MosaicBlockSizes(block_k=64, num_stages=2, overlap_softmax=True)),
-    ("no ping-pong, causal GQA, consumer ends differ", 256, 256, True, None, False,
-     MosaicBlockSizes(block_k=64, num_stages=2, pingpong=False)),
-    ("no ping-pong + softmax under PV, 256-query tiles", 256, 512, True, None, False,
+    ("no ping-pong + softmax under PV, 256-query tiles, consumer ends differ", 256, 512,
+     True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                       overlap_softmax=True)),
     # Persistent grid: 8 query tiles (2 per head) on INTERPRET_SMS = 3 CTAs, so the ring
