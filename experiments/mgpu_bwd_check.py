@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from experiments.bench_attention import rel_err, time_fn
 from experiments.mgpu_check import CONFIGS as FORWARD_CONFIGS
-from experiments.mgpu_check import _error_text, parse_args, unpack
+from experiments.mgpu_check import _error_text, chosen_variants, parse_args, unpack
 from experiments.results import write_results
 from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
 from pallas_kernels.flash_attention_mgpu_bwd import (
@@ -108,8 +108,7 @@ def run_config(cfg, *, interpret=False, with_variants=True, only=""):
                          lambda: _cudnn_args(causal, q, k, v, d_out))
     runs["mosaic"] = (_mosaic(causal, None, interpret), lambda: ours)
     if with_variants and not interpret:
-        for variant, bs in ((n, b) for n, b in VARIANTS.get(H, {}).items()
-                            if any(part in n for part in only.split(","))):
+        for variant, bs in chosen_variants(VARIANTS.get(H, {}), only).items():
             runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret), lambda: ours)
     rows, grads = [], {}
     for impl, (fn, make_args) in runs.items():

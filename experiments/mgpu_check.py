@@ -46,6 +46,12 @@ CONFIGS = [
 TINY = [("b1 s128 h2 d64 causal (interpret)", 1, 128, 2, 64, True)]
 
 
+def chosen_variants(variants: dict, spec: str) -> dict:
+    """The variants whose name contains one of spec's comma-separated parts ("" keeps all)."""
+    parts = spec.split(",")
+    return {name: bs for name, bs in variants.items() if any(p in name for p in parts)}
+
+
 def unpack(cfg):
     """(name, B, T, N, K, H, causal) of a config tuple (K = N when it names none)."""
     name, B, T, N, H, causal, *kv_heads = cfg
@@ -219,9 +225,8 @@ def main(argv=None):
         if not (args.no_variants or args.tiny):
             peers = {impl: res for impl, res in results.items() if impl != "mgpu"}
             head_dim = unpack(cfg)[5]
-            wanted = args.variants.split(",")  # any of these substrings ("" keeps all)
-            for variant, bs in ((n, b) for n, b in VARIANTS.get(head_dim, {}).items()
-                                if any(w in n for w in wanted)):
+            for variant, bs in chosen_variants(VARIANTS.get(head_dim, {}),
+                                               args.variants).items():
                 rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
                                    peer_results=peers)[0]
         del results

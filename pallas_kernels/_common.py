@@ -12,6 +12,9 @@ from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 WARP_COUNTS = (1, 2, 4, 8, 16)
+# SMs of an H100 SXM: what program counts are sized by where the device cannot be asked
+# (they only need the order of magnitude).
+GPU_SMS = 132
 
 
 def check_tile_fields(config, *, smallest_block: int = 16, smallest: dict | None = None) -> None:

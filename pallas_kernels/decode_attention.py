@@ -32,10 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    LOG2E, check_tile_fields, dot, load_page_ids, online_softmax_finish, online_softmax_init,
-    online_softmax_step, paged_rows)
-
-GPU_SMS = 132  # H100 SXM; the split rule only needs the order of magnitude
+    GPU_SMS, LOG2E, check_tile_fields, dot, load_page_ids, online_softmax_finish,
+    online_softmax_init, online_softmax_step, paged_rows)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -89,7 +89,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import check_scalar_options
+from pallas_kernels._common import GPU_SMS, check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
     _q_tile_ranges,
@@ -782,8 +782,9 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
     ctas = None
     grid, grid_names = (num_q_tiles, B, N), ("q_tile", "batch", "head")
     if st.block_sizes.persistent:  # one CTA per SM, each taking tiles in turn
-        # (lowered off a GPU, as the CPU tests do: an H100's 132)
-        sms = INTERPRET_SMS if st.interpret else getattr(jax.devices()[0], "core_count", 132)
+        # (lowered off a GPU, as the CPU tests do: an H100's)
+        sms = INTERPRET_SMS if st.interpret else getattr(jax.devices()[0], "core_count",
+                                                           GPU_SMS)
         ctas = min(sms, num_q_tiles * B * N)
         grid, grid_names = (ctas,), ("cta",)
     call = _kernel_call(

@@ -38,9 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_tile_fields
+from pallas_kernels._common import GPU_SMS, check_tile_fields
 
-GPU_SMS = 132  # H100 SXM; the backward's program count only needs the order of magnitude
 _ROW_ELEMENTS = 4096  # elements of a forward program's [block_rows, Dp] tile, when D allows
 
 # ----------------------------------------------------------------------------- configuration
