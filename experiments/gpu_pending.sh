@@ -71,6 +71,8 @@
 #                                              #   default path, the Mosaic and Triton kernels
 #                                              #   and cuDNN (session 8 defaults)
 #   bash experiments/gpu_pending.sh train_pairs3  # H100: the train step cuDNN / default twice
+#   bash experiments/gpu_pending.sh sass       # H100: ncu's per-instruction SASS view of
+#                                              #   the H = 64 forward, ours and cuDNN's
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -305,6 +307,35 @@ for step in "$@"; do
       timeout 400 python3 experiments/bench_train.py --impls cudnn,default,cudnn,default \
         --unpacked --out "$OUT/train_pairs3.json" 2>&1 | grep -v "^wrote" \
         | tee "$OUT/bench_train_pairs3.txt" | tail -6 ;;
+    sass)
+      # Per-instruction view of the H = 64 forward, ours and cuDNN's: ncu's source page
+      # (SASS with executed counts and stall samples per instruction), and our cubin's SASS.
+      which ncu nvdisasm cuobjdump ptxas 2>&1 | tee "$OUT/tools.txt"
+      ls /usr/local/cuda/bin 2>/dev/null | tr '\n' ' ' >> "$OUT/tools.txt"
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 ncu --clock-control none \
+        -k "regex:flash_attention_fwd|fprop" --section SourceCounters \
+        --section WarpStateStats --section InstructionStats -f -o /tmp/fwd_src \
+        python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > "$OUT/ncu_src_log.txt" 2>&1
+      tail -3 "$OUT/ncu_src_log.txt"
+      ncu -i /tmp/fwd_src.ncu-rep --page source --csv --print-source sass \
+        > /tmp/sass_src.csv 2> "$OUT/ncu_src_err.txt"
+      head -c 300 "$OUT/ncu_src_err.txt"; wc -l /tmp/sass_src.csv
+      gzip -c /tmp/sass_src.csv > "$OUT/sass_src.csv.gz"
+      ncu -i /tmp/fwd_src.ncu-rep --page details --csv > /tmp/details.csv 2>&1
+      gzip -c /tmp/details.csv > "$OUT/details.csv.gz"
+      mkdir -p /tmp/mdump
+      MOSAIC_GPU_DUMP_TO=/tmp/mdump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+        timeout 120 python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > "$OUT/dump_log.txt" 2>&1
+      ls -la /tmp/mdump | head -20 | tee "$OUT/dump_ls.txt"
+      for f in /tmp/mdump/*.ptx; do
+        [ -f "$f" ] || continue
+        ptxas -arch=sm_90a -o /tmp/fwd.cubin "$f" 2>> "$OUT/ptxas_err.txt" \
+          && (cuobjdump -sass /tmp/fwd.cubin || nvdisasm /tmp/fwd.cubin) \
+          > "$OUT/$(basename "$f" .ptx).sass" 2>> "$OUT/ptxas_err.txt"
+      done
+      ls -la "$OUT" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
