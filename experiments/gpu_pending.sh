@@ -73,6 +73,8 @@
 #   bash experiments/gpu_pending.sh train_pairs3  # H100: the train step cuDNN / default twice
 #   bash experiments/gpu_pending.sh sass       # H100: ncu's per-instruction SASS view of
 #                                              #   the H = 64 forward, ours and cuDNN's
+#   bash experiments/gpu_pending.sh pin        # H100: the softmax pinned before O's wait,
+#                                              #   four consumers; A/B against .snap_old
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -336,6 +338,35 @@ for step in "$@"; do
           > "$OUT/$(basename "$f" .ptx).sass" 2>> "$OUT/ptxas_err.txt"
       done
       ls -la "$OUT" ;;
+    pin)
+      # Session 9: the softmax pinned before the wait for O (optimization barrier), and four
+      # 64-row consumers at the 112 registers the producer gives back. .snap_old is the
+      # code before both (the A/B runs in the same call). SASS loops of the new default.
+      mkdir -p /tmp/pdump
+      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+        timeout 100 python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > /tmp/pdump_log.txt 2>&1
+      for f in /tmp/pdump/*.ptx; do
+        ptxas -arch=sm_90a -o /tmp/pin.cubin "$f" > /tmp/ptxas_pin.txt 2>&1 \
+          && cuobjdump -sass /tmp/pin.cubin > /tmp/pin.sass \
+          && python3 experiments/sass_loops.py /tmp/pin.sass > "$OUT/pin_loops.txt"
+      done
+      grep -B2 -A30 "^loop" "$OUT/pin_loops.txt" | grep -E "^loop|DEPBAR|FMNMX|MUFU" | head -20
+      timeout 150 python3 experiments/mgpu_check.py --configs "d64" --variants "4 consumers" \
+        --out "$OUT/pin_d64.json" 2>&1 | grep -v "^wrote" > "$OUT/pin_d64.txt"
+      tail -8 "$OUT/pin_d64.txt"
+      (cd ../.snap_old && timeout 80 python3 experiments/mgpu_check.py --configs "d64" \
+        --no-variants --out "$OUT/old_d64.json" 2>&1 | grep -v "^wrote" > "$OUT/old_d64.txt")
+      tail -4 "$OUT/old_d64.txt"
+      timeout 110 python3 experiments/mgpu_check.py --configs "d128" --no-variants \
+        --out "$OUT/pin_d128.json" 2>&1 | grep -v "^wrote" > "$OUT/pin_d128.txt"
+      tail -7 "$OUT/pin_d128.txt"
+      (cd ../.snap_old && timeout 110 python3 experiments/mgpu_check.py --configs "d128" \
+        --no-variants --out "$OUT/old_d128.json" 2>&1 | grep -v "^wrote" \
+        > "$OUT/old_d128.txt")
+      tail -7 "$OUT/old_d128.txt"
+      timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "variants and consumers=4" 2>&1 | tail -3 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -87,8 +87,17 @@ VARIANTS = {
                                                    producer_registers=40),
         # The scheduling options (session 8): the softmax under PV on tiles seen in full,
         # no turns. Measured worse in session 8 and dropped: bq256 bk128 st2 (spills),
-        # overlap on masked tiles too, overlap bq128 bk128 st4; four 64-row consumers
-        # (no turns) passed in interpret mode but hung on the H100, and were taken out.
+        # overlap on masked tiles too, overlap bq128 bk128 st4. Four 64-row consumers hung
+        # on the H100 in session 8 at 120 registers each, more than the producer gives back
+        # (flash_attention_mgpu.most_consumer_registers); back at 112 in session 9:
+        "4 consumers np-ov bq256 bk64 st4": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            overlap_softmax=True),
+        "4 consumers np bq256 bk64 st4": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False),
+        "4 consumers np-ov bq256 bk64 st6": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=6, consumers=4, pingpong=False,
+            overlap_softmax=True),
         # Around the session 8 default (no turns, overlap, 256 x 64, 4 stages):
         "persistent np-ov bq256 bk64 st4": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True,

@@ -99,13 +99,30 @@ from pallas_kernels.flash_attention import (
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-NUM_CONSUMERS = 2  # consumer warpgroups per CTA; warpgroup NUM_CONSUMERS is the producer
+NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, always); the
+# last warpgroup is the producer
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and so per CTA: one CTA per SM)
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep some room for the barriers and the
 # compiler's own cross-warp reduction scratch.
 SMEM_BUDGET = 227 * 1024 - 4 * 1024
+
+
+def launch_registers(warpgroups: int) -> int:
+    """Registers per thread that ptxas gives a kernel of `warpgroups` x 128 threads: the
+    register file split evenly, in steps of 8 (168 for 3 warpgroups, 96 for 5)."""
+    return REGISTER_FILE // (128 * warpgroups) // 8 * 8
+
+
+def most_consumer_registers(consumers: int, producer_registers: int) -> int:
+    """The largest setmaxnreg target the consumers may ask for: setmaxnreg.inc waits until
+    other warps of the CTA have released enough registers (setmaxnreg.dec), and only the
+    producer releases any, so consumers * (target - launch) <= launch - producer. Asking for
+    more deadlocks the CTA (four consumers at 120 hung on the H100, session 8)."""
+    launch = launch_registers(consumers + 1)
+    return min(256, (launch + (launch - producer_registers) // consumers) // 8 * 8)
 
 
 def _plgpu():
@@ -122,15 +139,19 @@ class MosaicBlockSizes:
     """Tiles, pipeline depth and register split of the Hopper forward kernel.
     Changes speed, never numbers.
 
-    block_q: query rows per CTA, split evenly over the two consumer warpgroups; each one's
-        share (block_q / 2) is a multiple of 64, the M of one wgmma. 128 or 256.
+    block_q: query rows per CTA, split evenly over the consumer warpgroups; each one's share
+        (block_q / consumers) is 64 or 128 (one wgmma's M, or two).
     block_k: keys per pipeline stage: the N of S = Q K^T and the contraction of P V.
         A multiple of 64, at most 256 (one TMA box).
     num_stages: K/V stages in shared memory (>= 2), i.e. how many key tiles the producer
         may run ahead of the slower consumer.
+    consumers: consumer warpgroups per CTA, 2 or 4 (4 needs pingpong=False: the turns
+        are passed within a pair). Four 64-row consumers hold a quarter of the tile each in
+        fewer registers (112 at most), and four softmaxes are in flight instead of two.
     consumer_registers / producer_registers: per-thread register limits after setmaxnreg
-        (multiples of 8 in [24, 256]); 2 consumers + 1 producer share the 64K registers of
-        an SM, so 2 * consumer + producer <= 512. 240/24 (FA-3's split) measured 487 vs 457
+        (multiples of 8 in [24, 256]). Only what the producer gives back can go to the
+        consumers (most_consumer_registers: 240 for 2 consumers and a 24-register producer,
+        112 for 4); None takes that most. 240/24 (FA-3's split) measured 487 vs 457
         TFLOP/s for 232/40 at B4 T4096 N16 H128 causal on an H100, the same elsewhere
         (experiments/mgpu_check.py, one run each).
     pingpong: the consumers take turns issuing their matrix products (FA-3's ping-pong),
@@ -151,16 +172,27 @@ class MosaicBlockSizes:
     block_q: int = 128
     block_k: int = 128
     num_stages: int = 2
-    consumer_registers: int = 240
+    consumers: int = NUM_CONSUMERS
+    consumer_registers: int | None = None
     producer_registers: int = 24
     pingpong: bool = True
     overlap_softmax: bool = False
     persistent: bool = False
 
     def __post_init__(self):
-        if self.block_q not in (NUM_CONSUMERS * WGMMA_M, 2 * NUM_CONSUMERS * WGMMA_M):
-            raise ValueError(f"MosaicBlockSizes.block_q={self.block_q} must be 128 or 256 "
-                             "(two consumer warpgroups of 64 or 128 rows)")
+        if self.consumers not in (2, 4):
+            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} must be 2 or 4")
+        if self.consumers != 2 and self.pingpong:
+            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} needs "
+                             "pingpong=False (the turns are passed within a pair)")
+        if self.block_q not in (self.consumers * WGMMA_M, 2 * self.consumers * WGMMA_M):
+            raise ValueError(
+                f"MosaicBlockSizes.block_q={self.block_q} must be {self.consumers * WGMMA_M} "
+                f"or {2 * self.consumers * WGMMA_M} ({self.consumers} consumer warpgroups "
+                "of 64 or 128 rows)")
+        most = most_consumer_registers(self.consumers, self.producer_registers)
+        if self.consumer_registers is None:
+            object.__setattr__(self, "consumer_registers", min(most, 240))
         if self.block_k % 64 or not 64 <= self.block_k <= 256:
             raise ValueError(f"MosaicBlockSizes.block_k={self.block_k} must be a multiple of "
                              "64 in [64, 256]")
@@ -171,17 +203,17 @@ class MosaicBlockSizes:
             if value % 8 or not 24 <= value <= 256:
                 raise ValueError(f"MosaicBlockSizes.{name}={value} must be a multiple of 8 "
                                  "in [24, 256]")
-        total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
-        if total > 512:
+        if self.consumer_registers > most:
             raise ValueError(
-                f"MosaicBlockSizes: {NUM_CONSUMERS} x consumer_registers="
-                f"{self.consumer_registers} + producer_registers={self.producer_registers} "
-                f"= {total} exceeds the 512 registers per thread slot of an SM")
+                f"MosaicBlockSizes.consumer_registers={self.consumer_registers} is more than "
+                f"the {most} that {self.consumers} consumers can take from a producer at "
+                f"producer_registers={self.producer_registers} (launched with "
+                f"{launch_registers(self.consumers + 1)} each); the CTA would deadlock")
 
     @property
     def rows(self) -> int:
         """Query rows of one consumer warpgroup."""
-        return self.block_q // NUM_CONSUMERS
+        return self.block_q // self.consumers
 
     def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
         """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
@@ -549,8 +581,13 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
                     plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
-                    j, s, m, l, masked=masked)
+                # The barrier pins the softmax here, before the wait for O that leaving
+                # run_state emits: without it LLVM sinks the arithmetic (no memory effects)
+                # towards its uses after that wait, and the SASS waited for both products
+                # before the first max (session 9: WARPGROUP.DEPBAR.LE gsb0, 0x0 ahead of
+                # every FMNMX of the step).
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = lax.optimization_barrier(
+                    probabilities(j, s, m, l, masked=masked))
 
             # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
             acc, p, m, l, alpha = pl.run_state(under_pv)(
@@ -594,7 +631,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     acc, m, l, p_last = carry
 
     # Steps that the last consumer (the lowest rows) runs beyond this one's end.
-    end_last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3] if st.ends_differ else end
+    end_last = _kv_tiles(cta_start, bs.consumers - 1, st)[3] if st.ends_differ else end
 
     def release_unread(ready, free, j):
         """Key tile j is one that only the other consumer reads: wait for its load and
@@ -670,14 +707,14 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int 
     bk, depth = bs.block_k, bs.num_stages
 
     def await_release(r, free):
-        for wg in range(NUM_CONSUMERS):
+        for wg in range(bs.consumers):
             plgpu.barrier_wait(free.at[wg * depth + lax.rem(r, depth)])
 
     def stream(batch, head, cta_start, ring):
         kv_head = lax.div(head, st.group)
         lo = _kv_tiles(cta_start, 0, st)[0]
         # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-        last = _kv_tiles(cta_start, NUM_CONSUMERS - 1, st)[3]
+        last = _kv_tiles(cta_start, bs.consumers - 1, st)[3]
 
         def load(t, carry):
             r = ring + t - lo
@@ -727,32 +764,32 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
     # k_ready (K and its ids).
     arrivals = 2 if st.has_segments else 1
     scratch = {
-        "qo": plgpu.SMEM((NUM_CONSUMERS, bs.rows, st.head_dim), dtype, transforms=tiled),
+        "qo": plgpu.SMEM((bs.consumers, bs.rows, st.head_dim), dtype, transforms=tiled),
         "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
         "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "lse": plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.float32),
-        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=NUM_CONSUMERS),
+        "lse": plgpu.SMEM((bs.consumers, bs.rows), jnp.float32),
+        "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.consumers),
         "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
         # [consumer * num_stages + stage], flat: interpret mode takes 1-D barrier arrays only
-        "k_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
-        "v_free": plgpu.Barrier(num_barriers=NUM_CONSUMERS * bs.num_stages),
-        "turn": plgpu.Barrier(num_barriers=NUM_CONSUMERS),
+        "k_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
+        "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
+        "turn": plgpu.Barrier(num_barriers=2),  # pingpong: one per consumer of the pair
     }
     if st.has_segments:
-        scratch["q_seg"] = plgpu.SMEM((NUM_CONSUMERS, bs.rows), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
         sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
-        @pl.when(wg < NUM_CONSUMERS)
+        @pl.when(wg < bs.consumers)
         def _():
             plgpu.set_max_registers(bs.consumer_registers, action="increase")
             _consumer(wg, gm, sm, st=st, num_q_tiles=num_q_tiles, ctas=ctas)
 
-        @pl.when(wg == NUM_CONSUMERS)
+        @pl.when(wg == bs.consumers)
         def _():
             plgpu.set_max_registers(bs.producer_registers, action="decrease")
             _producer(gm, sm, st=st, num_q_tiles=num_q_tiles, ctas=ctas)
@@ -793,7 +830,7 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
         grid=grid,
         grid_names=grid_names,
-        num_threads=NUM_CONSUMERS + 1,
+        num_threads=st.block_sizes.consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         name="flash_attention_fwd_mgpu",

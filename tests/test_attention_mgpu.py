@@ -153,11 +153,31 @@ def test_refuses_without_a_hopper_gpu():
 
 @pytest.mark.parametrize("kw", [{"block_q": 64}, {"block_k": 96}, {"block_k": 320},
                                 {"num_stages": 1}, {"consumer_registers": 250},
-                                {"consumer_registers": 256, "producer_registers": 24}],
+                                {"consumer_registers": 256, "producer_registers": 24},
+                                {"consumers": 3}, {"consumers": 4, "block_q": 256},
+                                {"consumers": 4, "block_q": 128, "pingpong": False},
+                                {"consumers": 4, "block_q": 256, "pingpong": False,
+                                 "consumer_registers": 120}],
                          ids=str)
 def test_block_sizes_validate(kw):
     with pytest.raises(ValueError, match="MosaicBlockSizes"):
         MosaicBlockSizes(**kw)
+
+
+def test_consumer_registers_balance_what_the_producer_gives_back():
+    """setmaxnreg.inc waits for registers that other warps released: the consumers' raise
+    must be covered by the producer's cut from the launch allocation, or the CTA hangs."""
+    from pallas_kernels.flash_attention_mgpu import launch_registers, most_consumer_registers
+    assert (launch_registers(3), launch_registers(5)) == (168, 96)
+    for consumers in (2, 4):
+        launch = launch_registers(consumers + 1)
+        for producer in (24, 40):
+            most = most_consumer_registers(consumers, producer)
+            assert consumers * (most - launch) <= launch - producer
+            assert consumers * (most + 8 - launch) > launch - producer  # the most
+    assert MosaicBlockSizes().consumer_registers == 240  # FA-3's 240 / 24
+    four = MosaicBlockSizes(block_q=256, block_k=64, consumers=4, pingpong=False)
+    assert four.consumer_registers == 112 and four.rows == 64
 
 
 def test_default_block_sizes_fit_the_shapes():
@@ -234,6 +254,13 @@ SCHEDULE_CASES = [
      True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                       overlap_softmax=True)),
+    # Four 64-row consumers: three of them stop before the last one and release the rest.
+    ("four consumers + softmax under PV, causal, T < S, consumer ends differ", 256, 512,
+     True, None, False,
+     MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4, pingpong=False,
+                      overlap_softmax=True)),
+    ("four consumers, window + segment ids", 256, 256, False, (100, 50), True,
+     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False)),
     # Persistent grid: 8 query tiles (2 per head) on INTERPRET_SMS = 3 CTAs, so the ring
     # runs on across tiles of different lengths and the turns are handed over per tile.
     ("persistent, causal GQA, turns", 256, 256, True, None, False,
@@ -324,6 +351,8 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
     MosaicBlockSizes(block_k=128, num_stages=2, pingpong=False),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
+                     overlap_softmax=True),
+    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      overlap_softmax=True),
 ], ids=str)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)

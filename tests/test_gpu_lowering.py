@@ -149,13 +149,13 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
     lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)
 
 
-@pytest.mark.parametrize("overlap_softmax,pingpong,persistent", [
-    (True, True, False), (False, False, False), (True, False, False), (False, True, True),
-    (True, False, True)])
+@pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers", [
+    (True, True, False, 2), (False, False, False, 2), (True, False, False, 2),
+    (False, True, True, 2), (True, False, True, 2), (True, False, False, 4)])
 @pytest.mark.parametrize("causal,window,segments", [(True, None, False),
                                                     (False, (64, 64), True)])
-def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, causal, window,
-                                        segments, monkeypatch):
+def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, consumers,
+                                        causal, window, segments, monkeypatch):
     """The forward's scheduling options lower for the GPU (the softmax under an in-flight
     PV product: a wgmma accumulator read while a later group runs, values out of run_state)."""
     from pallas_kernels import flash_attention_mgpu as mgpu
@@ -164,7 +164,8 @@ def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, c
     monkeypatch.setattr(mgpu, "check_supported",
                         lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
     bs = mgpu.MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=pingpong,
-                               overlap_softmax=overlap_softmax, persistent=persistent)
+                               overlap_softmax=overlap_softmax, persistent=persistent,
+                               consumers=consumers)
     T = S = 512
     q, k = zeros(1, T, 4, 64), zeros(1, S, 2, 64)
     seg = (jnp.zeros((1, T), jnp.int32), jnp.zeros((1, S), jnp.int32)) if segments else None
