@@ -17,6 +17,7 @@ Prints one line per (config, impl), a table, and writes JSON {device, jax, date,
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -64,6 +65,10 @@ VARIANTS = {
 }
 # H = 128: the consumers split the head dim of each step's dQ tile.
 VARIANTS[128]["fused"] = B(block_q_dkv=64, num_stages_dkv=2, fused_dq=True)
+# Session 9: each default with its products paired (S with dP, dV with dK; P under dP).
+for _H in VARIANTS:
+    VARIANTS[_H]["overlap"] = dataclasses.replace(
+        B.default_for(q_len=4096, kv_len=4096, head_dim=_H, causal=True), overlap=True)
 TIMING = {"min_time": 0.2, "samples": 7}
 TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
 

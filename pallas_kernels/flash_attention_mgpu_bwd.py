@@ -105,6 +105,11 @@ class MosaicBackwardBlockSizes:
         (each consumer takes 64 of the step's query rows) or H = 128 with block_q_dkv = 64
         (each takes half of the head dim). The block_*_dq fields are then unused.
         Measured slower than the two kernels on an H100 (BENCHMARKS.md, session 7).
+    overlap: each step issues its two score-sized products together (S and dP, or S^T and
+        dP^T, both from shared memory) and computes P while the dP product is in flight;
+        the dK/dV kernel also issues its two accumulations (dV += P^T dO, dK += dS^T Q)
+        together and waits once. False: each product is awaited before the next is issued
+        (dK/dV: S^T, dV, dP^T, dK in turn). Not with fused_dq.
     delta_in_dq_kernel: the two-kernel backward runs the dQ kernel first, and it computes
         delta = rowsum(dO * O) - dlse for its rows from an O tile it loads next to dO,
         and writes delta out for the dK/dV kernel. This saves the separate XLA pass over
@@ -126,6 +131,7 @@ class MosaicBackwardBlockSizes:
     producer_registers: int = 24
     fused_dq: bool = False
     delta_in_dq_kernel: bool = False
+    overlap: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -145,6 +151,8 @@ class MosaicBackwardBlockSizes:
             value = getattr(self, name)
             if value % 8 or not 24 <= value <= 256:
                 raise ValueError(f"{cls}.{name}={value} must be a multiple of 8 in [24, 256]")
+        if self.overlap and self.fused_dq:
+            raise ValueError(f"{cls}.overlap=True is not implemented with fused_dq=True")
         total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
         if total > 512:
             raise ValueError(f"{cls}: {NUM_CONSUMERS} x consumer_registers + "
@@ -254,6 +262,43 @@ def _accumulate(acc, a, b_ref, st: _Static):
         plgpu.wgmma(acc_ref, a, b_ref)
 
     return pl.run_state(product)(plgpu.ACC.init(acc))
+
+
+def _two_products_nt(first, second, shape, then, st: _Static):
+    """first = (a1, b1) and second = (a2, b2), SMEM tiles [m, H], [n, H]: a1 b1^T and
+    a2 b2^T in f32, issued back to back; then(a1 b1^T) runs while the second product is in
+    flight. Returns (then(a1 b1^T), a2 b2^T)."""
+    (a1, b1), (a2, b2) = first, second
+    if st.interpret:  # no asynchronous products: the same numbers in program order
+        x1 = _matmul_nt(a1, b1, shape, st)
+        return then(x1), _matmul_nt(a2, b2, shape, st)
+    plgpu = _plgpu()
+
+    def products(r1, r2):
+        plgpu.wgmma(r1, a1, b1.transpose((1, 0)))
+        plgpu.wgmma(r2, a2, b2.transpose((1, 0)))
+        # Each wgmma is its own group and groups complete in order: wait_n=1 gives the
+        # first. The barrier keeps then()'s arithmetic ahead of the second wait (LLVM
+        # would otherwise sink it past, as it did in the forward, session 9).
+        early = lax.optimization_barrier(then(plgpu.wgmma_accumulator_load(r1, wait_n=1)))
+        return early, plgpu.wgmma_accumulator_load(r2, wait_n=0)
+
+    return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32),
+                         plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate_two(acc1, a1, b1_ref, acc2, a2, b2_ref, st: _Static):
+    """(acc1 + a1 b1, acc2 + a2 b2) as _accumulate, both products in flight together."""
+    if st.interpret:
+        return _accumulate(acc1, a1, b1_ref, st), _accumulate(acc2, a2, b2_ref, st)
+    plgpu = _plgpu()
+
+    def products(refs):
+        r1, r2 = refs
+        plgpu.wgmma(r1, a1, b1_ref)
+        plgpu.wgmma(r2, a2, b2_ref)
+
+    return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
 
 def _probabilities(s, lse2, st: _Static, *, lse_axis: int):
@@ -495,16 +540,24 @@ def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
         s = lax.rem(t, depth)
         plgpu.barrier_wait(sm.ready.at[s])
         q, do = sm.q.at[s], sm.do.at[s]
-        s_t = _matmul_nt(k_rows, q, (rows, bq), st)  # [rows, bq]: S^T
         lse2 = _load_vector(sm.lse.at[s], st, axis=1)
-        p_t, dcap = _probabilities(s_t, lse2, st, lse_axis=1)
-        if masked:
-            q_ids = _load_vector(sm.q_seg.at[s], st, axis=1) if st.has_segments else None
-            vis = _visible((rows, bq), k_start - q_tile * bq - st.offset, st, keys_axis=0,
-                           q_ids=q_ids, kv_ids=kv_ids)
-            p_t = jnp.where(vis, p_t, 0.0)
-        dv = _accumulate(dv, p_t.astype(dtype), do, st)
-        dp_t = _matmul_nt(v_rows, do, (rows, bq), st)  # [rows, bq]: dP^T
+
+        def probabilities(s_t):  # S^T [rows, bq] -> P^T (0 where hidden), d cap
+            p_t, dcap = _probabilities(s_t, lse2, st, lse_axis=1)
+            if masked:
+                q_ids = _load_vector(sm.q_seg.at[s], st, axis=1) if st.has_segments else None
+                vis = _visible((rows, bq), k_start - q_tile * bq - st.offset, st,
+                               keys_axis=0, q_ids=q_ids, kv_ids=kv_ids)
+                p_t = jnp.where(vis, p_t, 0.0)
+            return p_t, dcap
+
+        if bs.overlap:  # S^T and dP^T = V dO^T together, P^T under the second
+            (p_t, dcap), dp_t = _two_products_nt((k_rows, q), (v_rows, do), (rows, bq),
+                                                 probabilities, st)
+        else:
+            p_t, dcap = probabilities(_matmul_nt(k_rows, q, (rows, bq), st))
+            dv = _accumulate(dv, p_t.astype(dtype), do, st)
+            dp_t = _matmul_nt(v_rows, do, (rows, bq), st)  # [rows, bq]: dP^T
         delta = _load_vector(sm.delta.at[s], st, axis=1)
         ds_t = p_t * (dp_t - _along(delta, (rows, bq), 1))  # P = 0 where hidden: dS = 0
         if dcap is not None:
@@ -515,7 +568,10 @@ def _dkv_consumer(wg, refs, sm: _DkvSmem, *, st: _Static):
             sm.ds.at[buf].at[pl.ds(wg * rows, rows)][...] = ds_t
             plgpu.commit_smem()
             plgpu.barrier_arrive(sm.ds_ready.at[buf])
-        dk = _accumulate(dk, ds_t, q, st)
+        if bs.overlap:
+            dv, dk = _accumulate_two(dv, p_t.astype(dtype), do, dk, ds_t, q, st)
+        else:
+            dk = _accumulate(dk, ds_t, q, st)
         plgpu.barrier_arrive(sm.free.at[wg * depth + s])  # the dQ product reads no Q or dO
         if fused:
             # ds[buf] is written again at step t + 2, by a consumer that has passed step
@@ -704,14 +760,22 @@ def _dq_consumer(wg, refs, sm: _DqSmem, *, st: _Static):
         s = lax.rem(t, depth)
         plgpu.barrier_wait(sm.ready.at[s])
         k, v = sm.k.at[s], sm.v.at[s]
-        scores = _matmul_nt(q_rows, k, (rows, bk), st)
-        p, dcap = _probabilities(scores, lse2, st, lse_axis=0)
-        if masked:
-            kv_ids = _load_vector(sm.kv_seg.at[s], st, axis=1) if st.has_segments else None
-            vis = _visible((rows, bk), k_tile * bk - q_start - st.offset, st, keys_axis=1,
-                           q_ids=q_ids, kv_ids=kv_ids)
-            p = jnp.where(vis, p, 0.0)
-        dp = _matmul_nt(do_rows, v, (rows, bk), st)
+
+        def probabilities(scores):  # S [rows, bk] -> P (0 where hidden), d cap
+            p, dcap = _probabilities(scores, lse2, st, lse_axis=0)
+            if masked:
+                kv_ids = _load_vector(sm.kv_seg.at[s], st, axis=1) if st.has_segments else None
+                vis = _visible((rows, bk), k_tile * bk - q_start - st.offset, st,
+                               keys_axis=1, q_ids=q_ids, kv_ids=kv_ids)
+                p = jnp.where(vis, p, 0.0)
+            return p, dcap
+
+        if bs.overlap:  # S and dP = dO V^T together, P under the second
+            (p, dcap), dp = _two_products_nt((q_rows, k), (do_rows, v), (rows, bk),
+                                             probabilities, st)
+        else:
+            p, dcap = probabilities(_matmul_nt(q_rows, k, (rows, bk), st))
+            dp = _matmul_nt(do_rows, v, (rows, bk), st)
         ds = p * (dp - _along(delta, (rows, bk), 0))
         if dcap is not None:
             ds = ds * dcap

@@ -13,6 +13,8 @@ On an sm90 GPU: the compiled kernels at realistic shapes. Run there with
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu_bwd.py
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +114,8 @@ def test_refuses_without_a_hopper_gpu():
 
 @pytest.mark.parametrize("kw", [{"block_k_dkv": 64}, {"block_q_dq": 192},
                                 {"block_q_dkv": 96}, {"block_k_dq": 320},
-                                {"num_stages_dq": 1}, {"consumer_registers": 250}], ids=str)
+                                {"num_stages_dq": 1}, {"consumer_registers": 250},
+                                {"overlap": True, "fused_dq": True}], ids=str)
 def test_block_sizes_validate(kw):
     with pytest.raises(ValueError, match="MosaicBackwardBlockSizes"):
         MosaicBackwardBlockSizes(**kw)
@@ -225,6 +228,25 @@ def test_interpret_mode_delta_either_way(in_kernel):
     _check(1, 256, 128, 2, 1, 64, causal=True, softcap=3.0, interpret=True, block_sizes=bs)
 
 
+OVERLAP_64 = MosaicBackwardBlockSizes(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2,
+                                      num_stages_dq=2, overlap=True)
+OVERLAP_128 = MosaicBackwardBlockSizes(block_k_dq=128, overlap=True)
+
+
+@interpret_only
+@pytest.mark.parametrize("what,T,S,H,causal,window,softcap,segments,bs", [
+    ("GQA causal + window + softcap + segment ids, T > S", 256, 128, 64, True, (100, None),
+     3.0, True, OVERLAP_64),
+    ("H = 128, T < S causal", 128, 256, 128, True, None, None, False, OVERLAP_128),
+], ids=lambda c: c if isinstance(c, str) else None)
+def test_interpret_mode_overlap_matches_reference_gradients(what, T, S, H, causal, window,
+                                                            softcap, segments, bs):
+    """overlap: the score-sized products issued in pairs, P under dP, dV and dK together
+    (the order of waits changes, no number)."""
+    _check(1, T, S, 2, 1, H, causal=causal, window=window, softcap=softcap,
+           segments=segments, interpret=True, block_sizes=bs)
+
+
 @interpret_only
 def test_interpret_mode_negative_scale():
     _check(1, 128, 128, 2, 1, 64, causal=True, scale=-0.1, interpret=True)
@@ -248,14 +270,14 @@ def test_interpret_mode_same_as_the_triton_backward():
                                    atol=3e-2, rtol=3e-2, err_msg=name)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["two kernels", "fused"])
+@pytest.mark.parametrize("mode", ["two kernels", "fused", "overlap"])
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("causal,window,softcap,segments", [
     (False, None, None, False),
     (True, None, None, False),
     (True, (128, None), 30.0, True),
 ], ids=["plain", "causal", "causal-window-softcap-segments"])
-def test_lowers_for_cuda(H, causal, window, softcap, segments, fused, monkeypatch):
+def test_lowers_for_cuda(H, causal, window, softcap, segments, mode, monkeypatch):
     """Both kernels (or the fused one) lower to Mosaic GPU for CUDA, on the CPU
     (tests/test_gpu_lowering.py's method; the Hopper device check is lifted: there is none
     here)."""
@@ -266,7 +288,9 @@ def test_lowers_for_cuda(H, causal, window, softcap, segments, fused, monkeypatc
     zeros = lambda *shape, dtype=jnp.bfloat16: jnp.zeros(shape, dtype)
     seg = (zeros(B, T, dtype=jnp.int32), zeros(B, S, dtype=jnp.int32)) if segments else None
 
-    bs = (FUSED_64 if H == 64 else FUSED_128) if fused else None
+    fused = mode == "fused"
+    bs = {"two kernels": None, "fused": FUSED_64 if H == 64 else FUSED_128,
+          "overlap": OVERLAP_64 if H == 64 else OVERLAP_128}[mode]
 
     def backward(q, k, v, out, lse, d_out):
         return flash_attention_mgpu_backward(q, k, v, out, lse, d_out, causal=causal,
@@ -311,6 +335,17 @@ def test_gpu_fused_dq_matches_reference_gradients(B, T, S, N, K, H, causal, wind
     """The fused backward (TMA reduce-add of dQ, which interpret mode cannot run)."""
     _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
            block_sizes=FUSED_64 if H == 64 else FUSED_128)
+
+
+@hopper
+@pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments",
+                         [GPU_CASES[i] for i in (0, 2, 4, 6)], ids=str)
+def test_gpu_overlap_matches_reference_gradients(B, T, S, N, K, H, causal, window, softcap,
+                                                 segments):
+    default = MosaicBackwardBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H,
+                                                   causal=causal)
+    _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
+           block_sizes=dataclasses.replace(default, overlap=True))
 
 
 @hopper
