@@ -75,6 +75,8 @@
 #                                              #   the H = 64 forward, ours and cuDNN's
 #   bash experiments/gpu_pending.sh pin        # H100: the softmax pinned before O's wait,
 #                                              #   four consumers; A/B against .snap_old
+#   bash experiments/gpu_pending.sh pin2       # H100: the same with P_{j-1} kept alive;
+#                                              #   the backward's overlap
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -367,6 +369,41 @@ for step in "$@"; do
       tail -7 "$OUT/old_d128.txt"
       timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "variants and consumers=4" 2>&1 | tail -3 ;;
+    pin2)
+      # Session 9, second try: the pinned softmax with P_{j-1} kept alive past O's wait; four
+      # consumers; the backward's overlap. Few files: logs go to log.txt.
+      L="$OUT/log.txt"
+      mkdir -p /tmp/p2dump
+      MOSAIC_GPU_DUMP_TO=/tmp/p2dump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+        timeout 100 python3 experiments/fwd_in_context.py --once --out /tmp/once.json \
+        > /tmp/p2dump_log.txt 2>&1
+      for f in /tmp/p2dump/*.ptx; do
+        ptxas -arch=sm_90a -o /tmp/p2.cubin "$f" 2>&1 | grep -v "^$" | head -5 | tee -a "$L"
+        cuobjdump -sass /tmp/p2.cubin > /tmp/p2.sass \
+          && python3 experiments/sass_loops.py /tmp/p2.sass > "$OUT/loops.txt"
+      done
+      grep -E "^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -24
+      timeout 150 python3 experiments/mgpu_check.py --configs "d64" --variants "4 consumers" \
+        --out "$OUT/d64.json" 2>&1 | grep -v "^wrote" >> "$L"
+      tail -9 "$L"
+      (cd ../.snap_old && timeout 80 python3 experiments/mgpu_check.py --configs "d64" \
+        --no-variants --out "$OUT/old_d64.json" 2>&1 | grep -v "^wrote" >> "$L")
+      tail -4 "$L"
+      timeout 110 python3 experiments/mgpu_check.py --configs "d128" --no-variants \
+        --out "$OUT/d128.json" 2>&1 | grep -v "^wrote" >> "$L"
+      tail -7 "$L"
+      MOSAIC_GPU_DUMP_PTXAS=1 timeout 150 python3 experiments/mgpu_bwd_check.py \
+        --configs "d64" --variants "overlap" --out "$OUT/bwd64.json" 2>&1 \
+        | grep -v "^wrote" > /tmp/bwd64.txt
+      grep -h "C75" /tmp/bwd64.txt | sort | uniq -c | head -5 | tee -a "$L"
+      grep -v "ptxas" /tmp/bwd64.txt | tail -6 | tee -a "$L"
+      timeout 100 python3 experiments/mgpu_bwd_check.py --configs "b4 s4096 h16 d128" \
+        --variants "overlap" --out "$OUT/bwd128.json" 2>&1 | grep -v "^wrote" \
+        | tail -6 | tee -a "$L"
+      timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "variants and c4" 2>&1 | tail -3 | tee -a "$L"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu_bwd.py -k "gpu_overlap" 2>&1 | tail -3 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

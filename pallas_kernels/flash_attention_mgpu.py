@@ -569,7 +569,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
             p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
         else:
             def under_pv(refs):
-                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+                o_ref, p_ref, m_ref, l_ref, alpha_ref, _ = refs
 
                 def scores(s_ref):
                     issue_qk(j, s_ref)
@@ -589,9 +589,15 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = lax.optimization_barrier(
                     probabilities(j, s, m, l, masked=masked))
 
-            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
-            acc, p, m, l, alpha = pl.run_state(under_pv)(
-                (plgpu.ACC.init(acc), p_prev, m, l, m))
+            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts. The
+            # last slot carries P_{j-1} out untouched: used after the wait (below), its
+            # registers stay reserved while the PV product reads them. Without that the
+            # pinned softmax may write its P there, and ptxas then serialised every wgmma
+            # of the kernel (session 9: DEPBAR 0 after each HGMMA, -12% at H = 64, -31%
+            # at H = 128).
+            acc, p, m, l, alpha, p_read = pl.run_state(under_pv)(
+                (plgpu.ACC.init(acc), p_prev, m, l, m, p_prev))
+            _, alpha = lax.optimization_barrier((p_read, alpha))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return rescale(acc, alpha), m, l, p
 

@@ -339,6 +339,16 @@ def test_gpu_masks_match_reference(B, T, S, N, K, H, causal, window, softcap, se
            dtype=dtype)
 
 
+def _short_id(bs: MosaicBlockSizes) -> str:
+    """A test id pytest -k can select on: q128-k64-s4-c2-r240-24, then pp (turns), ov
+    (softmax under PV), persistent."""
+    flags = [name for name, on in (("pp", bs.pingpong), ("ov", bs.overlap_softmax),
+                                   ("persistent", bs.persistent)) if on]
+    return "-".join([f"q{bs.block_q}", f"k{bs.block_k}", f"s{bs.num_stages}",
+                     f"c{bs.consumers}", f"r{bs.consumer_registers}-{bs.producer_registers}",
+                     *flags])
+
+
 GPU_MASKS = [{}, {"window": (300, None)},
              {"window": (200, 100), "softcap": 30.0, "segments": True}]
 
@@ -354,7 +364,8 @@ GPU_MASKS = [{}, {"window": (300, None)},
                      overlap_softmax=True),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      overlap_softmax=True),
-], ids=str)
+    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False),
+], ids=lambda bs: _short_id(bs))
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
