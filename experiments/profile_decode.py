@@ -17,7 +17,10 @@ a pool whose pages sit in sequence order (the block tables still go through ever
 head). If the in-order pool reads as fast as the contiguous cache, the gap is the shuffled
 pool's DRAM / TLB locality, not the kernel's gather. (Session 7 dropped two variants: the
 contiguous tiles on the paged kernel were slower, 2248 vs 2308 GB/s on b1 x 32768, and one
-split is 8 programs there.) --tiny: a small row in interpret mode (CPU), for the tests.
+split is 8 programs there.) Session 9: `paged one wave` / `paged one wave st3`, the paged
+kernel with one program per SM (waves=1: one split on b16 x 4096, whose contiguous decode
+runs one split and no combine) at 2 or 3 stages, over the benchmark's shuffled pool.
+--tiny: a small row in interpret mode (CPU), for the tests.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import fastattn
 from experiments import trace_kernels
 from experiments.bench_attention import rel_err, time_fn
 from experiments.bench_decode import PAGE_SIZE, REPEATS, _decode_problem, _to_pages
+from pallas_kernels.decode_attention import DecodeBlockSizes
 
 ROWS = [(1, 32768), (16, 4096)]
 TRACED_CALLS = 20
@@ -40,6 +44,12 @@ VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or
     "paged": 1,
     "paged in order": None,
     "paged runs of 4": 4,
+    "paged one wave": 1,
+    "paged one wave st3": 1,
+}
+BLOCK_SIZES = {  # the paged variants not at the paged default tiles
+    "paged one wave": DecodeBlockSizes(waves=1),
+    "paged one wave st3": DecodeBlockSizes(waves=1, num_stages=3),
 }
 
 
@@ -52,8 +62,9 @@ def _fns(k, v, seed):
                 q, k, v, n, implementation="pallas"))
         else:
             pool = _to_pages(k, v, page_size=PAGE_SIZE, seed=seed, run=run)
-            fns[name] = jax.jit(lambda q, k, v, n, pool=pool: fastattn.paged_attention(
-                q, *pool, n, implementation="pallas"))
+            fns[name] = jax.jit(lambda q, k, v, n, pool=pool, bs=BLOCK_SIZES.get(name):
+                                fastattn.paged_attention(q, *pool, n, implementation="pallas",
+                                                         block_sizes=bs))
     return fns
 
 
