@@ -77,6 +77,8 @@
 #                                              #   four consumers; A/B against .snap_old
 #   bash experiments/gpu_pending.sh pin2       # H100: the same with P_{j-1} kept alive;
 #                                              #   the backward's overlap
+#   bash experiments/gpu_pending.sh fwd9       # H100: session 9 defaults: H = 64 variants,
+#                                              #   bench_attention fwd and fwd+bwd rows
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -404,6 +406,18 @@ for step in "$@"; do
         tests/test_attention_mgpu.py -k "variants and c4" 2>&1 | tail -3 | tee -a "$L"
       timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu_bwd.py -k "gpu_overlap" 2>&1 | tail -3 | tee -a "$L" ;;
+    fwd9)
+      # Session 9 defaults (H = 64 forward: four consumers; H = 128 backward: overlap):
+      # the variants around the new H = 64 default, then bench_attention's rows.
+      L="$OUT/log.txt"
+      timeout 120 python3 experiments/mgpu_check.py --configs "d64" \
+        --variants "4 consumers,session 8" --out "$OUT/d64.json" 2>&1 | grep -v "^wrote" \
+        > /tmp/d64.txt
+      grep -v "errors" /tmp/d64.txt | tail -12 | tee -a "$L"
+      timeout 220 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -16 | tee -a "$L"
+      timeout 330 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
+        --out "$OUT/attention_bwd.json" 2>&1 | grep -v "^wrote" | tail -16 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -89,15 +89,19 @@ VARIANTS = {
         # no turns. Measured worse in session 8 and dropped: bq256 bk128 st2 (spills),
         # overlap on masked tiles too, overlap bq128 bk128 st4. Four 64-row consumers hung
         # on the H100 in session 8 at 120 registers each, more than the producer gives back
-        # (flash_attention_mgpu.most_consumer_registers); back at 112 in session 9:
+        # (flash_attention_mgpu.most_consumer_registers); back at 112 in session 9, and the
+        # default since (no overlap, 4 stages). Around it:
         "4 consumers np-ov bq256 bk64 st4": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             overlap_softmax=True),
-        "4 consumers np bq256 bk64 st4": MosaicBlockSizes(
-            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False),
-        "4 consumers np-ov bq256 bk64 st6": MosaicBlockSizes(
-            block_q=256, block_k=64, num_stages=6, consumers=4, pingpong=False,
-            overlap_softmax=True),
+        "4 consumers np bq256 bk64 st2": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False),
+        "4 consumers np bq256 bk64 st3": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=3, consumers=4, pingpong=False),
+        "4 consumers np bq256 bk64 st6": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=6, consumers=4, pingpong=False),
+        "np-ov bq256 bk64 st4 (session 8 default)": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True),
         # Around the session 8 default (no turns, overlap, 256 x 64, 4 stages):
         "persistent np-ov bq256 bk64 st4": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, pingpong=False, overlap_softmax=True,

@@ -33,25 +33,26 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
     up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the tiles in that
     order in turn; measured slower, off.)
 
-    warpgroup 2, producer  (few registers: setmaxnreg down)
+    warpgroup C (C = MosaicBlockSizes.consumers, 2 or 4), producer  (few registers:
+    setmaxnreg down)
         TMA K_t, V_t -> the next position r of a num_stages-deep ring (stage r % num_stages),
         completion on k_ready / v_ready[stage] (the key tile's kv segment ids ride with K, on
-        the same k_ready); before reusing a stage it waits until both consumers released it
+        the same k_ready); before reusing a stage it waits until every consumer released it
         (each releases every key tile of its CTA's query tile, read or not).
-    warpgroups 0 and 1, consumers  (setmaxnreg up), each owns block_q / 2 query rows:
+    warpgroups 0 .. C - 1, consumers  (setmaxnreg up), each owns block_q / C query rows:
         Q tile (and its q segment ids) -> SMEM once (TMA), then per key tile j
           [ S_j = Q K_j^T  and  O += P_{j-1} V_{j-1} ]   two wgmmas issued back to back
           softmax_j on S_j (f32, exp2)  ->  P_j in registers (the A operand of the next PV)
-        Pingpong (MosaicBlockSizes.pingpong): the bracketed GEMMs of the two consumers
+        Pingpong (MosaicBlockSizes.pingpong, C = 2): the bracketed GEMMs of the consumers
         alternate through a pair of "turn" barriers, so one warpgroup's softmax runs while
         the other's GEMMs keep the tensor cores busy (FA-3 section 3.1).
         Overlap (MosaicBlockSizes.overlap_softmax): on tiles seen in full the softmax waits
         for S_j alone and runs under the PV product; O is rescaled after it (FA-3 3.2).
         The per-shape defaults pick these from H100 measurements (default_for).
 
-    shared memory: Q/O [2, block_q/2, H], K and V [num_stages, block_k, H] (128-byte
-        swizzle, the layout wgmma reads), lse [2, block_q/2] f32; with segment ids also
-        q ids [2, block_q/2] and kv ids [num_stages, block_k] int32.
+    shared memory: Q/O [C, block_q/C, H], K and V [num_stages, block_k, H] (128-byte
+        swizzle, the layout wgmma reads), lse [C, block_q/C] f32; with segment ids also
+        q ids [C, block_q/C] and kv ids [num_stages, block_k] int32.
 
 Block skipping: the CTA visits key tiles [lo, end) with step index j the absolute tile index
 (ring position ring + j - lo, ring counting the key tiles streamed for the CTA's earlier
@@ -226,9 +227,9 @@ class MosaicBlockSizes:
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
                     causal: bool) -> MosaicBlockSizes:
-        """The per-shape rule. H <= 64: 256-query tiles (128 rows per consumer) of 64-key
-        steps, 4 stages, no turns and the softmax under the PV product, when T is a multiple
-        of 256 (else 128-query tiles of 128-key steps); H = 128: 128-key tiles, 2 stages (a
+        """The per-shape rule. H <= 64: 256-query tiles of 64-key steps, 4 stages, four
+        64-row consumers without turns, when T is a multiple of 256 (else 128-query tiles of
+        128-key steps); H = 128: 128-key tiles, 2 stages (a
         third stage would not fit next to Q), the softmax under the PV product; H = 256:
         64-key tiles so that O (128 registers per thread) and S still fit in a consumer's
         registers. block_k falls back to 64 when S is not a multiple of the preferred tile.
@@ -240,11 +241,13 @@ class MosaicBlockSizes:
         8 (three runs): at H = 64 no turns + overlap gave +3.6 to +9.5% (full) and +4.8%
         (train step; no turns alone +4.1 and +4.2%); at H = 128 the overlap gave +4.9 and
         +7.2% on b4 s4096 full, +4.0% on b1 s16384 causal, -1.3 and +3.9% on b4 s4096
-        causal, the same on b16 s1024. H = 256 is not tuned yet."""
+        causal, the same on b16 s1024. Session 9, two runs: at H = 64 four 64-row consumers
+        (no overlap) gave 354.7 and 354.1 TFLOP/s on the train step's shape against 319.9 and
+        320.3 for the session 8 schedule (two 128-row consumers, overlap), and 405.0 and
+        391.7 against 381.8 and 381.7 on b4 s4096 full. H = 256 is not tuned yet."""
         del causal  # the same tiles serve both; kept for a uniform signature
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
-            return cls(block_q=256, block_k=64, num_stages=4, pingpong=False,
-                       overlap_softmax=True)
+            return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False)
         if head_dim <= 64:
             base = cls(block_k=128, num_stages=4)
         elif head_dim <= 128:

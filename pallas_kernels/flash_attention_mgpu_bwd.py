@@ -190,11 +190,15 @@ class MosaicBackwardBlockSizes:
         is 64 or 128 rows, and the 128-row dQ query and dK/dV key tiles already ask T and S
         to be multiples of 128. Session 7, on the 0.85B train step's shape (H = 64, GQA
         32/8, causal T = 2048): four dK/dV stages at H = 64, 313 TFLOP/s against 302 with
-        three (cuDNN's backward: 263)."""
+        three (cuDNN's backward: 263). Session 9: the paired products (overlap) at H = 128,
+        +3% on b4 s4096 causal and +7% full (400 -> 413, 421 -> 450 TFLOP/s, one run); at
+        H = 64 they lost 5% on the train step's shape (318 -> 303) and tied on the full row,
+        so H = 64 keeps the one-at-a-time order."""
         del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
-                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2)
+                   num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
+                   overlap=not small)
 
 
 # ----------------------------------------------------------------------------- shared math

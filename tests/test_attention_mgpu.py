@@ -186,10 +186,11 @@ def test_default_block_sizes_fit_the_shapes():
             bs = MosaicBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=True)
             assert T % bs.block_q == 0 and S % bs.block_k == 0
             assert bs.smem_bytes(H, 2) <= 227 * 1024
-    # H = 64 takes 256-query tiles where T allows (session 7's H100 variants), without turns
-    # and with the softmax under PV; H = 128 the softmax under PV (session 8's)
+    # H = 64 takes 256-query tiles where T allows (session 7's H100 variants), four 64-row
+    # consumers without turns (session 9's); H = 128 the softmax under PV (session 8's)
     h64 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64, causal=True)
-    assert (h64.block_q, h64.pingpong, h64.overlap_softmax) == (256, False, True)
+    assert (h64.block_q, h64.consumers, h64.pingpong, h64.overlap_softmax) == (
+        256, 4, False, False)
     h128 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=128, causal=True)
     assert (h128.block_q, h128.block_k, h128.pingpong, h128.overlap_softmax) == (
         128, 128, True, True)
