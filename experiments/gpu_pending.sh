@@ -79,6 +79,8 @@
 #                                              #   the backward's overlap
 #   bash experiments/gpu_pending.sh fwd9       # H100: session 9 defaults: H = 64 variants,
 #                                              #   bench_attention fwd and fwd+bwd rows
+#   bash experiments/gpu_pending.sh train9     # H100: the train step cuDNN / default twice;
+#                                              #   the paged decode at one program per SM
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -418,6 +420,14 @@ for step in "$@"; do
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -16 | tee -a "$L"
       timeout 330 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
         --out "$OUT/attention_bwd.json" 2>&1 | grep -v "^wrote" | tail -16 | tee -a "$L" ;;
+    train9)
+      # Session 9 defaults in the train step, cuDNN / default twice; then the paged decode at
+      # one program per SM on the two rows short of 0.95x contiguous.
+      L="$OUT/log.txt"
+      timeout 400 python3 experiments/bench_train.py --impls cudnn,default,cudnn,default \
+        --unpacked --out "$OUT/train9.json" 2>&1 | grep -v "^wrote" | tail -6 | tee -a "$L"
+      timeout 150 python3 experiments/profile_decode.py --time \
+        --variants "paged,paged one wave,paged one wave st3" 2>&1 | tail -10 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
