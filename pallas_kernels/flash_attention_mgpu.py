@@ -572,7 +572,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
             p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
         else:
             def under_pv(refs):
-                o_ref, p_ref, m_ref, l_ref, alpha_ref, _ = refs
+                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
 
                 def scores(s_ref):
                     issue_qk(j, s_ref)
@@ -584,23 +584,19 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
                     plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-                # The barrier pins the softmax here, before the wait for O that leaving
-                # run_state emits: without it LLVM sinks the arithmetic (no memory effects)
-                # towards its uses after that wait, and the SASS waited for both products
-                # before the first max (session 9: WARPGROUP.DEPBAR.LE gsb0, 0x0 ahead of
-                # every FMNMX of the step).
-                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = lax.optimization_barrier(
-                    probabilities(j, s, m, l, masked=masked))
+                # What ptxas makes of this (SASS, session 9): the wait for O (leaving
+                # run_state) comes before the softmax's first max, so the softmax does not
+                # run under PV after all; what the option gains is the two products issued
+                # together. Pinning the softmax ahead of that wait (an optimization barrier on
+                # its results, P_{j-1} kept alive past the wait) left the wait where it was,
+                # and without P_{j-1} kept alive ptxas serialised every wgmma (-12% at H = 64,
+                # -31% at H = 128); BENCHMARKS.md, session 9.
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
+                    j, s, m, l, masked=masked)
 
-            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts. The
-            # last slot carries P_{j-1} out untouched: used after the wait (below), its
-            # registers stay reserved while the PV product reads them. Without that the
-            # pinned softmax may write its P there, and ptxas then serialised every wgmma
-            # of the kernel (session 9: DEPBAR 0 after each HGMMA, -12% at H = 64, -31%
-            # at H = 128).
-            acc, p, m, l, alpha, p_read = pl.run_state(under_pv)(
-                (plgpu.ACC.init(acc), p_prev, m, l, m, p_prev))
-            _, alpha = lax.optimization_barrier((p_read, alpha))
+            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
+            acc, p, m, l, alpha = pl.run_state(under_pv)(
+                (plgpu.ACC.init(acc), p_prev, m, l, m))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return rescale(acc, alpha), m, l, p
 
