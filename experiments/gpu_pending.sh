@@ -81,6 +81,8 @@
 #                                              #   bench_attention fwd and fwd+bwd rows
 #   bash experiments/gpu_pending.sh train9     # H100: the train step cuDNN / default twice;
 #                                              #   the paged decode at one program per SM
+#   bash experiments/gpu_pending.sh final9     # H100: train step ABBA; H = 128 forward rows;
+#                                              #   the backward's other order, GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -428,6 +430,19 @@ for step in "$@"; do
         --unpacked --out "$OUT/train9.json" 2>&1 | grep -v "^wrote" | tail -6 | tee -a "$L"
       timeout 150 python3 experiments/profile_decode.py --time \
         --variants "paged,paged one wave,paged one wave st3" 2>&1 | tail -10 | tee -a "$L" ;;
+    final9)
+      # Session 9's last call: the train step in the order cuDNN, default, default, cuDNN (a
+      # drift over the process cancels); the H = 128 forward rows after the pin came out;
+      # the backward's other product order on the GPU, as far as time allows.
+      L="$OUT/log.txt"
+      timeout 420 python3 experiments/bench_train.py --impls cudnn,default,default,cudnn \
+        --unpacked --out "$OUT/train_abba.json" 2>&1 | grep -v "^wrote" | tail -6 | tee -a "$L"
+      timeout 80 python3 experiments/bench_attention.py --only fwd --configs d128 \
+        --impls cudnn,fastattn --out "$OUT/attention_fwd128.json" 2>&1 | grep -v "^wrote" \
+        | tail -8 | tee -a "$L"
+      timeout 75 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu_bwd.py -k "gpu_other_product_order" 2>&1 | tail -3 \
+        | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
