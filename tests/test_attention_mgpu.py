@@ -249,8 +249,6 @@ SCHEDULE_CASES = [
     # every barrier) and no number
     ("softmax under PV, causal GQA, consumer ends differ", 256, 256, True, None, False,
      MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True)),
-    ("softmax under PV, full", 128, 512, False, None, False,
-     MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True)),
     ("no ping-pong + softmax under PV, 256-query tiles, consumer ends differ", 256, 512,
      True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
