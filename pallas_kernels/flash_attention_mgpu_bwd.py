@@ -282,8 +282,9 @@ def _two_products_nt(first, second, shape, then, st: _Static):
         plgpu.wgmma(r1, a1, b1.transpose((1, 0)))
         plgpu.wgmma(r2, a2, b2.transpose((1, 0)))
         # Each wgmma is its own group and groups complete in order: wait_n=1 gives the
-        # first. The barrier keeps then()'s arithmetic ahead of the second wait (LLVM
-        # would otherwise sink it past, as it did in the forward, session 9).
+        # first. The barrier asks LLVM to keep then()'s arithmetic ahead of the second wait;
+        # whether ptxas keeps it there is not checked here (in the forward's SASS it did
+        # not, BENCHMARKS.md session 9). The H100 timings of this option include it.
         early = lax.optimization_barrier(then(plgpu.wgmma_accumulator_load(r1, wait_n=1)))
         return early, plgpu.wgmma_accumulator_load(r2, wait_n=0)
 
