@@ -223,3 +223,24 @@ def test_greedy_margin_tiny_measures_the_bf16_flips():
     r = greedy_margin.main(["--tiny", "--tokens", "16"])
     assert r["gap_median"] > 0 and r["bf16_error_median"] > 0  # bf16 rounds, f32 does not
     assert 0 <= r["argmax_agreement"] <= 1
+
+
+def test_sass_loops_finds_the_loop_and_orders_its_waits():
+    """experiments/sass_loops.py on a hand-written SASS fragment: the predicated branch back
+    closes the loop (the unconditional one, a barrier wait's retry path, does not), and the
+    skeleton lists the products, the wait and the softmax in program order."""
+    from experiments import sass_loops
+
+    body = ["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0"] + ["FMNMX.NAN R2, R2, R3"] * 3 + \
+           ["MUFU.EX2 R4, R5"] * 200 + ["@P1 BRA 0x0100"]
+    lines = [f"        /*{0x100 + 16 * i:04x}*/                   {text} ;"
+             for i, text in enumerate(body)]
+    lines.append(f"        /*{0x100 + 16 * len(body):04x}*/  BRA 0x0100 ;")  # a retry path
+    text = "\n".join(lines)
+    assert sass_loops.loops(sass_loops.parse(text)) == [(0x100, 0x100 + 16 * (len(body) - 1))]
+    summary = sass_loops.summarise(text)
+    assert summary.count("loop ") == 1
+    order = [line.split(None, 1)[1] for line in summary.splitlines()[2:]]
+    assert order[0].startswith("HGMMA") and order[1].startswith("WARPGROUP.DEPBAR")
+    assert order[2] == "FMNMX (first-last)" and order[3] == "MUFU.EX2 (first-last)"
