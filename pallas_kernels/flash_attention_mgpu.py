@@ -639,7 +639,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     end_last = _kv_tiles(cta_start, bs.consumers - 1, st)[3] if st.ends_differ else end
 
     def release_unread(ready, free, j):
-        """Key tile j is one that only the other consumer reads: wait for its load and
+        """Key tile j is one that only other consumers read: wait for its load and
         release it all the same. So this consumer takes every phase of k_ready / v_ready in
         order, and the producer waits for every consumer's release of every tile."""
         @pl.when(j < end_last)

@@ -76,6 +76,7 @@ from pallas_kernels.flash_attention_mgpu import (
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
+    most_consumer_registers,
     require_hopper,
 )
 from pallas_kernels._common import check_scalar_options
@@ -95,7 +96,8 @@ class MosaicBackwardBlockSizes:
         of 64 in [64, 256]. num_stages_dkv: Q/dO stages (>= 2).
     block_q_dq: queries per dQ CTA, split over the two consumers: 128 or 256. block_k_dq:
         keys per dQ step, a multiple of 64 in [64, 256]. num_stages_dq: K/V stages (>= 2).
-    consumer_registers / producer_registers: setmaxnreg limits, as MosaicBlockSizes.
+    consumer_registers / producer_registers: setmaxnreg limits, as MosaicBlockSizes (at
+        most most_consumer_registers(2, producer_registers): 240 for 24, 232 for 40).
     fused_dq: one kernel instead of two (FlashAttention-3's backward): the dK/dV kernel also
         computes each step's dQ contribution dS K from the dS it already has, and adds it
         into an f32 accumulator in global memory with TMA reduce-add; the dQ kernel does not
@@ -153,10 +155,12 @@ class MosaicBackwardBlockSizes:
                 raise ValueError(f"{cls}.{name}={value} must be a multiple of 8 in [24, 256]")
         if self.overlap and self.fused_dq:
             raise ValueError(f"{cls}.overlap=True is not implemented with fused_dq=True")
-        total = NUM_CONSUMERS * self.consumer_registers + self.producer_registers
-        if total > 512:
-            raise ValueError(f"{cls}: {NUM_CONSUMERS} x consumer_registers + "
-                             f"producer_registers = {total} exceeds 512")
+        most = most_consumer_registers(NUM_CONSUMERS, self.producer_registers)
+        if self.consumer_registers > most:
+            raise ValueError(
+                f"{cls}.consumer_registers={self.consumer_registers} is more than the {most} "
+                f"that {NUM_CONSUMERS} consumers can take from a producer at "
+                f"producer_registers={self.producer_registers}; the CTA would deadlock")
 
     def smem_bytes_dkv(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
         """K, V rows of the CTA, then per stage Q, dO, lse, delta (and query ids); with

@@ -115,6 +115,7 @@ def test_refuses_without_a_hopper_gpu():
 @pytest.mark.parametrize("kw", [{"block_k_dkv": 64}, {"block_q_dq": 192},
                                 {"block_q_dkv": 96}, {"block_k_dq": 320},
                                 {"num_stages_dq": 1}, {"consumer_registers": 250},
+                                {"consumer_registers": 240, "producer_registers": 32},
                                 {"overlap": True, "fused_dq": True}], ids=str)
 def test_block_sizes_validate(kw):
     with pytest.raises(ValueError, match="MosaicBackwardBlockSizes"):
