@@ -364,7 +364,7 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      overlap_softmax=True),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False),
-], ids=lambda bs: _short_id(bs))
+], ids=_short_id)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
