@@ -50,7 +50,8 @@ def loops(instructions, min_length: int = 200) -> list[tuple[int, int]]:
 
 
 def skeleton(body: list[str]) -> list[str]:
-    """Markers in order; a run of one softmax opcode shows its first and last position."""
+    """Markers in order, then for each softmax opcode the positions of its first and last
+    instance in the loop, merged into that order."""
     lines, first, last = [], {}, {}
     for i, text in enumerate(body):
         op = opcode(text)

@@ -123,7 +123,7 @@ def most_consumer_registers(consumers: int, producer_registers: int) -> int:
     producer releases any, so consumers * (target - launch) <= launch - producer. Asking for
     more deadlocks the CTA (four consumers at 120 hung on the H100, session 8)."""
     launch = launch_registers(consumers + 1)
-    return min(256, (launch + (launch - producer_registers) // consumers) // 8 * 8)
+    return (launch + (launch - producer_registers) // consumers) // 8 * 8
 
 
 def _plgpu():
@@ -193,7 +193,7 @@ class MosaicBlockSizes:
                 "of 64 or 128 rows)")
         most = most_consumer_registers(self.consumers, self.producer_registers)
         if self.consumer_registers is None:
-            object.__setattr__(self, "consumer_registers", min(most, 240))
+            object.__setattr__(self, "consumer_registers", most)
         if self.block_k % 64 or not 64 <= self.block_k <= 256:
             raise ValueError(f"MosaicBlockSizes.block_k={self.block_k} must be a multiple of "
                              "64 in [64, 256]")
