@@ -83,6 +83,10 @@
 #                                              #   the paged decode at one program per SM
 #   bash experiments/gpu_pending.sh final9     # H100: train step ABBA; H = 128 forward rows;
 #                                              #   the backward's other order, GPU tests
+#   bash experiments/gpu_pending.sh order10    # H100: every forward config, its default
+#                                              #   launched tile-major and head-major
+#   bash experiments/gpu_pending.sh order10b   # H100: the backward head-major; the GPU tests
+#                                              #   of head-major launches
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -443,6 +447,25 @@ for step in "$@"; do
       timeout 75 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu_bwd.py -k "gpu_other_product_order" 2>&1 | tail -3 \
         | tee -a "$L" ;;
+    order10)
+      # Session 10: each forward config's default launched tile by tile (as until now) and
+      # head by head (a head's query tiles side by side, sharing its K/V in L2), on a grid
+      # and persistent; cuDNN and Triton in the same process.
+      L="$OUT/log.txt"
+      timeout 570 python3 experiments/mgpu_check.py --variants "head-major" \
+        --out "$OUT/fwd_order.json" 2>&1 | grep -v "^wrote" > /tmp/fwd_order.txt
+      grep -v "errors" /tmp/fwd_order.txt | tail -40 | tee -a "$L" ;;
+    order10b)
+      # Session 10: the backward head-major on three configs; the head-major GPU tests.
+      L="$OUT/log.txt"
+      timeout 330 python3 experiments/mgpu_bwd_check.py --variants "head-major" \
+        --configs "b16 s1024 h16 d128 full,b4 s4096 h16 d128 full,train step" \
+        --out "$OUT/bwd_order.json" 2>&1 | grep -v "^wrote" > /tmp/bwd_order.txt
+      grep -v "errors" /tmp/bwd_order.txt | tail -14 | tee -a "$L"
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "variants and hm" 2>&1 | tail -3 | tee -a "$L"
+      timeout 130 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu_bwd.py -k "gpu_head_major" 2>&1 | tail -3 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from experiments.bench_attention import rel_err, time_fn
 from experiments.mgpu_check import CONFIGS as FORWARD_CONFIGS
-from experiments.mgpu_check import _error_text, chosen_variants, parse_args, unpack
+from experiments.mgpu_check import _error_text, chosen, chosen_variants, parse_args, unpack
 from experiments.results import write_results
 from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
 from pallas_kernels.flash_attention_mgpu_bwd import (
@@ -71,6 +71,9 @@ for _H in VARIANTS:
     _default = B.default_for(q_len=4096, kv_len=4096, head_dim=_H, causal=True)
     VARIANTS[_H]["no overlap" if _default.overlap else "overlap"] = dataclasses.replace(
         _default, overlap=not _default.overlap)
+    # Session 10: both kernels launched head by head (a head's tiles share its K/V, or its
+    # Q/dO, in L2).
+    VARIANTS[_H]["head-major"] = dataclasses.replace(_default, head_major=True)
 TIMING = {"min_time": 0.2, "samples": 7}
 TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
 
@@ -161,7 +164,7 @@ def main(argv=None):
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
     start, rows = time.perf_counter(), []
     for cfg in TINY if args.tiny else CONFIGS:
-        if args.configs in cfg[0]:
+        if chosen(cfg[0], args.configs):
             rows += run_config(cfg, interpret=args.tiny, with_variants=not args.no_variants,
                                only=args.variants)
             write_results(args.out, rows)  # after every config: a cut run keeps what it did

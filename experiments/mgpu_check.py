@@ -38,7 +38,9 @@ CONFIGS = [
     ("b16 s1024 h16 d128 causal", 16, 1024, 16, 128, True),
     ("b16 s1024 h16 d128 full", 16, 1024, 16, 128, False),
     ("b4 s4096 h32 d64 full", 4, 4096, 32, 64, False),
+    ("b16 s1024 h32 d64 full", 16, 1024, 32, 64, False),
     ("b1 s16384 h16 d128 causal", 1, 16384, 16, 128, True),
+    ("b1 s16384 h16 d128 full", 1, 16384, 16, 128, False),
     # The 0.85B train step's attention (bench_train: H = 64, causal, T = 2048, 32 query
     # heads on 8 kv heads): where the step's last 0.9 ms to cuDNN is (BENCHMARKS.md).
     ("b8 s2048 h32/8 d64 causal (train step)", 8, 2048, 32, 64, True, 8),
@@ -46,10 +48,14 @@ CONFIGS = [
 TINY = [("b1 s128 h2 d64 causal (interpret)", 1, 128, 2, 64, True)]
 
 
+def chosen(name: str, spec: str) -> bool:
+    """name contains one of spec's comma-separated parts ("" keeps all)."""
+    return any(part in name for part in spec.split(","))
+
+
 def chosen_variants(variants: dict, spec: str) -> dict:
     """The variants whose name contains one of spec's comma-separated parts ("" keeps all)."""
-    parts = spec.split(",")
-    return {name: bs for name, bs in variants.items() if any(p in name for p in parts)}
+    return {name: bs for name, bs in variants.items() if chosen(name, spec)}
 
 
 def unpack(cfg):
@@ -73,6 +79,13 @@ VARIANTS = {
         "persistent overlap": MosaicBlockSizes(block_k=128, num_stages=2,
                                                overlap_softmax=True, persistent=True),
         "persistent": MosaicBlockSizes(block_k=128, num_stages=2, persistent=True),
+        # Session 10: the default launched head by head (each head's query tiles side by
+        # side, its K/V from L2), on a grid or persistent.
+        "head-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+                                       head_major=True),
+        "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
+                                                  overlap_softmax=True, persistent=True,
+                                                  head_major=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -129,6 +142,13 @@ VARIANTS = {
                                                        num_stages=4, pingpong=False),
         "no overlap, turns bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64,
                                                              num_stages=4),  # session 7's
+        # Session 10: the default launched head by head (see the H = 128 ones).
+        "head-major 4 consumers": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
+                                                   consumers=4, pingpong=False,
+                                                   head_major=True),
+        "head-major persistent 4 consumers": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            persistent=True, head_major=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
@@ -216,7 +236,8 @@ def print_table(rows):
 def parse_args(argv, doc: str, json_name: str):
     """The command line of the Hopper kernel checks (this one and mgpu_bwd_check.py)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--configs", default="", help="keep configs whose name contains this")
+    p.add_argument("--configs", default="",
+                   help="keep configs whose name contains one of these (comma-separated)")
     p.add_argument("--no-variants", action="store_true", help="default block sizes only")
     p.add_argument("--variants", default="",
                    help="only the variants whose name has one of these (comma-separated)")
@@ -233,7 +254,7 @@ def main(argv=None):
     start = time.perf_counter()
     rows = []
     for cfg in TINY if args.tiny else CONFIGS:
-        if args.configs not in cfg[0]:
+        if not chosen(cfg[0], args.configs):
             continue
         new, results = run_config(cfg, interpret=args.tiny,
                                   peers=("pallas",) if args.tiny else ("cudnn", "pallas"))

@@ -27,11 +27,13 @@ softcap c: scores become c * tanh(scale * q.k / c) before the softmax (Gemma 2).
 
 Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
 
-    grid (T / block_q, B, N); head is the fastest axis, so the G query heads that share a kv
-    head run side by side and read the same K/V tiles from L2. Grids with a right bound
-    (causal) launch the bottom query tiles (the longest rows) first so that they do not end
-    up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the tiles in that
-    order in turn; measured slower, off.)
+    grid (T / block_q, B, N), launched head-fastest (the G query heads that share a kv head
+    side by side, reading the same K/V tiles from L2), or with MosaicBlockSizes.head_major
+    (B, N, T / block_q), query-tile-fastest: every query tile of a head side by side, so
+    that its K/V is read from DRAM about once rather than once per query tile. Grids with
+    a right bound (causal) launch the bottom query tiles (the longest rows) first so that
+    they do not end up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the
+    tiles in that order in turn; measured slower, off.)
 
     warpgroup C (C = MosaicBlockSizes.consumers, 2 or 4), producer  (few registers:
     setmaxnreg down)
@@ -168,6 +170,13 @@ class MosaicBlockSizes:
         an H100 it measured 1-12% slower at H = 64 and 128 and no faster on the short
         b16 s1024 rows (session 8): the fixed round-robin share balances causal rows worse
         than the hardware's CTA scheduler, and a tile's Q load is not yet overlapped.
+    head_major: the order CTAs launch in (the hardware starts them in grid order). False:
+        query tile by query tile, each over every (batch, head). True: head by head, each
+        over its query tiles. Every query tile of a head reads the head's whole K/V (up to
+        its causal / window bounds); head-major keeps those readers in flight together, so
+        the K/V comes from L2, where tile-major rereads it from DRAM once per query tile
+        whenever B x N heads of K/V do not fit in L2 (50 MB on an H100: at b16 s1024 h16
+        d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us).
     """
 
     block_q: int = 128
@@ -179,6 +188,7 @@ class MosaicBlockSizes:
     pingpong: bool = True
     overlap_softmax: bool = False
     persistent: bool = False
+    head_major: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -374,10 +384,10 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
     """Runs visit(batch, head, cta_start, ring) over the query tiles of this CTA, threading
     `ring` (the K/V ring position of the tile's first key tile; starts at 0) through.
 
-    ctas None: one tile per CTA, from the grid (q_tile, batch, head). Else a persistent grid
-    of `ctas` CTAs takes tiles cta, cta + ctas, ... of the list ordered q tile-major, then
-    batch, then head (the heads of one kv head side by side, as the grid is). A right bound
-    (causal): the bottom tiles have the most keys to visit, so they come first."""
+    ctas None: one tile per CTA, from the grid (launch_grid). Else a persistent grid of
+    `ctas` CTAs takes tiles cta, cta + ctas, ... of the list in the grid's launch order.
+    A right bound (causal): the bottom tiles have the most keys to visit, so they come
+    first."""
     B, _, N, _ = gm.q.shape
 
     def q_tile_start(index):
@@ -391,7 +401,12 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
 
     def one(i, ring):
         tile = cta + i * ctas
-        return visit(lax.div(tile, N) % B, tile % N, q_tile_start(lax.div(tile, N * B)), ring)
+        if st.block_sizes.head_major:  # batch, head, then q tile fastest
+            index, head, batch = tile % num_q_tiles, lax.div(tile, num_q_tiles) % N, \
+                lax.div(tile, num_q_tiles * N)
+        else:  # q tile, batch, then head fastest
+            index, batch, head = lax.div(tile, N * B), lax.div(tile, N) % B, tile % N
+        return visit(batch, head, q_tile_start(index), ring)
 
     return lax.fori_loop(0, count, one, 0)
 
@@ -802,6 +817,15 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
     pl.run_scoped(body, collective_axes="wg", **scratch)
 
 
+def launch_grid(tiles, batch, heads, *, head_major: bool):
+    """(grid, grid_names) for a grid over tiles x batch x heads, each a (size, name) pair.
+    Mosaic GPU launches the last grid axis fastest (it is CUDA's x). Tile-major: tiles
+    slowest, heads fastest; head-major: batch, heads, then tiles fastest (see
+    MosaicBlockSizes.head_major). The kernels find their coordinates by axis name."""
+    axes = (batch, heads, tiles) if head_major else (tiles, batch, heads)
+    return tuple(size for size, _ in axes), tuple(name for _, name in axes)
+
+
 def _kernel_call(plgpu, body, out_types, *, name, **kwargs):
     """plgpu.kernel(...), spelling the output-type and kernel-name arguments the way this
     JAX names them (feature detection; the name only labels profiles)."""
@@ -822,7 +846,8 @@ def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
     ctas = None
-    grid, grid_names = (num_q_tiles, B, N), ("q_tile", "batch", "head")
+    grid, grid_names = launch_grid((num_q_tiles, "q_tile"), (B, "batch"), (N, "head"),
+                                   head_major=st.block_sizes.head_major)
     if st.block_sizes.persistent:  # one CTA per SM, each taking tiles in turn
         # (lowered off a GPU, as the CPU tests do: an H100's)
         sms = INTERPRET_SMS if st.interpret else getattr(jax.devices()[0], "core_count",

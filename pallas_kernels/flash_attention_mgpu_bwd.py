@@ -76,6 +76,7 @@ from pallas_kernels.flash_attention_mgpu import (
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
+    launch_grid,
     most_consumer_registers,
     require_hopper,
 )
@@ -121,6 +122,9 @@ class MosaicBackwardBlockSizes:
         it ran at 314 TFLOP/s against 323 without (train step shape, same process, XLA's
         delta pass included), because each dQ CTA now waits for O and the row sums
         before its first step (BENCHMARKS.md, session 7).
+    head_major: both kernels launch head by head (the tiles of one head side by side), as
+        MosaicBlockSizes.head_major: the dK/dV CTAs of a kv head reread its Q, dO from L2
+        and the dQ CTAs of a head its K, V. False: tile by tile, each over every head.
     """
 
     block_q_dkv: int = 64
@@ -134,6 +138,7 @@ class MosaicBackwardBlockSizes:
     fused_dq: bool = False
     delta_in_dq_kernel: bool = False
     overlap: bool = False
+    head_major: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -430,6 +435,12 @@ def _launch(kernel, out_types, operands, *, grid, grid_names, st: _Static, name,
             num_threads=NUM_CONSUMERS + 1, thread_name="wg", compiler_params=params,
             name=name, **kwargs)
     return call(*operands)
+
+
+def _grid_args(tiles, batch, heads, bs: MosaicBackwardBlockSizes) -> dict:
+    """_launch's grid and grid_names in the launch order bs asks for."""
+    grid, grid_names = launch_grid(tiles, batch, heads, head_major=bs.head_major)
+    return {"grid": grid, "grid_names": grid_names}
 
 
 def _zeros_ref(shape):
@@ -873,8 +884,9 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     d_out = d_out.astype(q.dtype)
     segments = tuple(segment_ids or ())
     dq_launch = functools.partial(
-        _launch, functools.partial(_dq_kernel, st=st), grid=(T // bs.block_q_dq, B, N),
-        grid_names=("q_tile", "batch", "head"), st=st, name="flash_attention_dq_mgpu")
+        _launch, functools.partial(_dq_kernel, st=st),
+        **_grid_args((T // bs.block_q_dq, "q_tile"), (B, "batch"), (N, "head"), bs),
+        st=st, name="flash_attention_dq_mgpu")
     dq_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     delta_in_dq_kernel = bs.delta_in_dq_kernel and not bs.fused_dq
     if delta_in_dq_kernel:  # the dQ kernel first: it adds rowsum(dO * O) and hands delta on
@@ -889,7 +901,8 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
     kv_types = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     dkv_launch = functools.partial(
         _launch, functools.partial(_dkv_kernel, st=st), kv_types,
-        grid=(S // bs.block_k_dkv, B, K), grid_names=("kv_tile", "batch", "kv_head"), st=st)
+        **_grid_args((S // bs.block_k_dkv, "kv_tile"), (B, "batch"), (K, "kv_head"), bs),
+        st=st)
     if bs.fused_dq:  # one kernel; dQ comes out of the f32 accumulator it adds into
         acc = _zeros_ref(((S // bs.block_k_dkv,) if st.interpret else ()) + q.shape)
         dk, dv = dkv_launch((*operands, acc), name="flash_attention_bwd_fused_mgpu",

@@ -180,6 +180,15 @@ def test_consumer_registers_balance_what_the_producer_gives_back():
     assert four.consumer_registers == 112 and four.rows == 64
 
 
+def test_launch_grid_orders_the_axes():
+    """Mosaic GPU launches the last grid axis fastest: tile-major puts the heads last,
+    head-major the tiles."""
+    from pallas_kernels.flash_attention_mgpu import launch_grid
+    axes = ((8, "q_tile"), (2, "batch"), (16, "head"))
+    assert launch_grid(*axes, head_major=False) == ((8, 2, 16), ("q_tile", "batch", "head"))
+    assert launch_grid(*axes, head_major=True) == ((2, 16, 8), ("batch", "head", "q_tile"))
+
+
 def test_default_block_sizes_fit_the_shapes():
     for H in (64, 128, 256):
         for T, S in itertools.product((128, 256, 384, 4096), (128, 192, 4096)):
@@ -258,12 +267,13 @@ SCHEDULE_CASES = [
      True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4, pingpong=False,
                       overlap_softmax=True)),
-    ("four consumers, window + segment ids", 256, 256, False, (100, 50), True,
-     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False)),
+    ("four consumers, window + segment ids, head-major", 256, 256, False, (100, 50), True,
+     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False,
+                      head_major=True)),
     # Persistent grid: 8 query tiles (2 per head) on INTERPRET_SMS = 3 CTAs, so the ring
     # runs on across tiles of different lengths and the turns are handed over per tile.
-    ("persistent, causal GQA, turns", 256, 256, True, None, False,
-     MosaicBlockSizes(block_k=64, num_stages=3, persistent=True)),
+    ("persistent, causal GQA, turns, head-major", 256, 256, True, None, False,
+     MosaicBlockSizes(block_k=64, num_stages=3, persistent=True, head_major=True)),
     ("persistent, causal, T < S, no turns + softmax under PV", 512, 1024, True, None, False,
      MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
                       overlap_softmax=True, persistent=True)),
@@ -340,9 +350,10 @@ def test_gpu_masks_match_reference(B, T, S, N, K, H, causal, window, softcap, se
 
 def _short_id(bs: MosaicBlockSizes) -> str:
     """A test id pytest -k can select on: q128-k64-s4-c2-r240-24, then pp (turns), ov
-    (softmax under PV), persistent."""
+    (softmax under PV), persistent, hm (head-major launch)."""
     flags = [name for name, on in (("pp", bs.pingpong), ("ov", bs.overlap_softmax),
-                                   ("persistent", bs.persistent)) if on]
+                                   ("persistent", bs.persistent), ("hm", bs.head_major))
+             if on]
     return "-".join([f"q{bs.block_q}", f"k{bs.block_k}", f"s{bs.num_stages}",
                      f"c{bs.consumers}", f"r{bs.consumer_registers}-{bs.producer_registers}",
                      *flags])
@@ -364,6 +375,9 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      overlap_softmax=True),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False),
+    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+                     head_major=True),
+    MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, head_major=True),
 ], ids=_short_id)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])

@@ -229,8 +229,9 @@ def test_interpret_mode_delta_either_way(in_kernel):
     _check(1, 256, 128, 2, 1, 64, causal=True, softcap=3.0, interpret=True, block_sizes=bs)
 
 
+# The H = 64 case also launches head by head (both kernels find their tile by axis name).
 OVERLAP_64 = MosaicBackwardBlockSizes(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2,
-                                      num_stages_dq=2, overlap=True)
+                                      num_stages_dq=2, overlap=True, head_major=True)
 OVERLAP_128 = MosaicBackwardBlockSizes(block_k_dq=128, overlap=True)
 
 
@@ -348,6 +349,18 @@ def test_gpu_other_product_order_matches_reference_gradients(B, T, S, N, K, H, c
                                                    causal=causal)
     _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
            block_sizes=dataclasses.replace(default, overlap=not default.overlap))
+
+
+@hopper
+@pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments",
+                         [GPU_CASES[i] for i in (0, 6)], ids=str)
+def test_gpu_head_major_matches_reference_gradients(B, T, S, N, K, H, causal, window,
+                                                    softcap, segments):
+    """The default tiles launched head by head."""
+    default = MosaicBackwardBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H,
+                                                   causal=causal)
+    _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments,
+           block_sizes=dataclasses.replace(default, head_major=True))
 
 
 @hopper
