@@ -15,6 +15,9 @@ WARP_COUNTS = (1, 2, 4, 8, 16)
 # SMs of an H100 SXM: what program counts are sized by where the device cannot be asked
 # (they only need the order of magnitude).
 GPU_SMS = 132
+# L2 cache of an H100 / H200 (50 MiB): whether an operand that every tile of a head rereads
+# stays there (the Mosaic kernels' launch order).
+GPU_L2_BYTES = 50 * 2**20
 
 
 def check_tile_fields(config, *, smallest_block: int = 16, smallest: dict | None = None) -> None:

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import GPU_SMS, check_scalar_options
+from pallas_kernels._common import GPU_L2_BYTES, GPU_SMS, check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
     _q_tile_ranges,
@@ -176,7 +176,9 @@ class MosaicBlockSizes:
         its causal / window bounds); head-major keeps those readers in flight together, so
         the K/V comes from L2, where tile-major rereads it from DRAM once per query tile
         whenever B x N heads of K/V do not fit in L2 (50 MB on an H100: at b16 s1024 h16
-        d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us).
+        d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
+        fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
+        leaves the smaller tail. default_for picks by the K/V size.
     """
 
     block_q: int = 128
@@ -235,9 +237,10 @@ class MosaicBlockSizes:
         return qo + kv + self.block_q * 4 + ids
 
     @classmethod
-    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
-                    causal: bool) -> MosaicBlockSizes:
-        """The per-shape rule. H <= 64: 256-query tiles of 64-key steps, 4 stages, four
+    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
+                    kv_bytes: int = 0) -> MosaicBlockSizes:
+        """The per-shape rule. Launch order: head-major when K and V (kv_bytes, over every
+        batch and kv head) do not fit in L2 (GPU_L2_BYTES), else tile-major. H <= 64: 256-query tiles of 64-key steps, 4 stages, four
         64-row consumers without turns, when T is a multiple of 256 (else 128-query tiles of
         128-key steps); H = 128: 128-key tiles, 2 stages (a
         third stage would not fit next to Q), the softmax under the PV product; H = 256:
@@ -254,16 +257,26 @@ class MosaicBlockSizes:
         causal, the same on b16 s1024. Session 9, two runs: at H = 64 four 64-row consumers
         (no overlap) gave 354.7 and 354.1 TFLOP/s on the train step's shape against 319.9 and
         320.3 for the session 8 schedule (two 128-row consumers, overlap), and 405.0 and
-        391.7 against 381.8 and 381.7 on b4 s4096 full. H = 256 is not tuned yet."""
+        391.7 against 381.8 and 381.7 on b4 s4096 full. H = 256 is not tuned yet.
+
+        Session 10, one run, head-major against tile-major (TFLOP/s; K + V in MB): b16 s1024
+        h16 d128 (128 MB) 527 vs 329 full, 384 vs 269 causal (cuDNN 504, 361); b4 s4096 h16
+        d128 (128 MB) 594 vs 553 full, 526 vs 499 causal; b1 s16384 h16 d128 (128 MB) 630 vs
+        613 full, 609 vs 567 causal; at H = 64, b4 s4096 h32 full (128 MB) 412 vs 388, b16
+        s1024 h32 full (128 MB) 366 vs 349; but the train step's causal b8 s2048 h32/8
+        (32 MB, in L2 either way) 346 vs 356: there the tile-major order's tail (every
+        head's shortest tiles last) wins."""
         del causal  # the same tiles serve both; kept for a uniform signature
+        head_major = kv_bytes > GPU_L2_BYTES
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
-            return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False)
+            return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+                       head_major=head_major)
         if head_dim <= 64:
-            base = cls(block_k=128, num_stages=4)
+            base = cls(block_k=128, num_stages=4, head_major=head_major)
         elif head_dim <= 128:
-            base = cls(block_k=128, num_stages=2, overlap_softmax=True)
+            base = cls(block_k=128, num_stages=2, overlap_softmax=True, head_major=head_major)
         else:
-            base = cls(block_k=64, num_stages=2)
+            base = cls(block_k=64, num_stages=2, head_major=head_major)
         if kv_len % base.block_k and kv_len % 64 == 0:
             # Half the tile, twice the stages: the same shared memory.
             base = dataclasses.replace(base, block_k=64, num_stages=2 * base.num_stages)
@@ -913,7 +926,8 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
             f"the Mosaic GPU flash attention kernel takes head_dim in {SUPPORTED_HEAD_DIMS}, "
             f"got {H}; use implementation='pallas'")
     bs = block_sizes or MosaicBlockSizes.default_for(
-        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None)
+        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
+        kv_bytes=k.size * k.dtype.itemsize + v.size * v.dtype.itemsize)
     if T % bs.block_q or S % bs.block_k:
         raise NotImplementedError(
             f"the Mosaic GPU flash attention kernel needs T a multiple of block_q="

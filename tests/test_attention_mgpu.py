@@ -203,6 +203,22 @@ def test_default_block_sizes_fit_the_shapes():
     h128 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=128, causal=True)
     assert (h128.block_q, h128.block_k, h128.pingpong, h128.overlap_softmax) == (
         128, 128, True, True)
+    # Launched head by head where K and V overflow the L2 (session 10): 128 MB at b16 s1024
+    # h16 d128, not the train step's 32 MB.
+    assert not h64.head_major and not h128.head_major
+    for H, kv_bytes, head_major in ((128, 128 * 2**20, True), (64, 32 * 2**20, False)):
+        assert MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H, causal=True,
+                                            kv_bytes=kv_bytes).head_major == head_major
+
+
+def test_check_supported_launches_head_major_when_kv_overflows_l2():
+    def blocks(B, S, K, H):
+        q = jax.ShapeDtypeStruct((B, 1024, K, H), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((B, S, K, H), jnp.bfloat16)
+        return check_supported(q, k, k, causal=True, require_device=False)
+
+    assert blocks(16, 1024, 16, 128).head_major  # K + V: 128 MiB
+    assert not blocks(8, 2048, 8, 64).head_major  # 32 MiB
 
 
 INTERPRET_CASES = [
