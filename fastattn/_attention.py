@@ -158,24 +158,21 @@ def _on_hopper() -> bool:
 
 
 # Where the Hopper pair (Mosaic forward + backward) measured ahead of the Triton pair on an
-# H100 (BENCHMARKS.md, session 6): causal rows at H = 128 (1.06-1.17x forward + backward) and
-# at H = 64 (the 0.85B train step, T = 2048: 176.5 vs 181.5 ms), and rows without a mask at
-# H = 128 from S = 4096 on (1.03-1.09x). Behind: short rows without a mask (b16 s1024 at
-# H = 128: 0.94x; the forward's per-CTA prologue), the forward at H = 64 without a mask
-# (0.89x, session 5), and packed rows are unmeasured with the Mosaic backward, which masks
-# every tile where the Triton kernels skip whole tiles across documents.
+# H100 (BENCHMARKS.md): causal rows at H = 128 (1.06-1.17x forward + backward, session 6) and
+# at H = 64 (the 0.85B train step, T = 2048: 176.5 vs 181.5 ms), and, since the head-major
+# launch order (session 10), rows without a mask too: forward 527 vs 410 TFLOP/s at b16 s1024
+# h16 d128, 412 vs 386 at b4 s4096 h32 d64; backward 393 vs 314 and 347 vs 310. Packed rows
+# (segment ids) stay on Triton: they are unmeasured with the Mosaic backward, which masks every
+# tile where the Triton kernels skip whole tiles across documents.
 _MOSAIC_HEAD_DIMS = (64, 128)
-_MOSAIC_FULL_HEAD_DIM = 128
-_MOSAIC_MIN_FULL_KV_LEN = 4096
 
 
 def default_implementation(q: jax.Array, k: jax.Array | None = None, *, causal: bool = False,
                            segment_ids=None, sliding_window=None, softcap=None) -> str:
     """The fastest implementation measured for these inputs on this backend:
 
-        Hopper GPU, no segment ids, H = 64 or 128, causal or a right-bounded window (or
-            H = 128 and S >= 4096), and inputs both Mosaic kernels take (bf16 / f16,
-            tile-multiple lengths)                                   -> "pallas_mosaic_bwd"
+        Hopper GPU, no segment ids, H = 64 or 128, and inputs both Mosaic kernels take
+            (bf16 / f16, tile-multiple lengths)                      -> "pallas_mosaic_bwd"
         other GPU cases the Triton kernel takes                      -> "pallas"
         elsewhere (CPU: the kernels would run in the interpreter)    -> "xla"
 
@@ -185,10 +182,6 @@ def default_implementation(q: jax.Array, k: jax.Array | None = None, *, causal: 
     if not (_on_gpu() and pallas_ok):
         return "xla"
     if k is None or segment_ids is not None or H not in _MOSAIC_HEAD_DIMS or not _on_hopper():
-        return "pallas"
-    right_bounded = causal or (sliding_window is not None and sliding_window[1] is not None)
-    long_full = H == _MOSAIC_FULL_HEAD_DIM and k.shape[1] >= _MOSAIC_MIN_FULL_KV_LEN
-    if not (right_bounded or long_full):
         return "pallas"
     window = None if sliding_window is None else tuple(sliding_window)
     try:  # both kernels must take the inputs (dtype, tile-multiple lengths)

@@ -80,7 +80,7 @@ from pallas_kernels.flash_attention_mgpu import (
     most_consumer_registers,
     require_hopper,
 )
-from pallas_kernels._common import check_scalar_options
+from pallas_kernels._common import GPU_L2_BYTES, check_scalar_options
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 
@@ -189,8 +189,8 @@ class MosaicBackwardBlockSizes:
         return rows + self.num_stages_dq * per_stage
 
     @classmethod
-    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int,
-                    causal: bool) -> MosaicBackwardBlockSizes:
+    def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
+                    kv_bytes: int = 0) -> MosaicBackwardBlockSizes:
         """The best of experiments/mgpu_bwd_check.py on an H100 (jax 0.11.2, one run,
         BENCHMARKS.md): 128-key dQ steps at both head dims (+1.6% summed over four H = 128
         configs, +3% at H = 64), 128-query dK/dV steps at H = 64 (at H = 128 the dK, dV
@@ -202,12 +202,17 @@ class MosaicBackwardBlockSizes:
         three (cuDNN's backward: 263). Session 9: the paired products (overlap) at H = 128,
         +3% on b4 s4096 causal and +7% full (400 -> 413, 421 -> 450 TFLOP/s, one run); at
         H = 64 they lost 5% on the train step's shape (318 -> 303) and tied on the full row,
-        so H = 64 keeps the one-at-a-time order."""
+        so H = 64 keeps the one-at-a-time order.
+
+        Launch order as the forward's: head-major when K + V (kv_bytes) overflow the L2
+        (GPU_L2_BYTES). Session 10, one run, TFLOP/s head-major vs tile-major: b16 s1024 h16
+        d128 full 393 vs 338, b4 s4096 h16 d128 full 466 vs 435 (cuDNN 353, 498; K + V 128
+        MB each); the train step's shape (32 MB) 305 vs 326."""
         del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
-                   overlap=not small)
+                   overlap=not small, head_major=kv_bytes > GPU_L2_BYTES)
 
 
 # ----------------------------------------------------------------------------- shared math
@@ -939,7 +944,8 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
             f"got {H} (at 256 the dK and dV accumulators do not fit in a warpgroup's "
             f"registers); {fallback}")
     bs = block_sizes or MosaicBackwardBlockSizes.default_for(
-        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None)
+        q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
+        kv_bytes=k.size * k.dtype.itemsize + v.size * v.dtype.itemsize)
     if bs.fused_dq and not (bs.block_q_dkv == NUM_CONSUMERS * WGMMA_M
                             or (bs.block_q_dkv == WGMMA_M and H == 128)):
         raise ValueError(f"{bs}: fused_dq needs block_q_dkv=128, or block_q_dkv=64 at "

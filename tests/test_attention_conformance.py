@@ -221,9 +221,10 @@ def _shapes(T, S, H, dtype=jnp.bfloat16, N=4, K=2):
     (True, 2048, 2048, 64, jnp.bfloat16, dict(causal=True), "pallas_mosaic_bwd"),  # train step
     (True, 1024, 1024, 128, jnp.bfloat16, dict(causal=True, segment_ids=True), "pallas"),
     (True, 4096, 4096, 128, jnp.bfloat16, {}, "pallas_mosaic_bwd"),  # long, no mask
-    (True, 1024, 1024, 128, jnp.bfloat16, {}, "pallas"),  # short, no mask: Triton measured ahead
-    (True, 1024, 1024, 128, jnp.bfloat16, dict(sliding_window=(256, None)), "pallas"),
-    (True, 4096, 4096, 64, jnp.bfloat16, {}, "pallas"),  # H = 64 without a mask: Triton ahead
+    # No mask, short or at H = 64: Mosaic since the head-major launch (session 10)
+    (True, 1024, 1024, 128, jnp.bfloat16, {}, "pallas_mosaic_bwd"),
+    (True, 1024, 1024, 128, jnp.bfloat16, dict(sliding_window=(256, None)), "pallas_mosaic_bwd"),
+    (True, 4096, 4096, 64, jnp.bfloat16, {}, "pallas_mosaic_bwd"),
     (True, 1024, 1024, 256, jnp.bfloat16, dict(causal=True), "pallas"),  # no Mosaic backward
     (True, 1000, 1000, 128, jnp.bfloat16, dict(causal=True), "pallas"),  # not a tile multiple
     (True, 1024, 1024, 128, jnp.float32, dict(causal=True), "pallas"),  # Mosaic: 16-bit only

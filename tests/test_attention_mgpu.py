@@ -211,11 +211,15 @@ def test_default_block_sizes_fit_the_shapes():
                                             kv_bytes=kv_bytes).head_major == head_major
 
 
-def test_check_supported_launches_head_major_when_kv_overflows_l2():
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_check_supported_launches_head_major_when_kv_overflows_l2(backward):
+    from pallas_kernels.flash_attention_mgpu_bwd import check_supported_backward
+    check = check_supported_backward if backward else check_supported
+
     def blocks(B, S, K, H):
         q = jax.ShapeDtypeStruct((B, 1024, K, H), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((B, S, K, H), jnp.bfloat16)
-        return check_supported(q, k, k, causal=True, require_device=False)
+        return check(q, k, k, causal=True, require_device=False)
 
     assert blocks(16, 1024, 16, 128).head_major  # K + V: 128 MiB
     assert not blocks(8, 2048, 8, 64).head_major  # 32 MiB
