@@ -87,6 +87,9 @@
 #                                              #   launched tile-major and head-major
 #   bash experiments/gpu_pending.sh order10b   # H100: the backward head-major; the GPU tests
 #                                              #   of head-major launches
+#   bash experiments/gpu_pending.sh bench10f   # H100: bench_attention forward rows, session
+#                                              #   10 defaults, the Triton pair, cuDNN
+#   bash experiments/gpu_pending.sh bench10b   # H100: the same for forward + backward
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -466,6 +469,18 @@ for step in "$@"; do
         tests/test_attention_mgpu.py -k "variants and hm" 2>&1 | tail -3 | tee -a "$L"
       timeout 130 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu_bwd.py -k "gpu_head_major" 2>&1 | tail -3 | tee -a "$L" ;;
+    bench10f)
+      # Session 10 defaults (head-major launch where K + V overflow L2; the Mosaic pair on
+      # rows without a mask): bench_attention's forward rows, with the Triton pair and cuDNN.
+      L="$OUT/log.txt"
+      timeout 570 python3 experiments/bench_attention.py --only fwd \
+        --impls cudnn,fastattn,fastattn_pallas --out "$OUT/attention_fwd.json" 2>&1 \
+        | grep -v "^wrote" | tail -16 | tee -a "$L" ;;
+    bench10b)
+      L="$OUT/log.txt"
+      timeout 570 python3 experiments/bench_attention.py --only bwd \
+        --impls cudnn,fastattn,fastattn_pallas --out "$OUT/attention_fwdbwd.json" 2>&1 \
+        | grep -v "^wrote" | tail -10 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
