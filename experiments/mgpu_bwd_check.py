@@ -25,7 +25,14 @@ import jax.numpy as jnp
 
 from experiments.bench_attention import rel_err, time_fn
 from experiments.mgpu_check import CONFIGS as FORWARD_CONFIGS
-from experiments.mgpu_check import _error_text, chosen, chosen_variants, parse_args, unpack
+from experiments.mgpu_check import (
+    _error_text,
+    chosen,
+    chosen_variants,
+    launched_as_default,
+    parse_args,
+    unpack,
+)
 from experiments.results import write_results
 from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
 from pallas_kernels.flash_attention_mgpu_bwd import (
@@ -74,6 +81,7 @@ for _H in VARIANTS:
     # Session 10: both kernels launched head by head (a head's tiles share its K/V, or its
     # Q/dO, in L2).
     VARIANTS[_H]["head-major"] = dataclasses.replace(_default, head_major=True)
+    VARIANTS[_H]["tile-major"] = dataclasses.replace(_default, head_major=False)
 TIMING = {"min_time": 0.2, "samples": 7}
 TINY_TIMING = {"min_time": 0.0, "min_iters": 1, "samples": 1}
 
@@ -119,6 +127,7 @@ def run_config(cfg, *, interpret=False, with_variants=True, only=""):
     runs["mosaic"] = (_mosaic(causal, None, interpret), lambda: ours)
     if with_variants and not interpret:
         for variant, bs in chosen_variants(VARIANTS.get(H, {}), only).items():
+            bs = launched_as_default(variant, bs, cfg, B.default_for)
             runs[f"mosaic [{variant}]"] = (_mosaic(causal, bs, interpret), lambda: ours)
     rows, grads = [], {}
     for impl, (fn, make_args) in runs.items():

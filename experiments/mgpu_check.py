@@ -19,6 +19,7 @@ against the Triton kernel (interpret mode too on a CPU); the tests run it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 import traceback
@@ -58,6 +59,18 @@ def chosen_variants(variants: dict, spec: str) -> dict:
     return {name: bs for name, bs in variants.items() if chosen(name, spec)}
 
 
+def launched_as_default(variant: str, bs, cfg, default_for):
+    """bs launched in the config's default order (default_for: the block-size class's
+    rule), unless the variant's name says which ("head-major", "tile-major"): the variants
+    then differ from the default in what their names say."""
+    if "major" in variant:
+        return bs
+    _, B, T, _, K, H, causal = unpack(cfg)
+    default = default_for(q_len=T, kv_len=T, head_dim=H, causal=causal,
+                          kv_bytes=2 * B * T * K * H * 2)
+    return dataclasses.replace(bs, head_major=default.head_major)
+
+
 def unpack(cfg):
     """(name, B, T, N, K, H, causal) of a config tuple (K = N when it names none)."""
     name, B, T, N, H, causal, *kv_heads = cfg
@@ -83,6 +96,7 @@ VARIANTS = {
         # side, its K/V from L2), on a grid or persistent.
         "head-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                        head_major=True),
+        "tile-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
@@ -146,6 +160,8 @@ VARIANTS = {
         "head-major 4 consumers": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
                                                    consumers=4, pingpong=False,
                                                    head_major=True),
+        "tile-major 4 consumers": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
+                                                   consumers=4, pingpong=False),
         "head-major persistent 4 consumers": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True, head_major=True),
@@ -264,6 +280,7 @@ def main(argv=None):
             head_dim = unpack(cfg)[5]
             for variant, bs in chosen_variants(VARIANTS.get(head_dim, {}),
                                                args.variants).items():
+                bs = launched_as_default(variant, bs, cfg, MosaicBlockSizes.default_for)
                 rows += run_config(cfg, variant=variant, block_sizes=bs, peers=(),
                                    peer_results=peers)[0]
         del results
