@@ -90,6 +90,9 @@
 #   bash experiments/gpu_pending.sh bench10f   # H100: bench_attention forward rows, session
 #                                              #   10 defaults, the Triton pair, cuDNN
 #   bash experiments/gpu_pending.sh bench10b   # H100: the same for forward + backward
+#   bash experiments/gpu_pending.sh sweep10a   # H100: forward variants in the new launch
+#                                              #   order: H = 128 third stage, H = 64 schedules
+#   bash experiments/gpu_pending.sh sweep10b   # H100: backward variants at b1 s16384 d128
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -481,6 +484,27 @@ for step in "$@"; do
       timeout 570 python3 experiments/bench_attention.py --only bwd \
         --impls cudnn,fastattn,fastattn_pallas --out "$OUT/attention_fwdbwd.json" 2>&1 \
         | grep -v "^wrote" | tail -10 | tee -a "$L" ;;
+    sweep10a)
+      # Session 10: forward variants launched in each config's default order: at H = 128 a
+      # third K/V stage and the turns / overlap options on the long full rows; at H = 64 the
+      # four-consumer schedules and the persistent grid on every bench_attention row.
+      L="$OUT/log.txt"
+      timeout 250 python3 experiments/mgpu_check.py \
+        --configs "b1 s16384 h16 d128 full,b4 s4096 h16 d128" \
+        --variants "bk128 st3,no overlap,no-pingpong" --out "$OUT/fwd128.json" 2>&1 \
+        | grep -v "^wrote" > /tmp/f128.txt
+      grep -v "errors" /tmp/f128.txt | tail -22 | tee -a "$L"
+      grep -m3 -A5 "ERROR" /tmp/f128.txt | head -30 | tee -a "$L"
+      timeout 320 python3 experiments/mgpu_check.py --configs "h32 d64" \
+        --variants "4 consumers np,persistent 4" --out "$OUT/fwd64.json" 2>&1 \
+        | grep -v "^wrote" > /tmp/f64.txt
+      grep -v "errors" /tmp/f64.txt | tail -38 | tee -a "$L" ;;
+    sweep10b)
+      # Session 10: the backward's variants on the b1 s16384 d128 rows (fwd+bwd 0.95-0.97x).
+      L="$OUT/log.txt"
+      timeout 560 python3 experiments/mgpu_bwd_check.py --configs "b1 s16384 h16 d128" \
+        --variants "dkv st3,dq bk64 st3,regs,no overlap,tile-major" --out "$OUT/bwd16k.json" 2>&1 | grep -v "^wrote" > /tmp/b16k.txt
+      grep -v "errors" /tmp/b16k.txt | tail -12 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

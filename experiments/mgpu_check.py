@@ -40,6 +40,10 @@ CONFIGS = [
     ("b16 s1024 h16 d128 full", 16, 1024, 16, 128, False),
     ("b4 s4096 h32 d64 full", 4, 4096, 32, 64, False),
     ("b16 s1024 h32 d64 full", 16, 1024, 32, 64, False),
+    ("b16 s1024 h32 d64 causal", 16, 1024, 32, 64, True),
+    ("b4 s4096 h32 d64 causal", 4, 4096, 32, 64, True),
+    ("b1 s16384 h32 d64 full", 1, 16384, 32, 64, False),
+    ("b1 s16384 h32 d64 causal", 1, 16384, 32, 64, True),
     ("b1 s16384 h16 d128 causal", 1, 16384, 16, 128, True),
     ("b1 s16384 h16 d128 full", 1, 16384, 16, 128, False),
     # The 0.85B train step's attention (bench_train: H = 64, causal, T = 2048, 32 query
@@ -97,6 +101,9 @@ VARIANTS = {
         "head-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                        head_major=True),
         "tile-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
+        # Session 10: a third stage, which the shared memory holds with 1 KiB to spare.
+        "bk128 st3": MosaicBlockSizes(block_k=128, num_stages=3, overlap_softmax=True),
+        "bk128 st3 no overlap": MosaicBlockSizes(block_k=128, num_stages=3),
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
