@@ -93,6 +93,8 @@
 #   bash experiments/gpu_pending.sh sweep10a   # H100: forward variants in the new launch
 #                                              #   order: H = 128 third stage, H = 64 schedules
 #   bash experiments/gpu_pending.sh sweep10b   # H100: backward variants at b1 s16384 d128
+#   bash experiments/gpu_pending.sh sweep10c   # H100: H = 64 forward defaults A/B, the
+#                                              #   fused backward at b1 s16384, GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -505,6 +507,20 @@ for step in "$@"; do
       timeout 560 python3 experiments/mgpu_bwd_check.py --configs "b1 s16384 h16 d128" \
         --variants "dkv st3,dq bk64 st3,regs,no overlap,tile-major" --out "$OUT/bwd16k.json" 2>&1 | grep -v "^wrote" > /tmp/b16k.txt
       grep -v "errors" /tmp/b16k.txt | tail -12 | tee -a "$L" ;;
+    sweep10c)
+      # Session 10: the H = 64 forward with the softmax under PV on rows without a mask (the
+      # new default) against without, the persistent grid with it, tile-major on the causal
+      # rows; the fused backward on b1 s16384 d128; the forward's default-tile GPU tests.
+      L="$OUT/log.txt"
+      timeout 240 python3 experiments/mgpu_check.py --configs "h32 d64" \
+        --variants "4 consumers np bq256 bk64 st4,persistent 4 consumers np-ov,tile-major 4 consumers" \
+        --out "$OUT/fwd64.json" 2>&1 | grep -v "^wrote" > /tmp/f64.txt
+      grep -v "errors" /tmp/f64.txt | tail -26 | tee -a "$L"
+      timeout 150 python3 experiments/mgpu_bwd_check.py --configs "b1 s16384 h16 d128" \
+        --variants "fused" --out "$OUT/bwd_fused.json" 2>&1 | grep -v "^wrote" > /tmp/bf.txt
+      grep -v "errors" /tmp/bf.txt | tail -6 | tee -a "$L"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

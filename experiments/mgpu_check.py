@@ -101,9 +101,6 @@ VARIANTS = {
         "head-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                        head_major=True),
         "tile-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
-        # Session 10: a third stage, which the shared memory holds with 1 KiB to spare.
-        "bk128 st3": MosaicBlockSizes(block_k=128, num_stages=3, overlap_softmax=True),
-        "bk128 st3 no overlap": MosaicBlockSizes(block_k=128, num_stages=3),
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
@@ -169,6 +166,14 @@ VARIANTS = {
                                                    head_major=True),
         "tile-major 4 consumers": MosaicBlockSizes(block_q=256, block_k=64, num_stages=4,
                                                    consumers=4, pingpong=False),
+        # Session 10: the full rows' default (softmax under PV) and the causal rows' one
+        # (not), each tried on the other rows; the persistent grid with the overlap.
+        "4 consumers np bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64,
+                                                          num_stages=4, consumers=4,
+                                                          pingpong=False),
+        "persistent 4 consumers np-ov": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            overlap_softmax=True, persistent=True),
         "head-major persistent 4 consumers": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True, head_major=True),

@@ -200,6 +200,9 @@ def test_default_block_sizes_fit_the_shapes():
     h64 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64, causal=True)
     assert (h64.block_q, h64.consumers, h64.pingpong, h64.overlap_softmax) == (
         256, 4, False, False)
+    # ... and the softmax under PV without a right bound (session 10)
+    assert MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64,
+                                        causal=False).overlap_softmax
     h128 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=128, causal=True)
     assert (h128.block_q, h128.block_k, h128.pingpong, h128.overlap_softmax) == (
         128, 128, True, True)
