@@ -107,6 +107,7 @@ NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, alw
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and so per CTA: one CTA per SM)
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
+SHORT_KV_LEN = 1024  # at most this many keys: H = 64 rows without a mask go persistent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep 4 KiB for the barriers and Mosaic's
 # alignment padding: 3 stages of 128-key tiles at H = 128 next to Q count 224.5 KiB here and
@@ -167,10 +168,11 @@ class MosaicBlockSizes:
         softmax starts after both.
     persistent: one CTA per SM, each taking query tiles in turn (the longest first), so
         that the producer streams the next tile's first K/V while the consumers finish a
-        tile. False: a CTA per query tile (T / block_q x B x N of them). Off everywhere: on
-        an H100 it measured 1-12% slower at H = 64 and 128 and no faster on the short
-        b16 s1024 rows (session 8): the fixed round-robin share balances causal rows worse
-        than the hardware's CTA scheduler, and a tile's Q load is not yet overlapped.
+        tile. False: a CTA per query tile (T / block_q x B x N of them). On an H100 it
+        measured 1-12% slower at H = 64 and 128 in session 8, and 10-30% slower on causal
+        rows in session 10 (the fixed round-robin share balances them worse than the
+        hardware's CTA scheduler; a tile's Q load is not overlapped). It is on only where it
+        won: H = 64 without a mask, S <= SHORT_KV_LEN (default_for).
     head_major: the order CTAs launch in (the hardware starts them in grid order). False:
         query tile by query tile, each over every (batch, head). True: head by head, each
         over its query tiles. Every query tile of a head reads the head's whole K/V (up to
@@ -270,11 +272,17 @@ class MosaicBlockSizes:
         head's shortest tiles last) wins. At H = 64 without a right bound (causal False) the
         softmax under PV with four consumers, one run: +1.4, +2.3, +3.3% on b4 s4096, b16
         s1024, b1 s16384 full (419.5 vs 413.6, 370.2 vs 362.0, 439.6 vs 425.5 TFLOP/s); on
-        the causal rows it lost 3-10%."""
+        the causal rows it lost 3-10%; a second run: +2.9, +2.6, +3.0%. The persistent grid
+        at H = 64 on rows without a mask of at most SHORT_KV_LEN keys, where a tile's
+        prologue (Q, the first K/V) is a large share of its 16 steps and the persistent CTA
+        loads the next tile's K/V under this one's epilogue: b16 s1024 h32 full 380.6,
+        383.4, 404.0 vs 366.4, 362.0, 368.5 (three runs; cuDNN 377-397); at S = 4096 and
+        16384 it lost 2-9%, and on causal rows 10-30% (the fixed round-robin share)."""
         head_major = kv_bytes > GPU_L2_BYTES
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
             return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-                       overlap_softmax=not causal, head_major=head_major)
+                       overlap_softmax=not causal, head_major=head_major,
+                       persistent=not causal and kv_len <= SHORT_KV_LEN)
         if head_dim <= 64:
             base = cls(block_k=128, num_stages=4, head_major=head_major)
         elif head_dim <= 128:

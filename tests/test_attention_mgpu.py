@@ -11,6 +11,7 @@ windows, softcap, segment ids, head dims 64/128/256, T != S both ways. Run there
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu.py
 """
 
+import functools
 import itertools
 
 import jax
@@ -200,9 +201,14 @@ def test_default_block_sizes_fit_the_shapes():
     h64 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64, causal=True)
     assert (h64.block_q, h64.consumers, h64.pingpong, h64.overlap_softmax) == (
         256, 4, False, False)
-    # ... and the softmax under PV without a right bound (session 10)
-    assert MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=64,
-                                        causal=False).overlap_softmax
+    # ... and the softmax under PV without a right bound (session 10), on the persistent
+    # grid when the rows are short
+    full = functools.partial(MosaicBlockSizes.default_for, head_dim=64, causal=False)
+    assert full(q_len=2048, kv_len=2048).overlap_softmax
+    assert not full(q_len=2048, kv_len=2048).persistent
+    assert full(q_len=1024, kv_len=1024).persistent
+    assert not MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=64,
+                                            causal=True).persistent
     h128 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=128, causal=True)
     assert (h128.block_q, h128.block_k, h128.pingpong, h128.overlap_softmax) == (
         128, 128, True, True)
@@ -297,9 +303,9 @@ SCHEDULE_CASES = [
     # runs on across tiles of different lengths and the turns are handed over per tile.
     ("persistent, causal GQA, turns, head-major", 256, 256, True, None, False,
      MosaicBlockSizes(block_k=64, num_stages=3, persistent=True, head_major=True)),
-    ("persistent, causal, T < S, no turns + softmax under PV", 512, 1024, True, None, False,
-     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
-                      overlap_softmax=True, persistent=True)),
+    ("persistent, causal, T < S, four consumers + softmax under PV", 512, 1024, True, None,
+     False, MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4,
+                             pingpong=False, overlap_softmax=True, persistent=True)),
     ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
 ]
@@ -411,9 +417,9 @@ def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
 @hopper
 @pytest.mark.parametrize("H,block_sizes", [
     (128, MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, persistent=True)),
-    (64, MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=False,
-                          overlap_softmax=True, persistent=True)),
-], ids=["H128 turns", "H64 no turns"])
+    (64, MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+                          overlap_softmax=True, persistent=True, head_major=True)),
+], ids=["H128 turns", "H64 four consumers head-major"])
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_persistent_grid_computes_the_same(H, block_sizes, masks, causal):

@@ -49,11 +49,22 @@ def test_gpt2_logits_and_greedy_tokens_match_transformers(tmp_path):
     prompt = tokens[:1, :4]
     with torch.no_grad():
         expected = hf_model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False)[0, 4:].numpy()
-    sequence = jnp.asarray(prompt)
-    for _ in range(20):
-        nxt = jnp.argmax(module.apply(variables, sequence)[:, -1], axis=-1)
-        sequence = jnp.concatenate([sequence, nxt[:, None]], axis=1)
-    np.testing.assert_array_equal(np.asarray(sequence[0, 4:]), expected)
+    sequence, _ = _greedy_by_recompute(module, variables, prompt, 20)
+    np.testing.assert_array_equal(sequence[0, 4:], expected)
+
+
+def _greedy_by_recompute(module, variables, prompt, steps):
+    """Greedy tokens, each from a full forward over the sequence so far; returns the
+    sequence [1, P + steps] and the last forward's logits (every position's). One jitted
+    forward over a fixed-length buffer: the model is causal, so the padding after the last
+    token changes no logit before it (and one compile instead of a shape per step)."""
+    forward = jax.jit(module.apply)
+    sequence = np.zeros((1, prompt.shape[1] + steps), np.int64)
+    sequence[:, :prompt.shape[1]] = prompt
+    for position in range(prompt.shape[1], sequence.shape[1]):
+        logits = forward(variables, jnp.asarray(sequence))
+        sequence[0, position] = int(jnp.argmax(logits[0, position - 1]))
+    return sequence, np.asarray(forward(variables, jnp.asarray(sequence)))
 
 
 def _save(arch, tmp_path):
@@ -77,11 +88,8 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
     prompt = tokens[:1, :5]
     with torch.no_grad():
         expected = hf_model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False)[0, 5:].numpy()
-    sequence = jnp.asarray(prompt)
-    for _ in range(20):  # full recompute each step; the cached path is the engine's job
-        nxt = jnp.argmax(module.apply(variables, sequence)[:, -1], axis=-1)
-        sequence = jnp.concatenate([sequence, nxt[:, None]], axis=1)
-    np.testing.assert_array_equal(np.asarray(sequence[0, 5:]), expected)
+    sequence, full = _greedy_by_recompute(module, variables, prompt, 20)
+    np.testing.assert_array_equal(sequence[0, 5:], expected)
 
     # The same 20 tokens through the contiguous KV cache: prefill once, then decode steps.
     config = module.config
@@ -96,8 +104,8 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
         nxt = jnp.argmax(logits[:, -1], axis=-1)
         generated.append(int(nxt[0]))
         logits, cache = decode(variables, nxt[:, None], cache)
-        full = module.apply(variables, sequence[:, : 6 + step])[:, -1]
-        np.testing.assert_allclose(np.asarray(logits[:, -1]), np.asarray(full), atol=2e-4,
+        # the full recompute's logits at the position just decoded
+        np.testing.assert_allclose(np.asarray(logits[:, -1]), full[:, 5 + step], atol=2e-4,
                                    rtol=2e-4)
     np.testing.assert_array_equal(generated, expected)
 
