@@ -95,6 +95,8 @@
 #   bash experiments/gpu_pending.sh sweep10b   # H100: backward variants at b1 s16384 d128
 #   bash experiments/gpu_pending.sh sweep10c   # H100: H = 64 forward defaults A/B, the
 #                                              #   fused backward at b1 s16384, GPU tests
+#   bash experiments/gpu_pending.sh final10    # H100: bench_attention forward rows with the
+#                                              #   final session 10 defaults; GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -520,6 +522,17 @@ for step in "$@"; do
         --variants "fused" --out "$OUT/bwd_fused.json" 2>&1 | grep -v "^wrote" > /tmp/bf.txt
       grep -v "errors" /tmp/bf.txt | tail -6 | tee -a "$L"
       timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
+    final10)
+      # Session 10's last defaults (H = 64 rows without a mask: softmax under PV, persistent
+      # when S <= 1024): bench_attention's forward rows; the persistent and default-tile GPU
+      # tests of the forward.
+      L="$OUT/log.txt"
+      timeout 150 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L"
+      timeout 250 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
