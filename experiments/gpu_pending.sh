@@ -97,6 +97,7 @@
 #                                              #   fused backward at b1 s16384, GPU tests
 #   bash experiments/gpu_pending.sh final10    # H100: bench_attention forward rows with the
 #                                              #   final session 10 defaults; GPU tests
+#   bash experiments/gpu_pending.sh sweep10d   # H100: tiles for the short causal H = 64 row
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -534,6 +535,15 @@ for step in "$@"; do
         tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L"
       timeout 250 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
+    sweep10d)
+      # Session 10: the forward's worst row left (b16 s1024 h32 d64 causal, 0.91x cuDNN):
+      # 128-query tiles with two consumers, the session 7 and 8 schedules, two stages.
+      L="$OUT/log.txt"
+      timeout 200 python3 experiments/mgpu_check.py \
+        --configs "b16 s1024 h32 d64 causal,b4 s4096 h32 d64 causal" \
+        --variants "bq128,4 consumers np bq256 bk64 st2,session 8 default,no overlap, turns" \
+        --out "$OUT/fwd64c.json" 2>&1 | grep -v "^wrote" > /tmp/f64c.txt
+      grep -v "errors" /tmp/f64c.txt | tail -20 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
