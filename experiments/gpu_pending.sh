@@ -98,6 +98,8 @@
 #   bash experiments/gpu_pending.sh final10    # H100: bench_attention forward rows with the
 #                                              #   final session 10 defaults; GPU tests
 #   bash experiments/gpu_pending.sh sweep10d   # H100: tiles for the short causal H = 64 row
+#   bash experiments/gpu_pending.sh sweep10e   # H100: snake-order persistent grid on the
+#                                              #   causal rows, either launch order
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -544,6 +546,17 @@ for step in "$@"; do
         --variants "bq128,4 consumers np bq256 bk64 st2,session 8 default,no overlap, turns" \
         --out "$OUT/fwd64c.json" 2>&1 | grep -v "^wrote" > /tmp/f64c.txt
       grep -v "errors" /tmp/f64c.txt | tail -20 | tee -a "$L" ;;
+    sweep10e)
+      # Session 10: the persistent grid with snake-order shares on the causal rows (H = 64
+      # and 128), head-major and tile-major; b16 s1024 d64 full's default (persistent) again.
+      L="$OUT/log.txt"
+      timeout 280 python3 experiments/mgpu_check.py \
+        --configs "h32 d64 causal,b16 s1024 h32 d64 full,d128 causal" \
+        --variants "persistent 4 consumers np,persistent overlap" \
+        --out "$OUT/snake.json" 2>&1 | grep -v "^wrote" > /tmp/snake.txt
+      grep -v "errors" /tmp/snake.txt | tail -24 | tee -a "$L"
+      timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

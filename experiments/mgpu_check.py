@@ -101,6 +101,9 @@ VARIANTS = {
         "head-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                        head_major=True),
         "tile-major": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
+        "tile-major persistent overlap": MosaicBlockSizes(block_k=128, num_stages=2,
+                                                          overlap_softmax=True,
+                                                          persistent=True),
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
@@ -171,6 +174,13 @@ VARIANTS = {
         "4 consumers np bq256 bk64 st4": MosaicBlockSizes(block_q=256, block_k=64,
                                                           num_stages=4, consumers=4,
                                                           pingpong=False),
+        # Session 10, snake-order persistent shares on causal rows, in either launch order:
+        "persistent 4 consumers np": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            persistent=True),
+        "tile-major persistent 4 consumers np": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            persistent=True),
         "persistent 4 consumers np-ov": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             overlap_softmax=True, persistent=True),

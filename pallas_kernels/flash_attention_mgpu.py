@@ -33,7 +33,7 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
     that its K/V is read from DRAM about once rather than once per query tile. Grids with
     a right bound (causal) launch the bottom query tiles (the longest rows) first so that
     they do not end up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the
-    tiles in that order in turn; measured slower, off.)
+    tiles in that order in turn; on only for short H = 64 rows without a mask.)
 
     warpgroup C (C = MosaicBlockSizes.consumers, 2 or 4), producer  (few registers:
     setmaxnreg down)
@@ -166,13 +166,14 @@ class MosaicBlockSizes:
         before its softmax, leaving O += P_{j-1} V_{j-1} running under it (FA-3's
         intra-warpgroup overlap); O is rescaled once that product completes. False: the
         softmax starts after both.
-    persistent: one CTA per SM, each taking query tiles in turn (the longest first), so
-        that the producer streams the next tile's first K/V while the consumers finish a
-        tile. False: a CTA per query tile (T / block_q x B x N of them). On an H100 it
-        measured 1-12% slower at H = 64 and 128 in session 8, and 10-30% slower on causal
-        rows in session 10 (the fixed round-robin share balances them worse than the
-        hardware's CTA scheduler; a tile's Q load is not overlapped). It is on only where it
-        won: H = 64 without a mask, S <= SHORT_KV_LEN (default_for).
+    persistent: one CTA per SM, each taking query tiles in turn (the longest first, in
+        snake order: _for_each_tile), so that the producer streams the next tile's first K/V
+        while the consumers finish a tile. False: a CTA per query tile (T / block_q x B x N
+        of them). On an H100 it measured 1-12% slower at H = 64 and 128 in session 8, and,
+        with round-robin shares, 10-30% slower on causal rows in session 10 (a fixed share
+        balances them worse than the hardware's CTA scheduler; a tile's Q load is not
+        overlapped). It is on only where it won: H = 64 without a mask, S <= SHORT_KV_LEN
+        (default_for).
     head_major: the order CTAs launch in (the hardware starts them in grid order). False:
         query tile by query tile, each over every (batch, head). True: head by head, each
         over its query tiles. Every query tile of a head reads the head's whole K/V (up to
@@ -410,7 +411,12 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
     `ring` (the K/V ring position of the tile's first key tile; starts at 0) through.
 
     ctas None: one tile per CTA, from the grid (launch_grid). Else a persistent grid of
-    `ctas` CTAs takes tiles cta, cta + ctas, ... of the list in the grid's launch order.
+    `ctas` CTAs walks the list in the grid's launch order in passes of `ctas` tiles, in
+    snake order: pass i gives CTA c tile i * ctas + c when i is even, i * ctas + ctas - 1 - c
+    when odd. A CTA that takes a pass's first (longest causal) tile takes the next pass's
+    last, and a list that repeats with a period dividing ctas (head-major: a head's
+    num_q_tiles causal lengths) does not hand one CTA the same length every pass, as plain
+    round robin would (session 10: head-major persistent causal rows ran 10-30% slow).
     A right bound (causal): the bottom tiles have the most keys to visit, so they come
     first."""
     B, _, N, _ = gm.q.shape
@@ -422,10 +428,16 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
         return visit(lax.axis_index("batch"), lax.axis_index("head"),
                      q_tile_start(lax.axis_index("q_tile")), 0)
     cta = lax.axis_index("cta")
-    count = lax.div(num_q_tiles * B * N - cta + ctas - 1, ctas)
+
+    def position(i):  # this CTA's place in pass i
+        return jnp.where(i % 2 == 0, cta, ctas - 1 - cta)
+
+    total = num_q_tiles * B * N
+    full_passes = total // ctas
+    count = full_passes + (position(full_passes) < total % ctas).astype(jnp.int32)
 
     def one(i, ring):
-        tile = cta + i * ctas
+        tile = i * ctas + position(i)
         if st.block_sizes.head_major:  # batch, head, then q tile fastest
             index, head, batch = tile % num_q_tiles, lax.div(tile, num_q_tiles) % N, \
                 lax.div(tile, num_q_tiles * N)
