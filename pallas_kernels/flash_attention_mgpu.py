@@ -107,7 +107,7 @@ NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, alw
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and so per CTA: one CTA per SM)
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
-SHORT_KV_LEN = 1024  # at most this many keys: H = 64 rows without a mask go persistent
+SHORT_KV_LEN = 1024  # at most this many keys: rows at H <= 128 go persistent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep 4 KiB for the barriers and Mosaic's
 # alignment padding: 3 stages of 128-key tiles at H = 128 next to Q count 224.5 KiB here and
@@ -172,8 +172,8 @@ class MosaicBlockSizes:
         of them). On an H100 it measured 1-12% slower at H = 64 and 128 in session 8, and,
         with round-robin shares, 10-30% slower on causal rows in session 10 (a fixed share
         balances them worse than the hardware's CTA scheduler; a tile's Q load is not
-        overlapped). It is on only where it won: H = 64 without a mask, S <= SHORT_KV_LEN
-        (default_for).
+        overlapped). With snake-order shares it is on where it won: S <= SHORT_KV_LEN at
+        H <= 128 (default_for).
     head_major: the order CTAs launch in (the hardware starts them in grid order). False:
         query tile by query tile, each over every (batch, head). True: head by head, each
         over its query tiles. Every query tile of a head reads the head's whole K/V (up to
@@ -278,16 +278,22 @@ class MosaicBlockSizes:
         prologue (Q, the first K/V) is a large share of its 16 steps and the persistent CTA
         loads the next tile's K/V under this one's epilogue: b16 s1024 h32 full 380.6,
         383.4, 404.0 vs 366.4, 362.0, 368.5 (three runs; cuDNN 377-397); at S = 4096 and
-        16384 it lost 2-9%, and on causal rows 10-30% (the fixed round-robin share)."""
+        16384 it lost 2-9%, and on causal rows 10-30% (the fixed round-robin share). With
+        snake-order shares (one run): b16 s1024 causal 323.5 vs 274.3 at H = 64 (cuDNN
+        298.7) and 410.2 vs 380.3 at H = 128 (cuDNN 360.6); b4 s4096 h32 d64 causal 396.2 vs
+        389.1; b1 s16384 causal 417.4 vs 434.4 (H = 64), 436.8 vs 615.1 (H = 128). So: the
+        persistent grid when S <= SHORT_KV_LEN, masked or not (at H = 128 without a mask it
+        tied, 525.4 vs 527.1)."""
         head_major = kv_bytes > GPU_L2_BYTES
+        short = kv_len <= SHORT_KV_LEN
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
             return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-                       overlap_softmax=not causal, head_major=head_major,
-                       persistent=not causal and kv_len <= SHORT_KV_LEN)
+                       overlap_softmax=not causal, head_major=head_major, persistent=short)
         if head_dim <= 64:
             base = cls(block_k=128, num_stages=4, head_major=head_major)
         elif head_dim <= 128:
-            base = cls(block_k=128, num_stages=2, overlap_softmax=True, head_major=head_major)
+            base = cls(block_k=128, num_stages=2, overlap_softmax=True, head_major=head_major,
+                       persistent=short)
         else:
             base = cls(block_k=64, num_stages=2, head_major=head_major)
         if kv_len % base.block_k and kv_len % 64 == 0:

@@ -207,8 +207,12 @@ def test_default_block_sizes_fit_the_shapes():
     assert full(q_len=2048, kv_len=2048).overlap_softmax
     assert not full(q_len=2048, kv_len=2048).persistent
     assert full(q_len=1024, kv_len=1024).persistent
-    assert not MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=64,
-                                            causal=True).persistent
+    # Short rows of either head dim, masked or not, run persistent (snake-order shares)
+    for H, causal in itertools.product((64, 128), (False, True)):
+        assert MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
+                                            causal=causal).persistent
+        assert not MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=H,
+                                                causal=causal).persistent
     h128 = MosaicBlockSizes.default_for(q_len=2048, kv_len=2048, head_dim=128, causal=True)
     assert (h128.block_q, h128.block_k, h128.pingpong, h128.overlap_softmax) == (
         128, 128, True, True)
