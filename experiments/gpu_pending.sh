@@ -100,6 +100,8 @@
 #   bash experiments/gpu_pending.sh sweep10d   # H100: tiles for the short causal H = 64 row
 #   bash experiments/gpu_pending.sh sweep10e   # H100: snake-order persistent grid on the
 #                                              #   causal rows, either launch order
+#   bash experiments/gpu_pending.sh final10b   # H100: bench_attention forward and fwd+bwd
+#                                              #   rows with the persistent short rows; GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -557,6 +559,20 @@ for step in "$@"; do
       grep -v "errors" /tmp/snake.txt | tail -24 | tee -a "$L"
       timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L" ;;
+    final10b)
+      # Session 10's last defaults (the persistent grid with snake shares on rows of at most
+      # 1024 keys, H = 64 and 128): bench_attention's forward and forward + backward rows;
+      # the forward's persistent, default-tile and mask GPU tests.
+      L="$OUT/log.txt"
+      timeout 120 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
+      timeout 120 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L"
+      timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_persistent and H128" 2>&1 | tail -3 | tee -a "$L"
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_matches or gpu_masks" 2>&1 | tail -3 \
+        | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
