@@ -107,6 +107,11 @@ set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OUT/env.txt"
+# gpu_tests SECONDS FILE EXPR: FILE's tests that -k EXPR selects; the summary goes to $L.
+gpu_tests() {
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -o addopts="" "tests/$2" -k "$3" 2>&1 \
+    | tail -3 | tee -a "$L"
+}
 for step in "$@"; do
   start=$SECONDS
   case $step in
@@ -477,10 +482,8 @@ for step in "$@"; do
         --configs "b16 s1024 h16 d128 full,b4 s4096 h16 d128 full,train step" \
         --out "$OUT/bwd_order.json" 2>&1 | grep -v "^wrote" > /tmp/bwd_order.txt
       grep -v "errors" /tmp/bwd_order.txt | tail -14 | tee -a "$L"
-      timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "variants and hm" 2>&1 | tail -3 | tee -a "$L"
-      timeout 130 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu_bwd.py -k "gpu_head_major" 2>&1 | tail -3 | tee -a "$L" ;;
+      gpu_tests 120 test_attention_mgpu.py "variants and hm"
+      gpu_tests 130 test_attention_mgpu_bwd.py "gpu_head_major" ;;
     bench10f)
       # Session 10 defaults (head-major launch where K + V overflow L2; the Mosaic pair on
       # rows without a mask): bench_attention's forward rows, with the Triton pair and cuDNN.
@@ -526,8 +529,7 @@ for step in "$@"; do
       timeout 150 python3 experiments/mgpu_bwd_check.py --configs "b1 s16384 h16 d128" \
         --variants "fused" --out "$OUT/bwd_fused.json" 2>&1 | grep -v "^wrote" > /tmp/bf.txt
       grep -v "errors" /tmp/bf.txt | tail -6 | tee -a "$L"
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
+      gpu_tests 150 test_attention_mgpu.py "gpu_matches" ;;
     final10)
       # Session 10's last defaults (H = 64 rows without a mask: softmax under PV, persistent
       # when S <= 1024): bench_attention's forward rows; the persistent and default-tile GPU
@@ -535,10 +537,8 @@ for step in "$@"; do
       L="$OUT/log.txt"
       timeout 150 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L"
-      timeout 250 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_matches" 2>&1 | tail -3 | tee -a "$L" ;;
+      gpu_tests 150 test_attention_mgpu.py "gpu_persistent and H64"
+      gpu_tests 250 test_attention_mgpu.py "gpu_matches" ;;
     sweep10d)
       # Session 10: the forward's worst row left (b16 s1024 h32 d64 causal, 0.91x cuDNN):
       # 128-query tiles with two consumers, the session 7 and 8 schedules, two stages.
@@ -557,8 +557,7 @@ for step in "$@"; do
         --variants "persistent 4 consumers np,persistent overlap" \
         --out "$OUT/snake.json" 2>&1 | grep -v "^wrote" > /tmp/snake.txt
       grep -v "errors" /tmp/snake.txt | tail -24 | tee -a "$L"
-      timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_persistent and H64" 2>&1 | tail -3 | tee -a "$L" ;;
+      gpu_tests 100 test_attention_mgpu.py "gpu_persistent and H64" ;;
     final10b)
       # Session 10's last defaults (the persistent grid with snake shares on rows of at most
       # 1024 keys, H = 64 and 128): bench_attention's forward and forward + backward rows;
@@ -568,11 +567,8 @@ for step in "$@"; do
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
       timeout 120 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L"
-      timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_persistent and H128" 2>&1 | tail -3 | tee -a "$L"
-      timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_attention_mgpu.py -k "gpu_matches or gpu_masks" 2>&1 | tail -3 \
-        | tee -a "$L" ;;
+      gpu_tests 90 test_attention_mgpu.py "gpu_persistent and H128"
+      gpu_tests 200 test_attention_mgpu.py "gpu_matches or gpu_masks" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
