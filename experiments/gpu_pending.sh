@@ -102,6 +102,8 @@
 #                                              #   causal rows, either launch order
 #   bash experiments/gpu_pending.sh final10b   # H100: bench_attention forward and fwd+bwd
 #                                              #   rows with the persistent short rows; GPU tests
+#   bash experiments/gpu_pending.sh final10c   # H100: stages of the long H = 64 full rows;
+#                                              #   the mask and backward GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -569,6 +571,18 @@ for step in "$@"; do
         --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L"
       gpu_tests 90 test_attention_mgpu.py "gpu_persistent and H128"
       gpu_tests 200 test_attention_mgpu.py "gpu_matches or gpu_masks" ;;
+    final10c)
+      # Session 10: the pipeline depth under the softmax-under-PV default of the long H = 64
+      # rows without a mask (0.96x cuDNN); then the forward's mask GPU tests and the
+      # backward's default gradient tests, as far as the time goes.
+      L="$OUT/log.txt"
+      timeout 120 python3 experiments/mgpu_check.py \
+        --configs "b4 s4096 h32 d64 full,b1 s16384 h32 d64 full" \
+        --variants "4 consumers np-ov st" --out "$OUT/fwd64_stages.json" 2>&1 \
+        | grep -v "^wrote" > /tmp/f64s.txt
+      grep -v "errors" /tmp/f64s.txt | tail -9 | tee -a "$L"
+      gpu_tests 150 test_attention_mgpu.py "gpu_masks"
+      gpu_tests 240 test_attention_mgpu_bwd.py "gpu_matches" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

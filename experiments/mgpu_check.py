@@ -181,6 +181,15 @@ VARIANTS = {
         "tile-major persistent 4 consumers np": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True),
+        "4 consumers np-ov st2": MosaicBlockSizes(block_q=256, block_k=64, num_stages=2,
+                                                  consumers=4, pingpong=False,
+                                                  overlap_softmax=True),
+        "4 consumers np-ov st3": MosaicBlockSizes(block_q=256, block_k=64, num_stages=3,
+                                                  consumers=4, pingpong=False,
+                                                  overlap_softmax=True),
+        "4 consumers np-ov st6": MosaicBlockSizes(block_q=256, block_k=64, num_stages=6,
+                                                  consumers=4, pingpong=False,
+                                                  overlap_softmax=True),
         "persistent 4 consumers np-ov": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             overlap_softmax=True, persistent=True),
