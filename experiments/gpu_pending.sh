@@ -104,6 +104,8 @@
 #                                              #   rows with the persistent short rows; GPU tests
 #   bash experiments/gpu_pending.sh final10c   # H100: stages of the long H = 64 full rows;
 #                                              #   the mask and backward GPU tests
+#   bash experiments/gpu_pending.sh bwd_tests10  # H100: the backward's default gradient
+#                                              #   tests, one line each, as far as time goes
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -583,6 +585,12 @@ for step in "$@"; do
       grep -v "errors" /tmp/f64s.txt | tail -9 | tee -a "$L"
       gpu_tests 150 test_attention_mgpu.py "gpu_masks"
       gpu_tests 240 test_attention_mgpu_bwd.py "gpu_matches" ;;
+    bwd_tests10)
+      # The backward's default gradient tests (8 cases, 40-90 s of compiling each), verbose
+      # so that a cut run still says which passed.
+      timeout 560 python3 -m pytest -v -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu_bwd.py -k "gpu_matches" 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" \
+        | tee "$OUT/log.txt" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

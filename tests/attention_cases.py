@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -74,24 +73,25 @@ def cotangents(case: Case, seed: int = 1):
 
 
 def value_and_grads(fn, q, k, v, do, dlse):
-    """(out, lse) and (dq, dk, dv) for the cotangents (do, dlse)."""
-    (out, lse), vjp = jax.vjp(fn, q, k, v)
-    return (out, lse), vjp((do, dlse.astype(lse.dtype)))
+    """(out, lse) and (dq, dk, dv) for the cotangents (do, dlse), in one jitted call (one
+    compile, where op-by-op dispatch compiled every op for every new shape)."""
+    def both(q, k, v, do, dlse):
+        (out, lse), vjp = jax.vjp(fn, q, k, v)
+        return (out, lse), vjp((do, dlse.astype(lse.dtype)))
+
+    return jax.jit(both)(q, k, v, do, dlse)
 
 
 def reference_results(case: Case, q, k, v, segment_ids, do, dlse, compute_dtype):
-    """The reference's (out, lse) and grads, computed in compute_dtype ("float64" = oracle).
-    Jitted: one compile per call, where op-by-op dispatch compiled each of its ~100 ops for
-    every new shape (2-3 s a case)."""
+    """The reference's (out, lse) and grads, computed in compute_dtype ("float64" = oracle)."""
     seg = segment_ids if segment_ids is not None else (None, None)
     opts = case.reference_options()
     if compute_dtype == "float64":
         with jax.enable_x64(True):
             up = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, do, dlse)]
             fn = lambda q_, k_, v_: flash_attention_reference(q_, k_, v_, *seg, **opts)
-            res = jax.jit(functools.partial(value_and_grads, fn))(*up)
+            res = value_and_grads(fn, *up)
             return jax.tree.map(np.asarray, res)
     fn = lambda q_, k_, v_: flash_attention_reference(
         q_, k_, v_, *seg, compute_dtype=jnp.dtype(compute_dtype), **opts)
-    return jax.tree.map(np.asarray, jax.jit(functools.partial(value_and_grads, fn))(
-        q, k, v, do, dlse))
+    return jax.tree.map(np.asarray, value_and_grads(fn, q, k, v, do, dlse))

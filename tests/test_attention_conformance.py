@@ -1,8 +1,6 @@
 """One conformance suite for the `fastattn.attention` contract, run against every
 implementation (the Pallas kernels in interpret mode on CPU). STYLE.md 11-13, RELIABILITY.md 1-6."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,8 +60,8 @@ def _call(impl, case, q, k, v, segment_ids, block_sizes=SMALL_TILES):
 def _check_against_oracle(impl, case, block_sizes=SMALL_TILES):
     q, k, v, seg = make_inputs(case)
     do, dlse = cotangents(case)
-    ours = functools.partial(value_and_grads, _call(impl, case, q, k, v, seg, block_sizes))
-    (out, lse), grads = jax.tree.map(np.asarray, jax.jit(ours)(q, k, v, do, dlse))
+    (out, lse), grads = jax.tree.map(
+        np.asarray, value_and_grads(_call(impl, case, q, k, v, seg, block_sizes), q, k, v, do, dlse))
     (o_out, o_lse), o_grads = reference_results(case, q, k, v, seg, do, dlse, "float64")
     (l_out, l_lse), l_grads = reference_results(case, q, k, v, seg, do, dlse, case.dtype)
 

@@ -56,6 +56,11 @@ def _packed_segments(B, T, S, seed=0, *, num_segments=4, lonely_rows=5):
     return jnp.asarray(q, jnp.int32), jnp.asarray(kv, jnp.int32)
 
 
+# The reference, jitted (one compile rather than one per op and shape).
+_reference = jax.jit(flash_attention_reference,
+                     static_argnames=("causal", "window", "softcap", "scale", "compute_dtype"))
+
+
 def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=False,
            scale=None, dtype="bfloat16", block_sizes=None, interpret=False, seed=0):
     q, k, v = _inputs(B, T, S, N, K, H, dtype, seed)
@@ -66,9 +71,8 @@ def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=Fals
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     options = {"causal": causal, "window": window, "softcap": softcap, "scale": scale}
     seg_args = seg if seg is not None else (None, None)
-    o_out, o_lse = flash_attention_reference(q, k, v, *seg_args, **options)  # f32, HIGHEST
-    l_out, l_lse = flash_attention_reference(q, k, v, *seg_args, **options,
-                                             compute_dtype=jnp.dtype(dtype))
+    o_out, o_lse = _reference(q, k, v, *seg_args, **options)  # f32, HIGHEST
+    l_out, l_lse = _reference(q, k, v, *seg_args, **options, compute_dtype=jnp.dtype(dtype))
     assert out.shape == (B, T, N, H) and lse.shape == (B, N, T) and lse.dtype == np.float32
     as_f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
     assert_within_policy("out", out, as_f32(o_out), as_f32(l_out), dtype=dtype, factor=2)

@@ -38,12 +38,22 @@ def _inputs(B, T, S, N, K, H, dtype, seed=0):
             jnp.asarray(rng.standard_normal((B, N, T)), jnp.float32))
 
 
+# The reference forward, jitted (one compile rather than one per op and shape).
+_reference = jax.jit(flash_attention_reference,
+                     static_argnames=("causal", "window", "softcap", "scale", "compute_dtype"))
+
+
 def _reference_grads(q, k, v, d_out, d_lse, seg, options, compute_dtype=None):
-    """(out, lse, (dq, dk, dv)) of the reference through jax.vjp."""
+    """(out, lse, (dq, dk, dv)) of the reference through jax.vjp, jitted (one compile rather
+    than one per op and shape)."""
     seg_args = seg if seg is not None else (None, None)
-    (out, lse), vjp = jax.vjp(lambda q_, k_, v_: flash_attention_reference(
-        q_, k_, v_, *seg_args, compute_dtype=compute_dtype, **options), q, k, v)
-    return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
+
+    def run(q, k, v, d_out, d_lse, seg_args):
+        (out, lse), vjp = jax.vjp(lambda q_, k_, v_: flash_attention_reference(
+            q_, k_, v_, *seg_args, compute_dtype=compute_dtype, **options), q, k, v)
+        return out, lse, vjp((d_out.astype(out.dtype), d_lse.astype(lse.dtype)))
+
+    return jax.jit(run)(q, k, v, d_out, d_lse, seg_args)
 
 
 def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=False, scale=None,
@@ -56,7 +66,7 @@ def _check(B, T, S, N, K, H, *, causal, window=None, softcap=None, segments=Fals
     _, _, low = _reference_grads(q, k, v, d_out, d_lse, seg, options,
                                  compute_dtype=jnp.dtype(dtype))
     # The forward's (out, lse), as the Mosaic GPU forward would hand them over.
-    out, lse = flash_attention_reference(q, k, v, *(seg or (None, None)), **options)
+    out, lse = _reference(q, k, v, *(seg or (None, None)), **options)
     got = flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse, segment_ids=seg,
                                         block_sizes=block_sizes, interpret=interpret,
                                         **options)
