@@ -106,6 +106,8 @@
 #                                              #   the mask and backward GPU tests
 #   bash experiments/gpu_pending.sh bwd_tests10  # H100: the backward's default gradient
 #                                              #   tests, one line each, as far as time goes
+#   bash experiments/gpu_pending.sh fwd_tests10  # H100: the forward's mask and every-output
+#                                              #   GPU tests, one line each
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -591,6 +593,10 @@ for step in "$@"; do
       timeout 560 python3 -m pytest -v -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu_bwd.py -k "gpu_matches" 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" \
         | tee "$OUT/log.txt" ;;
+    fwd_tests10)
+      timeout 420 python3 -m pytest -v -p no:cacheprovider -o addopts="" \
+        tests/test_attention_mgpu.py -k "gpu_masks or gpu_every" 2>&1 \
+        | grep -E "PASS|FAIL|ERROR|passed|failed" | tee "$OUT/log.txt" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
