@@ -860,6 +860,11 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
     pl.run_scoped(body, collective_axes="wg", **scratch)
 
 
+def kv_bytes(k, v) -> int:
+    """Bytes of K and V together: what default_for compares with the L2 (launch order)."""
+    return k.size * jnp.dtype(k.dtype).itemsize + v.size * jnp.dtype(v.dtype).itemsize
+
+
 def launch_grid(tiles, batch, heads, *, head_major: bool):
     """(grid, grid_names) for a grid over tiles x batch x heads, each a (size, name) pair.
     Mosaic GPU launches the last grid axis fastest (it is CUDA's x). Tile-major: tiles
@@ -957,7 +962,7 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
             f"got {H}; use implementation='pallas'")
     bs = block_sizes or MosaicBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
-        kv_bytes=k.size * k.dtype.itemsize + v.size * v.dtype.itemsize)
+        kv_bytes=kv_bytes(k, v))
     if T % bs.block_q or S % bs.block_k:
         raise NotImplementedError(
             f"the Mosaic GPU flash attention kernel needs T a multiple of block_q="

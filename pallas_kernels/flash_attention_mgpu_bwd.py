@@ -76,6 +76,7 @@ from pallas_kernels.flash_attention_mgpu import (
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
     _plgpu,
     check_arguments,
+    kv_bytes,
     launch_grid,
     most_consumer_registers,
     require_hopper,
@@ -945,7 +946,7 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
             f"registers); {fallback}")
     bs = block_sizes or MosaicBackwardBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
-        kv_bytes=k.size * k.dtype.itemsize + v.size * v.dtype.itemsize)
+        kv_bytes=kv_bytes(k, v))
     if bs.fused_dq and not (bs.block_q_dkv == NUM_CONSUMERS * WGMMA_M
                             or (bs.block_q_dkv == WGMMA_M and H == 128)):
         raise ValueError(f"{bs}: fused_dq needs block_q_dkv=128, or block_q_dkv=64 at "
