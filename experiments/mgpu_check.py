@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import fastattn
 from experiments.bench_attention import rel_err, time_fn
 from experiments.results import write_results
-from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
+from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu, kv_bytes
 
 # (name, B, T, N, H, causal[, K]): T = S, bf16; K kv heads (default K = N, MHA)
 CONFIGS = [
@@ -70,8 +70,9 @@ def launched_as_default(variant: str, bs, cfg, default_for):
     if "major" in variant:
         return bs
     _, B, T, _, K, H, causal = unpack(cfg)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
     default = default_for(q_len=T, kv_len=T, head_dim=H, causal=causal,
-                          kv_bytes=2 * B * T * K * H * 2)
+                          kv_bytes=kv_bytes(kv, kv))
     return dataclasses.replace(bs, head_major=default.head_major)
 
 

@@ -33,7 +33,7 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
     that its K/V is read from DRAM about once rather than once per query tile. Grids with
     a right bound (causal) launch the bottom query tiles (the longest rows) first so that
     they do not end up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the
-    tiles in that order in turn; on only for short H = 64 rows without a mask.)
+    tiles in that order in turn, in snake order; on for rows of at most SHORT_KV_LEN keys.)
 
     warpgroup C (C = MosaicBlockSizes.consumers, 2 or 4), producer  (few registers:
     setmaxnreg down)
@@ -442,14 +442,15 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
     full_passes = total // ctas
     count = full_passes + (position(full_passes) < total % ctas).astype(jnp.int32)
 
+    sizes, names = launch_grid((num_q_tiles, "q_tile"), (B, "batch"), (N, "head"),
+                               head_major=st.block_sizes.head_major)
+
     def one(i, ring):
-        tile = i * ctas + position(i)
-        if st.block_sizes.head_major:  # batch, head, then q tile fastest
-            index, head, batch = tile % num_q_tiles, lax.div(tile, num_q_tiles) % N, \
-                lax.div(tile, num_q_tiles * N)
-        else:  # q tile, batch, then head fastest
-            index, batch, head = lax.div(tile, N * B), lax.div(tile, N) % B, tile % N
-        return visit(batch, head, q_tile_start(index), ring)
+        # The tile's coordinates, unravelled in the grid's launch order (last axis fastest).
+        rest, at = i * ctas + position(i), {}
+        for size, name in reversed(list(zip(sizes, names))):
+            at[name], rest = rest % size, lax.div(rest, size)
+        return visit(at["batch"], at["head"], q_tile_start(at["q_tile"]), ring)
 
     return lax.fori_loop(0, count, one, 0)
 
