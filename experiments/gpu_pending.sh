@@ -108,6 +108,8 @@
 #                                              #   tests, one line each, as far as time goes
 #   bash experiments/gpu_pending.sh fwd_tests10  # H100: the forward's mask and every-output
 #                                              #   GPU tests, one line each
+#   bash experiments/gpu_pending.sh preload11  # H100: paged decode with each split's page
+#                                              #   ids read before the key loop; its PTX
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -597,6 +599,19 @@ for step in "$@"; do
       timeout 420 python3 -m pytest -v -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_masks or gpu_every" 2>&1 \
         | grep -E "PASS|FAIL|ERROR|passed|failed" | tee "$OUT/log.txt" ;;
+    preload11)
+      # Session 11: each split's page ids read once before the key loop (issue 3's two rows),
+      # the paged GPU decode tests with it, and the PTX of the paged kernel both ways.
+      L="$OUT/log.txt"
+      gpu_tests 150 test_paged_gpu.py "decode"
+      V="contiguous,paged,paged one wave st3,paged preload,paged preload one wave,paged preload one wave st3"
+      for pass in 1 2; do
+        timeout 150 python3 experiments/profile_decode.py --time --variants "$V" 2>&1 \
+          | grep -v "^\s*$" | tee -a "$OUT/profile_decode_time.txt" | tee -a "$L"
+      done
+      timeout 90 python3 experiments/profile_decode.py --once --rows 16x4096 \
+        --variants "paged,paged preload one wave st3" --ptx /tmp/ptx > /dev/null 2>&1
+      ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -20,6 +20,9 @@ contiguous tiles on the paged kernel were slower, 2248 vs 2308 GB/s on b1 x 3276
 split is 8 programs there.) Session 9: `paged one wave` / `paged one wave st3`, the paged
 kernel with one program per SM (waves=1: one split on b16 x 4096, whose contiguous decode
 runs one split and no combine) at 2 or 3 stages, over the benchmark's shuffled pool.
+Session 11: `paged preload ...`: the same three tiles with each split's page ids read
+once, before the key loop (`DecodeBlockSizes.preload_page_ids`); --ptx DIR saves the PTX
+Triton makes of every kernel compiled (jaxlib > 0.10.2, where jax compiles Triton itself).
 --tiny: a small row in interpret mode (CPU), for the tests.
 """
 
@@ -46,10 +49,17 @@ VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or
     "paged runs of 4": 4,
     "paged one wave": 1,
     "paged one wave st3": 1,
+    "paged preload": 1,
+    "paged preload one wave": 1,
+    "paged preload one wave st3": 1,
 }
 BLOCK_SIZES = {  # the paged variants not at the paged default tiles
     "paged one wave": DecodeBlockSizes(waves=1),
     "paged one wave st3": DecodeBlockSizes(waves=1, num_stages=3),
+    "paged preload": DecodeBlockSizes(preload_page_ids=True),
+    "paged preload one wave": DecodeBlockSizes(preload_page_ids=True, waves=1),
+    "paged preload one wave st3": DecodeBlockSizes(preload_page_ids=True, waves=1,
+                                                   num_stages=3),
 }
 
 
@@ -68,6 +78,29 @@ def _fns(k, v, seed):
     return fns
 
 
+def _save_ptx(directory):
+    """Wraps the Triton compile that jax's Pallas lowering calls (jaxlib > 0.10.2) so that
+    each result's PTX lands in `directory` as NN_<kernel name>.ptx."""
+    import os
+    import re
+
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    os.makedirs(directory, exist_ok=True)
+    compile_ = registration.triton.compile
+    count = []
+
+    def saving(*args, **kwargs):
+        result = compile_(*args, **kwargs)
+        entry = re.search(r"\.entry\s+(\w+)", result.asm or "")
+        name = entry.group(1)[:60] if entry else "kernel"
+        with open(os.path.join(directory, f"{len(count):02d}_{name}.ptx"), "w") as f:
+            f.write(result.asm)
+        count.append(name)
+        return result
+
+    registration.triton.compile = saving
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--once", action="store_true", help="run each variant once (for ncu)")
@@ -78,7 +111,11 @@ def main(argv=None):
     p.add_argument("--trace", default=None, metavar="DIR",
                    help=f"also run each variant {TRACED_CALLS} times under the JAX profiler "
                         "and print every GPU kernel's time per call (trace_kernels)")
+    p.add_argument("--ptx", default=None, metavar="DIR",
+                   help="write the PTX of every Triton kernel compiled to DIR")
     args = p.parse_args(argv)
+    if args.ptx:
+        _save_ptx(args.ptx)
     rows = TINY_ROWS if args.tiny else ROWS
     if args.rows:
         rows = [tuple(int(x) for x in r.split("x")) for r in args.rows.split(",")]

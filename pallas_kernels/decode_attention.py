@@ -36,6 +36,11 @@ from pallas_kernels._common import (
     online_softmax_init, online_softmax_step, paged_rows)
 
 
+# The longest page-id window DecodeBlockSizes.preload_page_ids holds in registers (one int32
+# per slot, spread over the program's threads; the one-hot pick costs tile pages x slots).
+MAX_PRELOADED_PAGES = 256
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeBlockSizes:
     """Tiles and Triton knobs of the decode kernel. Changes speed, never numbers.
@@ -47,6 +52,11 @@ class DecodeBlockSizes:
         starts instead of one dependent table read later. Off: on an H100 it was 2-5% slower
         at 128-key tiles on the TARGETS rows and 2% faster only at 256-key tiles on b64 x
         4096 (BENCHMARKS.md, session 6).
+    preload_page_ids (paged only): read all of a split's page ids from the block table once,
+        before the key loop (one masked vector load of up to MAX_PRELOADED_PAGES entries),
+        and let each tile pick its own from registers, so that no table read sits between a
+        tile's loop step and its K/V loads. Splits spanning more pages read the table per
+        tile as before. Not with prefetch_page_ids.
     """
 
     block_k: int = 128
@@ -55,6 +65,7 @@ class DecodeBlockSizes:
     num_stages: int = 2
     waves: int = 2
     prefetch_page_ids: bool = False
+    preload_page_ids: bool = False
 
     @classmethod
     def default_for(cls, *, paged: bool) -> "DecodeBlockSizes":
@@ -70,6 +81,9 @@ class DecodeBlockSizes:
             raise ValueError(f"DecodeBlockSizes.num_splits={self.num_splits} must be >= 1")
         if self.waves < 1:
             raise ValueError(f"DecodeBlockSizes.waves={self.waves} must be >= 1")
+        if self.prefetch_page_ids and self.preload_page_ids:
+            raise ValueError("DecodeBlockSizes: prefetch_page_ids and preload_page_ids are two "
+                             "ways to read the page ids; set at most one")
 
     def resolve(self, *, batch: int, kv_heads: int, kv_len: int) -> "DecodeBlockSizes":
         """Fills in num_splits: enough programs for `waves` per SM, but no split shorter
@@ -84,7 +98,7 @@ class DecodeBlockSizes:
 
 
 def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
-                     block_k, group, head_dim, page_size, prefetch, interpret):
+                     block_k, group, head_dim, page_size, prefetch, preload, interpret):
     # q_ref [Gp, Hp] over the G = group real query heads; len_ref [1]
     # o_ref [Gp, Hp] (the final output when there is one split, else this split's f32
     # partial); lse_ref [Gp] f32
@@ -92,6 +106,7 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     # paged: k_ref, v_ref [P, page_size, Hp] (this kv head's pool), block_table_ref
     #        [pages_per_seq]; a tile of block_k keys gathers its rows from the pages they
     #        sit in (block_k / page_size pages per tile when page_size divides block_k)
+    # preload: None, or the length of the page-id window read once before the key loop
     paged = page_size is not None
     block_table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
     split = pl.program_id(0)
@@ -116,7 +131,17 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         cols = first + t * block_k + jnp.arange(block_k)
         return cols, (cols < end) & (cols >= lowest)
 
+    if preload:  # this split's pages, first_page onwards; slots past its last page hold 0
+        first_page = jax.lax.div(first, page_size)
+        split_pages = jax.lax.div(end + page_size - 1, page_size) - first_page
+        slots = jnp.arange(preload)
+        window = plgpu.load(block_table_ref.at[first_page + slots], mask=slots < split_pages,
+                            other=0)
+
     def page_ids(t):
+        if preload:
+            tile_page = jax.lax.div(first + t * block_k, page_size) - first_page
+            return pick_page_ids(window, tile_page, block_k=block_k, page_size=page_size)
         cols, valid = tile_keys(t)
         return load_page_ids(block_table_ref, cols, valid, page_size=page_size)
 
@@ -148,6 +173,24 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     out, lse = online_softmax_finish(carry)  # an empty partition: 0, -inf
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=tile_ok)
     plgpu.store(lse_ref, lse, mask=jnp.arange(gp) < group)
+
+
+def pick_page_ids(window, tile_page, *, block_k: int, page_size: int):
+    """Page id of each of a tile's block_k keys [block_k], from the page ids held in
+    registers (`window` [W]; the tile's first key sits on page window[tile_page], and when
+    page_size < block_k its keys fill pages tile_page, tile_page + 1, ... in order). Two
+    one-hot sums, [tile pages, W] then [block_k, tile pages]: registers cannot be indexed by
+    a value, and one [block_k, W] select would hold block_k * W / threads registers."""
+    slots = jnp.arange(window.shape[0])[None, :]
+    if page_size >= block_k:  # the whole tile on one page
+        page = jnp.sum(jnp.where(slots[0] == tile_page, window, 0))
+        return jnp.zeros((block_k,), jnp.int32) + page
+    pages = block_k // page_size
+    tile_pages = jnp.sum(jnp.where((tile_page + jnp.arange(pages))[:, None] == slots,
+                                   window[None, :], 0), axis=1)  # [pages]
+    key_page = jax.lax.div(jnp.arange(block_k), page_size)[:, None]
+    return jnp.sum(jnp.where(key_page == jnp.arange(pages)[None, :], tile_pages[None, :], 0),
+                   axis=1)
 
 
 def combine_splits(o_parts, lse_parts):
@@ -201,11 +244,19 @@ def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_hea
     splits = pl.cdiv(kv_len, chunk)
     paged = block_tables is not None
     single = splits == 1  # one partition: the kernel writes the final output itself
+    page_size = k.shape[2] if paged else None
+    preload = None
+    if paged and bs.preload_page_ids:
+        # a split's keys start block_k-aligned, so they touch one page more than chunk /
+        # page_size only when a page holds several tiles
+        span = pl.cdiv(chunk, page_size) + (page_size > bs.block_k)
+        if span <= MAX_PRELOADED_PAGES:
+            preload = max(16, pl.next_power_of_2(span))
     kernel = functools.partial(
         _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, group=G,
-        head_dim=H, page_size=k.shape[2] if paged else None,
-        prefetch=paged and bs.prefetch_page_ids, interpret=interpret)
+        head_dim=H, page_size=page_size, prefetch=paged and bs.prefetch_page_ids,
+        preload=preload, interpret=interpret)
     in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
                 pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
     inputs = [q.reshape(B, K, G, H), k, v, lengths.astype(jnp.int32).reshape(B, 1)]

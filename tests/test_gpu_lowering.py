@@ -69,8 +69,8 @@ def test_decode_kernels_lower(window_left, softcap):
                                                       softcap=softcap), q, k, k)
     pages = zeros(K, B * S // page, page, H)
     tables = jnp.zeros((B, S // page), jnp.int32)
-    for prefetch in (False, True):
-        bs = DecodeBlockSizes(prefetch_page_ids=prefetch)
+    for reading in ({}, dict(prefetch_page_ids=True), dict(preload_page_ids=True)):
+        bs = DecodeBlockSizes(**reading)
         lowers_for_cuda(lambda q, kp, vp: paged_decode_attention(
             q, kp, vp, tables, lengths, window_left=window_left, softcap=softcap,
             block_sizes=bs), q, pages, pages)

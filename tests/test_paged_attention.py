@@ -68,18 +68,21 @@ def test_nan_in_free_pages_and_partial_tails_changes_nothing(impl, page_size):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("page_size,block_k", [(16, 16), (8, 32), (32, 16)])
-def test_prefetched_page_ids_change_no_bit_and_keep_nan_out(page_size, block_k):
-    """DecodeBlockSizes.prefetch_page_ids reads tile t + 1's page ids during tile t, also
-    past a sequence's last page (masked): the same bits as reading them in the step, with
-    NaN in every free page and partial-page tail, a sliding window and splits."""
+@pytest.mark.parametrize("page_size,block_k", [(16, 16), (8, 32), (32, 16), (16, 128)])
+@pytest.mark.parametrize("reading", ["prefetch_page_ids", "preload_page_ids"])
+def test_page_id_reading_changes_no_bit_and_keeps_nan_out(reading, page_size, block_k):
+    """prefetch_page_ids reads tile t + 1's page ids during tile t, preload_page_ids all of a
+    split's page ids before the key loop (both also past a sequence's last page, masked):
+    the same bits as reading them in the step, with NaN in every free page and partial-page
+    tail, a sliding window and splits (a page holding two tiles at 32 / 16; eight pages per
+    tile at 16 / 128)."""
     q, kp, vp, tables, lens, unread = _paged_problem([3, 47, 16, 0, 90], page_size,
                                                      dtype="bfloat16")
     poison = jnp.asarray(unread)[None, :, :, None]
     outs = []
-    for prefetch, (k, v) in ((False, (kp, vp)), (True, (jnp.where(poison, jnp.nan, kp),
-                                                        jnp.where(poison, jnp.nan, vp)))):
-        bs = fastattn.DecodeBlockSizes(block_k=block_k, num_splits=3, prefetch_page_ids=prefetch)
+    for early, (k, v) in ((False, (kp, vp)), (True, (jnp.where(poison, jnp.nan, kp),
+                                                     jnp.where(poison, jnp.nan, vp)))):
+        bs = fastattn.DecodeBlockSizes(block_k=block_k, num_splits=3, **{reading: early})
         for window in (None, (21, 0)):
             outs.append(fastattn.paged_attention(q, k, v, tables, lens, return_lse=True,
                                                  implementation="pallas", block_sizes=bs,
@@ -87,6 +90,11 @@ def test_prefetched_page_ids_change_no_bit_and_keep_nan_out(page_size, block_k):
     for plain, early in zip(outs[:2], outs[2:]):
         for a, b in zip(plain, early):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_page_ids_read_one_way():
+    with pytest.raises(ValueError, match="prefetch_page_ids and preload_page_ids"):
+        fastattn.DecodeBlockSizes(prefetch_page_ids=True, preload_page_ids=True)
 
 
 def test_paged_equals_contiguous_decode():

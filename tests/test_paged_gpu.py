@@ -30,6 +30,10 @@ DECODE_CASES = [  # lengths, page_size, N, K, H, options, block sizes
     ([1500, 31], 16, 8, 1, 80, dict(softcap=30.0, sliding_window=(256, 0)), None),
     ([2000, 600, 5], 16, 32, 8, 128, {}, fastattn.DecodeBlockSizes(block_k=16, num_splits=4)),
     ([2000, 600, 5], 32, 32, 8, 128, {}, fastattn.DecodeBlockSizes(block_k=256)),
+    ([3000, 1, 15, 16, 17, 0, 2048, 999], 16, 32, 8, 128, {},
+     fastattn.DecodeBlockSizes(preload_page_ids=True)),
+    ([1500, 31, 700], 32, 8, 1, 80, dict(softcap=30.0, sliding_window=(256, 0)),
+     fastattn.DecodeBlockSizes(preload_page_ids=True, waves=1, num_stages=3)),
 ]
 
 
