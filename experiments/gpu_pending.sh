@@ -110,6 +110,7 @@
 #                                              #   GPU tests, one line each
 #   bash experiments/gpu_pending.sh preload11  # H100: paged decode with each split's page
 #                                              #   ids read before the key loop; its PTX
+#   bash experiments/gpu_pending.sh preload11b # H100: the same on b16 x 4096, more tiles
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -611,6 +612,24 @@ for step in "$@"; do
       done
       timeout 90 python3 experiments/profile_decode.py --once --rows 16x4096 \
         --variants "paged,paged preload one wave st3" --ptx /tmp/ptx > /dev/null 2>&1
+      ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
+    preload11b)
+      # preload11's timing passes ran out of time before b16 x 4096's preload variants.
+      L="$OUT/log.txt"
+      python3 - <<'PY' 2>&1 | tee -a "$L"
+import inspect
+from jax._src.pallas.triton import pallas_call_registration as r
+src = inspect.getsource(r)
+print([line.strip() for line in src.splitlines() if "compile" in line][:12])
+PY
+      V="contiguous,paged,paged preload,paged preload one wave st3,paged preload st3"
+      timeout 200 python3 experiments/profile_decode.py --time --rows 16x4096 --variants "$V" \
+        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
+      V="contiguous,paged,paged preload one wave st3,paged preload st3,paged preload one wave st4"
+      timeout 170 python3 experiments/profile_decode.py --time --rows 1x32768 --variants "$V" \
+        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
+      timeout 100 python3 experiments/profile_decode.py --once --rows 1x32768 \
+        --variants "paged,paged preload one wave st3" --ptx /tmp/ptx 2>&1 | tail -5 | tee -a "$L"
       ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \

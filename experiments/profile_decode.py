@@ -52,6 +52,8 @@ VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or
     "paged preload": 1,
     "paged preload one wave": 1,
     "paged preload one wave st3": 1,
+    "paged preload st3": 1,
+    "paged preload one wave st4": 1,
 }
 BLOCK_SIZES = {  # the paged variants not at the paged default tiles
     "paged one wave": DecodeBlockSizes(waves=1),
@@ -60,6 +62,9 @@ BLOCK_SIZES = {  # the paged variants not at the paged default tiles
     "paged preload one wave": DecodeBlockSizes(preload_page_ids=True, waves=1),
     "paged preload one wave st3": DecodeBlockSizes(preload_page_ids=True, waves=1,
                                                    num_stages=3),
+    "paged preload st3": DecodeBlockSizes(preload_page_ids=True, num_stages=3),
+    "paged preload one wave st4": DecodeBlockSizes(preload_page_ids=True, waves=1,
+                                                   num_stages=4),
 }
 
 
