@@ -111,6 +111,8 @@
 #   bash experiments/gpu_pending.sh preload11  # H100: paged decode with each split's page
 #                                              #   ids read before the key loop; its PTX
 #   bash experiments/gpu_pending.sh preload11b # H100: the same on b16 x 4096, more tiles
+#   bash experiments/gpu_pending.sh preload11c # H100: tiles around the new paged default,
+#                                              #   pool order; the paged GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -631,6 +633,17 @@ PY
       timeout 100 python3 experiments/profile_decode.py --once --rows 1x32768 \
         --variants "paged,paged preload one wave st3" --ptx /tmp/ptx 2>&1 | tail -5 | tee -a "$L"
       ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
+    preload11c)
+      # The paged default is now the contiguous tile with preloaded page ids: tiles around
+      # it on b1 x 32768, the pool order on both rows, and the paged GPU tests.
+      L="$OUT/log.txt"
+      V="contiguous,paged,paged in order,paged two waves,paged w8,paged bk64 st6,paged bk64 two waves"
+      timeout 200 python3 experiments/profile_decode.py --time --rows 1x32768 --variants "$V" \
+        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
+      V="contiguous,paged,paged in order,paged two waves"
+      timeout 120 python3 experiments/profile_decode.py --time --rows 16x4096 --variants "$V" \
+        2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$L"
+      gpu_tests 200 test_paged_gpu.py "" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

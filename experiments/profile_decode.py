@@ -17,12 +17,12 @@ a pool whose pages sit in sequence order (the block tables still go through ever
 head). If the in-order pool reads as fast as the contiguous cache, the gap is the shuffled
 pool's DRAM / TLB locality, not the kernel's gather. (Session 7 dropped two variants: the
 contiguous tiles on the paged kernel were slower, 2248 vs 2308 GB/s on b1 x 32768, and one
-split is 8 programs there.) Session 9: `paged one wave` / `paged one wave st3`, the paged
-kernel with one program per SM (waves=1: one split on b16 x 4096, whose contiguous decode
-runs one split and no combine) at 2 or 3 stages, over the benchmark's shuffled pool.
-Session 11: `paged preload ...`: the same three tiles with each split's page ids read
-once, before the key loop (`DecodeBlockSizes.preload_page_ids`); --ptx DIR saves the PTX
-Triton makes of every kernel compiled (jaxlib > 0.10.2, where jax compiles Triton itself).
+split is 8 programs there.) Session 9 had `paged one wave` / `paged one wave st3`, the
+paged kernel with one program per SM (waves=1: one split on b16 x 4096, whose contiguous
+decode runs one split and no combine) at 2 or 3 stages; both lost to the default of then.
+Session 11 (the paged default is now the contiguous tile with each split's page ids read
+before the key loop): `paged two waves`, the earlier paged default; `paged w8`, `paged bk64
+st6`, `paged bk64 two waves`: other tiles around the new default.
 --tiny: a small row in interpret mode (CPU), for the tests.
 """
 
@@ -47,24 +47,19 @@ VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or
     "paged": 1,
     "paged in order": None,
     "paged runs of 4": 4,
-    "paged one wave": 1,
-    "paged one wave st3": 1,
-    "paged preload": 1,
-    "paged preload one wave": 1,
-    "paged preload one wave st3": 1,
-    "paged preload st3": 1,
-    "paged preload one wave st4": 1,
+    "paged two waves": 1,
+    "paged w8": 1,
+    "paged bk64 st6": 1,
+    "paged bk64 two waves": 1,
 }
 BLOCK_SIZES = {  # the paged variants not at the paged default tiles
-    "paged one wave": DecodeBlockSizes(waves=1),
-    "paged one wave st3": DecodeBlockSizes(waves=1, num_stages=3),
-    "paged preload": DecodeBlockSizes(preload_page_ids=True),
-    "paged preload one wave": DecodeBlockSizes(preload_page_ids=True, waves=1),
-    "paged preload one wave st3": DecodeBlockSizes(preload_page_ids=True, waves=1,
-                                                   num_stages=3),
-    "paged preload st3": DecodeBlockSizes(preload_page_ids=True, num_stages=3),
-    "paged preload one wave st4": DecodeBlockSizes(preload_page_ids=True, waves=1,
-                                                   num_stages=4),
+    # the paged default of sessions 3-10: 2 stages, two programs per SM, table read per step
+    "paged two waves": DecodeBlockSizes(waves=2, num_stages=2),
+    "paged w8": DecodeBlockSizes(preload_page_ids=True, waves=1, num_stages=3, num_warps=8),
+    "paged bk64 st6": DecodeBlockSizes(preload_page_ids=True, waves=1, num_stages=6,
+                                       block_k=64),
+    "paged bk64 two waves": DecodeBlockSizes(preload_page_ids=True, waves=2, num_stages=3,
+                                             block_k=64),
 }
 
 
@@ -83,29 +78,6 @@ def _fns(k, v, seed):
     return fns
 
 
-def _save_ptx(directory):
-    """Wraps the Triton compile that jax's Pallas lowering calls (jaxlib > 0.10.2) so that
-    each result's PTX lands in `directory` as NN_<kernel name>.ptx."""
-    import os
-    import re
-
-    from jax._src.pallas.triton import pallas_call_registration as registration
-    os.makedirs(directory, exist_ok=True)
-    compile_ = registration.triton.compile
-    count = []
-
-    def saving(*args, **kwargs):
-        result = compile_(*args, **kwargs)
-        entry = re.search(r"\.entry\s+(\w+)", result.asm or "")
-        name = entry.group(1)[:60] if entry else "kernel"
-        with open(os.path.join(directory, f"{len(count):02d}_{name}.ptx"), "w") as f:
-            f.write(result.asm)
-        count.append(name)
-        return result
-
-    registration.triton.compile = saving
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--once", action="store_true", help="run each variant once (for ncu)")
@@ -116,11 +88,7 @@ def main(argv=None):
     p.add_argument("--trace", default=None, metavar="DIR",
                    help=f"also run each variant {TRACED_CALLS} times under the JAX profiler "
                         "and print every GPU kernel's time per call (trace_kernels)")
-    p.add_argument("--ptx", default=None, metavar="DIR",
-                   help="write the PTX of every Triton kernel compiled to DIR")
     args = p.parse_args(argv)
-    if args.ptx:
-        _save_ptx(args.ptx)
     rows = TINY_ROWS if args.tiny else ROWS
     if args.rows:
         rows = [tuple(int(x) for x in r.split("x")) for r in args.rows.split(",")]

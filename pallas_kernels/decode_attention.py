@@ -55,8 +55,9 @@ class DecodeBlockSizes:
     preload_page_ids (paged only): read all of a split's page ids from the block table once,
         before the key loop (one masked vector load of up to MAX_PRELOADED_PAGES entries),
         and let each tile pick its own from registers, so that no table read sits between a
-        tile's loop step and its K/V loads. Splits spanning more pages read the table per
-        tile as before. Not with prefetch_page_ids.
+        tile's loop step and its K/V loads. `resolve` picks enough splits for the window;
+        splits spanning more pages (num_splits given) read the table per tile. Not with
+        prefetch_page_ids.
     """
 
     block_k: int = 128
@@ -72,8 +73,13 @@ class DecodeBlockSizes:
         """H100 sweep (experiments/bench_decode.py --sweep, BENCHMARKS.md): the contiguous
         kernel reads fastest with one program per SM and a 3-stage pipeline (b16 x 4096:
         2721 GB/s vs 2640 with 3 splits and 2 stages; b1 x 32768: 16 splits beat 32). The
-        paged kernel's gathered tiles keep 2 stages and two programs per SM."""
-        return cls() if paged else cls(num_stages=3, waves=1)
+        paged kernel takes the same tile with its page ids preloaded (session 11, one
+        process: b16 x 4096 2763 GB/s vs 2709 for the earlier paged default of 2 stages and
+        two programs per SM, whose K/V loads waited on a table read every step; b1 x 32768
+        2381 vs 2336)."""
+        if paged:
+            return cls(num_stages=3, waves=1, preload_page_ids=True)
+        return cls(num_stages=3, waves=1)
 
     def __post_init__(self):
         check_tile_fields(self)
@@ -85,14 +91,18 @@ class DecodeBlockSizes:
             raise ValueError("DecodeBlockSizes: prefetch_page_ids and preload_page_ids are two "
                              "ways to read the page ids; set at most one")
 
-    def resolve(self, *, batch: int, kv_heads: int, kv_len: int) -> "DecodeBlockSizes":
+    def resolve(self, *, batch: int, kv_heads: int, kv_len: int,
+                page_size: int | None = None) -> "DecodeBlockSizes":
         """Fills in num_splits: enough programs for `waves` per SM, but no split shorter
-        than one tile."""
+        than one tile. Paged (page_size given) with preload_page_ids: also enough splits
+        that each one's page ids fit the preloaded window (MAX_PRELOADED_PAGES)."""
         block_k = min(self.block_k, max(16, pl.next_power_of_2(kv_len)))
         if self.num_splits is not None:
             splits = self.num_splits
         else:
             wanted = max(1, self.waves * GPU_SMS // (batch * kv_heads))
+            if self.preload_page_ids and page_size is not None:
+                wanted = max(wanted, pl.cdiv(kv_len, MAX_PRELOADED_PAGES * page_size))
             splits = max(1, min(wanted, pl.cdiv(kv_len, block_k)))
         return dataclasses.replace(self, block_k=block_k, num_splits=splits)
 

@@ -64,7 +64,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, softca
     K, P, page_size, H = k_pages.shape
     kv_len = block_tables.shape[1] * page_size
     bs = (block_sizes or DecodeBlockSizes.default_for(paged=True)).resolve(
-        batch=B, kv_heads=K, kv_len=kv_len)
+        batch=B, kv_heads=K, kv_len=kv_len, page_size=page_size)
     Hp = pl.next_power_of_2(H)
     kv_spec = pl.BlockSpec((None, P, page_size, Hp), lambda j, b, h: (h, 0, 0, 0))
     return split_kv_call(q, k_pages, v_pages, lengths, block_tables, kv_spec=kv_spec,

@@ -116,6 +116,11 @@ def test_default_splits_fill_the_gpu_but_not_past_one_tile_per_split():
     contiguous = DecodeBlockSizes.default_for(paged=False)
     assert contiguous.resolve(batch=1, kv_heads=8, kv_len=131072).num_splits == 16  # 1 wave
     assert contiguous.resolve(batch=16, kv_heads=8, kv_len=4096).num_splits == 1
+    paged = DecodeBlockSizes.default_for(paged=True)
+    assert paged.resolve(batch=1, kv_heads=8, kv_len=32768, page_size=16).num_splits == 16
+    # b64 x 131072 would be one split per sequence; 32 splits keep 256 pages per split
+    assert paged.resolve(batch=64, kv_heads=8, kv_len=131072, page_size=16).num_splits == 32
+    assert paged.resolve(batch=64, kv_heads=8, kv_len=131072, page_size=128).num_splits == 4
     with pytest.raises(ValueError, match="waves=0"):
         DecodeBlockSizes(waves=0)
 
