@@ -72,10 +72,10 @@ def test_profile_decode_tiny_times_and_traces_the_variants(tmp_path):
     inside against the contiguous kernel) and gets a bandwidth."""
     from experiments import profile_decode
 
-    results = profile_decode.main(["--tiny", "--variants", "paged in order,paged one wave",
+    results = profile_decode.main(["--tiny", "--variants", "paged in order,paged bk64 st6",
                                    "--trace", str(tmp_path / "tr")])
     gbps = results["gbps"]
-    assert {name for _, _, name in gbps} == {"contiguous", "paged in order", "paged one wave"}
+    assert {name for _, _, name in gbps} == {"contiguous", "paged in order", "paged bk64 st6"}
     assert all(value > 0 for value in gbps.values())
     # one trace summary per variant (a CPU has no GPU track: the kernel table is empty)
     assert set(results["traces"]) == set(gbps)
