@@ -113,8 +113,8 @@
 #   bash experiments/gpu_pending.sh preload11b # H100: the same on b16 x 4096, more tiles
 #   bash experiments/gpu_pending.sh preload11c # H100: tiles around the new paged default,
 #                                              #   pool order; the paged GPU tests
-#   (addr11, session 11: pages visited by ascending page id; that code, commit 2b4a449, was
-#   slower and was taken out)
+#   bash experiments/gpu_pending.sh addr11     # H100: pages visited by ascending page id
+#   bash experiments/gpu_pending.sh addr11b    # H100: the same with a cheaper page ranking
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
@@ -654,6 +654,26 @@ PY
     decode11b)
       timeout 580 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
         --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -12 ;;
+    addr11)
+      # Each split visits its pages by ascending page id, so that concurrent programs sweep
+      # the shuffled pool together; twice, as the shuffled pool's cost varied 3-9% by run.
+      L="$OUT/log.txt"
+      V="contiguous,paged,paged address order,paged in order,paged address order bk64 two waves"
+      for pass in 1 2; do
+        timeout 170 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
+          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
+      done
+      gpu_tests 200 test_paged_gpu.py "decode" ;;
+    addr11b)
+      # address_order again with ranks of unique keys (one comparison per pair) whose table
+      # reads are all issued first: addr11's ranking cost ~15 us per program at W = 256.
+      L="$OUT/log.txt"
+      V="contiguous,paged,paged address order,paged in order"
+      for pass in 1 2; do
+        timeout 150 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
+          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
+      done
+      gpu_tests 150 test_paged_gpu.py "decode" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
