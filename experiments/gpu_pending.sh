@@ -115,6 +115,8 @@
 #                                              #   pool order; the paged GPU tests
 #   bash experiments/gpu_pending.sh addr11     # H100: pages visited by ascending page id
 #   bash experiments/gpu_pending.sh addr11b    # H100: the same with a cheaper page ranking
+#                                              #   (address_order lost both times and was taken
+#                                              #   out again: commits 2b4a449 and d5f034b)
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
@@ -655,6 +657,7 @@ PY
       timeout 580 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
         --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -12 ;;
     addr11)
+      # (The variants of addr11 and addr11b ran code since taken out: see BENCHMARKS.md.)
       # Each split visits its pages by ascending page id, so that concurrent programs sweep
       # the shuffled pool together; twice, as the shuffled pool's cost varied 3-9% by run.
       L="$OUT/log.txt"

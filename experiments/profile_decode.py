@@ -22,8 +22,7 @@ paged kernel with one program per SM (waves=1: one split on b16 x 4096, whose co
 decode runs one split and no combine) at 2 or 3 stages; both lost to the default of then.
 Session 11 (the paged default is now the contiguous tile with each split's page ids read
 before the key loop): `paged two waves`, the earlier paged default; `paged w8`, `paged bk64
-st6`, `paged bk64 two waves`: other tiles around the new default; `paged address order
-...`: each split visits its pages by ascending page id (DecodeBlockSizes.address_order).
+st6`, `paged bk64 two waves`: other tiles around the new default.
 --tiny: a small row in interpret mode (CPU), for the tests.
 """
 
@@ -52,8 +51,6 @@ VARIANTS = {  # name -> pages shuffled in runs of this many (None: in order), or
     "paged w8": 1,
     "paged bk64 st6": 1,
     "paged bk64 two waves": 1,
-    "paged address order": 1,
-    "paged address order bk64 two waves": 1,
 }
 BLOCK_SIZES = {  # the paged variants not at the paged default tiles
     # the paged default of sessions 3-10: 2 stages, two programs per SM, table read per step
@@ -63,10 +60,6 @@ BLOCK_SIZES = {  # the paged variants not at the paged default tiles
                                        block_k=64),
     "paged bk64 two waves": DecodeBlockSizes(preload_page_ids=True, waves=2, num_stages=3,
                                              block_k=64),
-    "paged address order": DecodeBlockSizes(preload_page_ids=True, address_order=True,
-                                            waves=1, num_stages=3),
-    "paged address order bk64 two waves": DecodeBlockSizes(
-        preload_page_ids=True, address_order=True, waves=2, num_stages=3, block_k=64),
 }
 
 

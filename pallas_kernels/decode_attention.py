@@ -58,12 +58,6 @@ class DecodeBlockSizes:
         tile's loop step and its K/V loads. `resolve` picks enough splits for the window;
         splits spanning more pages (num_splits given) read the table per tile. Not with
         prefetch_page_ids.
-    address_order (paged, with preload_page_ids): each split visits its pages in ascending
-        page id, i.e. pool address, not in sequence order (at q_len = 1 the keys' order
-        changes only the rounding). Concurrent programs then sweep the pool from low to
-        high addresses together, so a pool whose pages are scattered is read in close to
-        address order; when a page holds several tiles (page_size > block_k) sequence order
-        is kept.
     """
 
     block_k: int = 128
@@ -73,7 +67,6 @@ class DecodeBlockSizes:
     waves: int = 2
     prefetch_page_ids: bool = False
     preload_page_ids: bool = False
-    address_order: bool = False
 
     @classmethod
     def default_for(cls, *, paged: bool) -> "DecodeBlockSizes":
@@ -97,9 +90,6 @@ class DecodeBlockSizes:
         if self.prefetch_page_ids and self.preload_page_ids:
             raise ValueError("DecodeBlockSizes: prefetch_page_ids and preload_page_ids are two "
                              "ways to read the page ids; set at most one")
-        if self.address_order and not self.preload_page_ids:
-            raise ValueError("DecodeBlockSizes.address_order=True needs preload_page_ids=True "
-                             "(the pages are ranked in registers)")
 
     def resolve(self, *, batch: int, kv_heads: int, kv_len: int,
                 page_size: int | None = None) -> "DecodeBlockSizes":
@@ -118,8 +108,7 @@ class DecodeBlockSizes:
 
 
 def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window_left, chunk,
-                     block_k, group, head_dim, page_size, prefetch, preload, address_order,
-                     interpret):
+                     block_k, group, head_dim, page_size, prefetch, preload, interpret):
     # q_ref [Gp, Hp] over the G = group real query heads; len_ref [1]
     # o_ref [Gp, Hp] (the final output when there is one split, else this split's f32
     # partial); lse_ref [Gp] f32
@@ -128,9 +117,6 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     #        [pages_per_seq]; a tile of block_k keys gathers its rows from the pages they
     #        sit in (block_k / page_size pages per tile when page_size divides block_k)
     # preload: None, or the length of the page-id window read once before the key loop
-    # address_order: visit the split's pages in ascending page id (needs preload and
-    #        page_size <= block_k); tile t then holds the pages of visit ranks t * (block_k /
-    #        page_size) onwards, wherever they sit in the sequence
     paged = page_size is not None
     block_table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
     split = pl.program_id(0)
@@ -151,32 +137,18 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
         lowest = 0
     n_tiles = jax.lax.div(jnp.maximum(end - first, 0) + block_k - 1, block_k)
 
+    def tile_keys(t):
+        cols = first + t * block_k + jnp.arange(block_k)
+        return cols, (cols < end) & (cols >= lowest)
+
     if preload:  # this split's pages, first_page onwards; slots past its last page hold 0
         first_page = jax.lax.div(first, page_size)
         split_pages = jax.lax.div(end + page_size - 1, page_size) - first_page
         slots = jnp.arange(preload)
         window = plgpu.load(block_table_ref.at[first_page + slots], mask=slots < split_pages,
                             other=0)
-        if address_order:
-            rank = address_ranks(block_table_ref, window, first_page, split_pages,
-                                 pool_pages=k_ref.shape[0])
-
-    def tile_keys(t):
-        if address_order:  # the keys of the pages of visit ranks t * tile_pages onwards
-            tile_pages = block_k // page_size
-            visit = t * tile_pages + jnp.arange(tile_pages)
-            slot = per_key(pick(slots, rank, visit), block_k=block_k, page_size=page_size)
-            cols = (first_page + slot) * page_size + jax.lax.rem(jnp.arange(block_k), page_size)
-            real = per_key((visit < split_pages).astype(jnp.int32), block_k=block_k,
-                           page_size=page_size)
-            return cols, (cols < end) & (cols >= lowest) & (real > 0)
-        cols = first + t * block_k + jnp.arange(block_k)
-        return cols, (cols < end) & (cols >= lowest)
 
     def page_ids(t):
-        if address_order:
-            visit = t * (block_k // page_size) + jnp.arange(block_k // page_size)
-            return per_key(pick(window, rank, visit), block_k=block_k, page_size=page_size)
         if preload:
             tile_page = jax.lax.div(first + t * block_k, page_size) - first_page
             return pick_page_ids(window, tile_page, block_k=block_k, page_size=page_size)
@@ -213,58 +185,22 @@ def _split_kv_kernel(q_ref, k_ref, v_ref, len_ref, *refs, scale, softcap, window
     plgpu.store(lse_ref, lse, mask=jnp.arange(gp) < group)
 
 
-def pick(values, keys, wanted):
-    """values[i] at the i with keys[i] == wanted[j], for each j ([len(wanted)]; 0 where no
-    key matches). A one-hot sum: registers cannot be indexed by a value."""
-    return jnp.sum(jnp.where(keys[None, :] == wanted[:, None], values[None, :], 0), axis=1)
-
-
-def per_key(per_page, *, block_k: int, page_size: int):
-    """[block_k // page_size] values of a tile's pages -> [block_k], one per key (key k on
-    the tile's page k // page_size)."""
-    pages = per_page.shape[0]
-    return pick(per_page, jnp.arange(pages), jax.lax.div(jnp.arange(block_k), page_size))
-
-
 def pick_page_ids(window, tile_page, *, block_k: int, page_size: int):
     """Page id of each of a tile's block_k keys [block_k], from the page ids held in
     registers (`window` [W]; the tile's first key sits on page window[tile_page], and when
     page_size < block_k its keys fill pages tile_page, tile_page + 1, ... in order). Two
-    small one-hot sums, [tile pages, W] then [block_k, tile pages]: one [block_k, W] select
-    would hold block_k * W / threads registers."""
-    slots = jnp.arange(window.shape[0])
+    one-hot sums, [tile pages, W] then [block_k, tile pages]: registers cannot be indexed by
+    a value, and one [block_k, W] select would hold block_k * W / threads registers."""
+    slots = jnp.arange(window.shape[0])[None, :]
     if page_size >= block_k:  # the whole tile on one page
-        page = jnp.sum(jnp.where(slots == tile_page, window, 0))
+        page = jnp.sum(jnp.where(slots[0] == tile_page, window, 0))
         return jnp.zeros((block_k,), jnp.int32) + page
-    tile_pages = pick(window, slots, tile_page + jnp.arange(block_k // page_size))
-    return per_key(tile_pages, block_k=block_k, page_size=page_size)
-
-
-def address_ranks(table_ref, window, first_page, split_pages, *, pool_pages: int):
-    """Rank of each slot's page id among the split's (ties by slot; slots past the split's
-    last page rank last): the order in which `address_order` visits the pages.
-
-    Each slot's key page_id * W + slot is unique, so a rank is one count of smaller keys:
-    W x W comparisons, in [W, piece] blocks whose keys are read again from the table (a
-    register vector cannot be sliced); all the pieces are loaded before any is compared, so
-    their latencies overlap."""
-    width = window.shape[0]
-    piece = min(width, 32)
-    slots = jnp.arange(width)
-    past = pool_pages * width  # larger than any real key
-
-    def keys(ids, at):
-        return jnp.where(at < split_pages, ids * width + at, past + at)
-
-    own = keys(window, slots)
-    starts = range(0, width, piece)
-    others = [start + jnp.arange(piece) for start in starts]
-    ids = [plgpu.load(table_ref.at[first_page + other], mask=other < split_pages, other=0)
-           for other in others]
-    rank = jnp.zeros((width,), jnp.int32)
-    for other, id_ in zip(others, ids):
-        rank += jnp.sum((keys(id_, other)[None, :] < own[:, None]).astype(jnp.int32), axis=1)
-    return rank
+    pages = block_k // page_size
+    tile_pages = jnp.sum(jnp.where((tile_page + jnp.arange(pages))[:, None] == slots,
+                                   window[None, :], 0), axis=1)  # [pages]
+    key_page = jax.lax.div(jnp.arange(block_k), page_size)[:, None]
+    return jnp.sum(jnp.where(key_page == jnp.arange(pages)[None, :], tile_pages[None, :], 0),
+                   axis=1)
 
 
 def combine_splits(o_parts, lse_parts):
@@ -330,10 +266,7 @@ def split_kv_call(q, k, v, lengths, block_tables, *, kv_spec, kv_len, num_kv_hea
         _split_kv_kernel, scale=float(1.0 / math.sqrt(H) if scale is None else scale),
         softcap=softcap, window_left=window_left, chunk=chunk, block_k=bs.block_k, group=G,
         head_dim=H, page_size=page_size, prefetch=paged and bs.prefetch_page_ids,
-        # address_order's keys page_id * W + slot must stay below 2**31
-        preload=preload, address_order=bool(preload) and bs.address_order
-        and page_size <= bs.block_k and (k.shape[1] + 1) * preload < 2**31,
-        interpret=interpret)
+        preload=preload, interpret=interpret)
     in_specs = [pl.BlockSpec((None, None, Gp, Hp), lambda j, b, h: (b, h, 0, 0)), kv_spec, kv_spec,
                 pl.BlockSpec((None, 1), lambda j, b, h: (b, 0))]
     inputs = [q.reshape(B, K, G, H), k, v, lengths.astype(jnp.int32).reshape(B, 1)]

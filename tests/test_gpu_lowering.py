@@ -69,8 +69,7 @@ def test_decode_kernels_lower(window_left, softcap):
                                                       softcap=softcap), q, k, k)
     pages = zeros(K, B * S // page, page, H)
     tables = jnp.zeros((B, S // page), jnp.int32)
-    for reading in ({}, dict(prefetch_page_ids=True), dict(preload_page_ids=True),
-                    dict(preload_page_ids=True, address_order=True)):
+    for reading in ({}, dict(prefetch_page_ids=True), dict(preload_page_ids=True)):
         bs = DecodeBlockSizes(**reading)
         lowers_for_cuda(lambda q, kp, vp: paged_decode_attention(
             q, kp, vp, tables, lengths, window_left=window_left, softcap=softcap,

@@ -92,62 +92,9 @@ def test_page_id_reading_changes_no_bit_and_keeps_nan_out(reading, page_size, bl
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("page_size,block_k", [(16, 16), (8, 32), (16, 64), (32, 16)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_address_order_matches_the_oracle_and_keeps_nan_out(page_size, block_k, dtype):
-    """address_order visits each split's pages by ascending page id (the shuffled pool's
-    order, not the sequence's): within the tolerance policy of the float64 oracle, with a
-    sliding window and splits that start mid-sequence, and NaN in every free page and
-    partial-page tail changes no bit (32 / 16: a page holds two tiles, sequence order)."""
-    lengths = [3, 47, 16, 0, 90, 61]
-    q, kp, vp, tables, lens, unread = _paged_problem(lengths, page_size, dtype=dtype, seed=3)
-    poison = jnp.asarray(unread)[None, :, :, None]
-    bs = fastattn.DecodeBlockSizes(block_k=block_k, num_splits=3, preload_page_ids=True,
-                                   address_order=True)
-    for window in (None, (21, 0)):
-        out, lse = fastattn.paged_attention(q, kp, vp, tables, lens, return_lse=True,
-                                            implementation="pallas", block_sizes=bs,
-                                            sliding_window=window)
-        dirty = fastattn.paged_attention(q, jnp.where(poison, jnp.nan, kp),
-                                         jnp.where(poison, jnp.inf, vp), tables, lens,
-                                         return_lse=True, implementation="pallas",
-                                         block_sizes=bs, sliding_window=window)
-        for a, b in zip((out, lse), dirty):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        left = None if window is None else window[0]
-        with jax.enable_x64(True):
-            up = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, kp, vp)]
-            o_out, o_lse = map(np.asarray, paged_attention_reference(
-                *up, tables, lens, window_left=left))
-        l_out, l_lse = map(np.asarray, paged_attention_reference(
-            q, kp, vp, tables, lens, compute_dtype=jnp.dtype(dtype), window_left=left))
-        assert_within_policy("out", np.asarray(out), o_out, l_out, dtype=dtype, factor=2)
-        assert_within_policy("lse", np.asarray(lse), o_lse, l_lse, dtype=dtype, factor=2)
-
-
-def test_address_ranks_order_the_split_pages():
-    """address_ranks: rank of each slot's page id, ties by slot, slots past the split last."""
-    from jax.experimental import pallas as pl
-
-    from pallas_kernels.decode_attention import address_ranks
-
-    def kernel(table_ref, rank_ref):  # the split owns 3 pages from table index 2: 7, 4, 1
-        window = jnp.concatenate([table_ref[2:6], jnp.zeros(12, jnp.int32)])
-        rank_ref[...] = address_ranks(table_ref, window, 2, 3, pool_pages=31)
-
-    table = jnp.asarray([9, 4, 7, 4, 1, 30, 2, 8, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5],
-                        jnp.int32)
-    rank = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.int32),
-                          interpret=True)(table)
-    np.testing.assert_array_equal(np.asarray(rank)[:4], [2, 1, 0, 3])  # slot 3 (30): unused
-    assert sorted(np.asarray(rank).tolist()) == list(range(16))
-
-
 def test_page_ids_read_one_way():
     with pytest.raises(ValueError, match="prefetch_page_ids and preload_page_ids"):
         fastattn.DecodeBlockSizes(prefetch_page_ids=True, preload_page_ids=True)
-    with pytest.raises(ValueError, match="address_order=True needs preload_page_ids"):
-        fastattn.DecodeBlockSizes(address_order=True)
 
 
 def test_paged_equals_contiguous_decode():

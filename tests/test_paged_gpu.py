@@ -34,11 +34,6 @@ DECODE_CASES = [  # lengths, page_size, N, K, H, options, block sizes
      fastattn.DecodeBlockSizes(preload_page_ids=True)),
     ([1500, 31, 700], 32, 8, 1, 80, dict(softcap=30.0, sliding_window=(256, 0)),
      fastattn.DecodeBlockSizes(preload_page_ids=True, waves=1, num_stages=3)),
-    ([3000, 1, 15, 16, 17, 0, 2048, 999], 16, 32, 8, 128, dict(sliding_window=(700, 0)),
-     fastattn.DecodeBlockSizes(preload_page_ids=True, address_order=True, waves=1,
-                               num_stages=3)),
-    ([4096, 77, 513, 1], 8, 16, 2, 64, {},
-     fastattn.DecodeBlockSizes(preload_page_ids=True, address_order=True, num_splits=3)),
 ]
 
 
