@@ -117,6 +117,7 @@
 #   bash experiments/gpu_pending.sh addr11b    # H100: the same with a cheaper page ranking
 #                                              #   (address_order lost both times and was taken
 #                                              #   out again: commits 2b4a449 and d5f034b)
+#   bash experiments/gpu_pending.sh tile11     # H100: 64-key tiles, two programs per SM
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
@@ -677,6 +678,15 @@ PY
           --variants "$V" 2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
       done
       gpu_tests 150 test_paged_gpu.py "decode" ;;
+    tile11)
+      # 64-key tiles at two programs per SM (preloaded page ids) against the new paged
+      # default on the two rows short of 0.95x; it led by 3.5% on b1 x 32768 in preload11c.
+      L="$OUT/log.txt"
+      V="contiguous,paged,paged bk64 two waves"
+      for pass in 1 2 3; do
+        timeout 110 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
+          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -6 | tee -a "$L"
+      done ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
