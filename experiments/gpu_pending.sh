@@ -108,15 +108,11 @@
 #                                              #   tests, one line each, as far as time goes
 #   bash experiments/gpu_pending.sh fwd_tests10  # H100: the forward's mask and every-output
 #                                              #   GPU tests, one line each
-#   bash experiments/gpu_pending.sh preload11  # H100: paged decode with each split's page
-#                                              #   ids read before the key loop; its PTX
-#   bash experiments/gpu_pending.sh preload11b # H100: the same on b16 x 4096, more tiles
+#   (preload11, preload11b, addr11, addr11b: session 11 runs of code since changed or taken
+#   out, the preload variants' first names and address_order of commits 2b4a449 / d5f034b;
+#   their results are in BENCHMARKS.md and benchmarks/sweeps/profile_decode_session11.txt)
 #   bash experiments/gpu_pending.sh preload11c # H100: tiles around the new paged default,
 #                                              #   pool order; the paged GPU tests
-#   bash experiments/gpu_pending.sh addr11     # H100: pages visited by ascending page id
-#   bash experiments/gpu_pending.sh addr11b    # H100: the same with a cheaper page ranking
-#                                              #   (address_order lost both times and was taken
-#                                              #   out again: commits 2b4a449 and d5f034b)
 #   bash experiments/gpu_pending.sh tile11     # H100: 64-key tiles, two programs per SM
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
@@ -129,6 +125,13 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OU
 gpu_tests() {
   timeout "$1" python3 -m pytest -q -p no:cacheprovider -o addopts="" "tests/$2" -k "$3" 2>&1 \
     | tail -3 | tee -a "$L"
+}
+# profile_passes SECONDS PASSES ROWS VARIANTS: profile_decode --time, PASSES times.
+profile_passes() {
+  for pass in $(seq "$2"); do
+    timeout "$1" python3 experiments/profile_decode.py --time --rows "$3" --variants "$4" 2>&1 \
+      | grep -v "^\s*$" | tail -12 | tee -a "$L"
+  done
 }
 for step in "$@"; do
   start=$SECONDS
@@ -609,47 +612,12 @@ for step in "$@"; do
       timeout 420 python3 -m pytest -v -p no:cacheprovider -o addopts="" \
         tests/test_attention_mgpu.py -k "gpu_masks or gpu_every" 2>&1 \
         | grep -E "PASS|FAIL|ERROR|passed|failed" | tee "$OUT/log.txt" ;;
-    preload11)
-      # Session 11: each split's page ids read once before the key loop (issue 3's two rows),
-      # the paged GPU decode tests with it, and the PTX of the paged kernel both ways.
-      L="$OUT/log.txt"
-      gpu_tests 150 test_paged_gpu.py "decode"
-      V="contiguous,paged,paged one wave st3,paged preload,paged preload one wave,paged preload one wave st3"
-      for pass in 1 2; do
-        timeout 150 python3 experiments/profile_decode.py --time --variants "$V" 2>&1 \
-          | grep -v "^\s*$" | tee -a "$OUT/profile_decode_time.txt" | tee -a "$L"
-      done
-      timeout 90 python3 experiments/profile_decode.py --once --rows 16x4096 \
-        --variants "paged,paged preload one wave st3" --ptx /tmp/ptx > /dev/null 2>&1
-      ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
-    preload11b)
-      # preload11's timing passes ran out of time before b16 x 4096's preload variants.
-      L="$OUT/log.txt"
-      python3 - <<'PY' 2>&1 | tee -a "$L"
-import inspect
-from jax._src.pallas.triton import pallas_call_registration as r
-src = inspect.getsource(r)
-print([line.strip() for line in src.splitlines() if "compile" in line][:12])
-PY
-      V="contiguous,paged,paged preload,paged preload one wave st3,paged preload st3"
-      timeout 200 python3 experiments/profile_decode.py --time --rows 16x4096 --variants "$V" \
-        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
-      V="contiguous,paged,paged preload one wave st3,paged preload st3,paged preload one wave st4"
-      timeout 170 python3 experiments/profile_decode.py --time --rows 1x32768 --variants "$V" \
-        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
-      timeout 100 python3 experiments/profile_decode.py --once --rows 1x32768 \
-        --variants "paged,paged preload one wave st3" --ptx /tmp/ptx 2>&1 | tail -5 | tee -a "$L"
-      ls /tmp/ptx | tee -a "$L"; tar czf "$OUT/decode_ptx.tgz" -C /tmp ptx ;;
     preload11c)
       # The paged default is now the contiguous tile with preloaded page ids: tiles around
       # it on b1 x 32768, the pool order on both rows, and the paged GPU tests.
       L="$OUT/log.txt"
-      V="contiguous,paged,paged in order,paged two waves,paged w8,paged bk64 st6,paged bk64 two waves"
-      timeout 200 python3 experiments/profile_decode.py --time --rows 1x32768 --variants "$V" \
-        2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
-      V="contiguous,paged,paged in order,paged two waves"
-      timeout 120 python3 experiments/profile_decode.py --time --rows 16x4096 --variants "$V" \
-        2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$L"
+      profile_passes 200 1 1x32768 "contiguous,paged,paged in order,paged two waves,paged w8,paged bk64 st6,paged bk64 two waves"
+      profile_passes 120 1 16x4096 "contiguous,paged,paged in order,paged two waves"
       gpu_tests 200 test_paged_gpu.py "" ;;
     decode11a)
       timeout 570 python3 experiments/bench_decode.py --configs 1x131072,1x32768,16x4096 \
@@ -657,36 +625,11 @@ PY
     decode11b)
       timeout 580 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
         --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -12 ;;
-    addr11)
-      # (The variants of addr11 and addr11b ran code since taken out: see BENCHMARKS.md.)
-      # Each split visits its pages by ascending page id, so that concurrent programs sweep
-      # the shuffled pool together; twice, as the shuffled pool's cost varied 3-9% by run.
-      L="$OUT/log.txt"
-      V="contiguous,paged,paged address order,paged in order,paged address order bk64 two waves"
-      for pass in 1 2; do
-        timeout 170 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
-          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
-      done
-      gpu_tests 200 test_paged_gpu.py "decode" ;;
-    addr11b)
-      # address_order again with ranks of unique keys (one comparison per pair) whose table
-      # reads are all issued first: addr11's ranking cost ~15 us per program at W = 256.
-      L="$OUT/log.txt"
-      V="contiguous,paged,paged address order,paged in order"
-      for pass in 1 2; do
-        timeout 150 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
-          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -12 | tee -a "$L"
-      done
-      gpu_tests 150 test_paged_gpu.py "decode" ;;
     tile11)
       # 64-key tiles at two programs per SM (preloaded page ids) against the new paged
       # default on the two rows short of 0.95x; it led by 3.5% on b1 x 32768 in preload11c.
       L="$OUT/log.txt"
-      V="contiguous,paged,paged bk64 two waves"
-      for pass in 1 2 3; do
-        timeout 110 python3 experiments/profile_decode.py --time --rows 1x32768,16x4096 \
-          --variants "$V" 2>&1 | grep -v "^\s*$" | tail -6 | tee -a "$L"
-      done ;;
+      profile_passes 110 3 1x32768,16x4096 "contiguous,paged,paged bk64 two waves" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
