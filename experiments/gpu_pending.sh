@@ -114,6 +114,7 @@
 #   bash experiments/gpu_pending.sh preload11c # H100: tiles around the new paged default,
 #                                              #   pool order; the paged GPU tests
 #   bash experiments/gpu_pending.sh tile11     # H100: 64-key tiles, two programs per SM
+#   bash experiments/gpu_pending.sh serving11  # H100: bench_serving without HF
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
@@ -630,6 +631,11 @@ for step in "$@"; do
       # default on the two rows short of 0.95x; it led by 3.5% on b1 x 32768 in preload11c.
       L="$OUT/log.txt"
       profile_passes 110 3 1x32768,16x4096 "contiguous,paged,paged bk64 two waves" ;;
+    serving11)
+      # The engine with the session 11 paged decode default (its decode-only steps run it);
+      # no HF run, so that it fits the remaining device time.
+      timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
