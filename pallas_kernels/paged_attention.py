@@ -17,7 +17,9 @@ any order:
 
 Only the pages a sequence's length covers are read (table entries past them are never
 loaded), and rows past the length inside its last page are masked in the load, so free pages
-and stale tails never reach the result.
+and stale tails never reach the result. By default each split reads all of its page ids once,
+before its key loop, and every tile picks its own from registers
+(`DecodeBlockSizes.preload_page_ids`), so no table read delays a tile's K/V loads.
 """
 
 from __future__ import annotations
