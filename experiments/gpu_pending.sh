@@ -134,17 +134,22 @@ profile_passes() {
       | grep -v "^\s*$" | tail -12 | tee -a "$L"
   done
 }
+# bench_half SECONDS HALF: bench_decode's first (a: 1x131072, 1x32768, 16x4096) or second
+# (b: 64x4096, 64x1024, 256x1024) three rows, each followed by the mixed ragged step.
+bench_half() {
+  local rows=1x131072,1x32768,16x4096
+  [ "$2" = b ] && rows=64x4096,64x1024,256x1024
+  timeout "$1" python3 experiments/bench_decode.py --configs "$rows" \
+    --out "$OUT/decode_$2.json" 2>&1 | tee "$OUT/bench_decode_$2.txt" | tail -14
+}
 for step in "$@"; do
   start=$SECONDS
   case $step in
     decode)
       timeout 60 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
         tests/test_paged_gpu.py 2>&1 | tee "$OUT/tests_decode.txt" | tail -3
-      timeout 480 python3 experiments/bench_decode.py --configs 1x131072,1x32768,16x4096 \
-        --out "$OUT/decode_a.json" 2>&1 | tee "$OUT/bench_decode_a.txt" | tail -8 ;;
-    decode2)
-      timeout 560 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
-        --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -14 ;;
+      bench_half 480 a ;;
+    decode2) bench_half 560 b ;;
     paged)
       timeout 500 python3 experiments/bench_decode.py --sweep paged \
         --configs 1x32768,16x4096,64x4096 2>&1 | tee "$OUT/sweep_paged.txt" | tail -24 ;;
@@ -620,12 +625,8 @@ for step in "$@"; do
       profile_passes 200 1 1x32768 "contiguous,paged,paged in order,paged two waves,paged w8,paged bk64 st6,paged bk64 two waves"
       profile_passes 120 1 16x4096 "contiguous,paged,paged in order,paged two waves"
       gpu_tests 200 test_paged_gpu.py "" ;;
-    decode11a)
-      timeout 570 python3 experiments/bench_decode.py --configs 1x131072,1x32768,16x4096 \
-        --out "$OUT/decode_a.json" 2>&1 | tee "$OUT/bench_decode_a.txt" | tail -12 ;;
-    decode11b)
-      timeout 580 python3 experiments/bench_decode.py --configs 64x4096,64x1024,256x1024 \
-        --out "$OUT/decode_b.json" 2>&1 | tee "$OUT/bench_decode_b.txt" | tail -12 ;;
+    decode11a) bench_half 570 a ;;
+    decode11b) bench_half 580 b ;;
     tile11)
       # 64-key tiles at two programs per SM (preloaded page ids) against the new paged
       # default on the two rows short of 0.95x; it led by 3.5% on b1 x 32768 in preload11c.
