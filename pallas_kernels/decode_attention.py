@@ -191,12 +191,12 @@ def pick_page_ids(window, tile_page, *, block_k: int, page_size: int):
     page_size < block_k its keys fill pages tile_page, tile_page + 1, ... in order). Two
     one-hot sums, [tile pages, W] then [block_k, tile pages]: registers cannot be indexed by
     a value, and one [block_k, W] select would hold block_k * W / threads registers."""
-    slots = jnp.arange(window.shape[0])[None, :]
+    slots = jnp.arange(window.shape[0])
     if page_size >= block_k:  # the whole tile on one page
-        page = jnp.sum(jnp.where(slots[0] == tile_page, window, 0))
+        page = jnp.sum(jnp.where(slots == tile_page, window, 0))
         return jnp.zeros((block_k,), jnp.int32) + page
     pages = block_k // page_size
-    tile_pages = jnp.sum(jnp.where((tile_page + jnp.arange(pages))[:, None] == slots,
+    tile_pages = jnp.sum(jnp.where((tile_page + jnp.arange(pages))[:, None] == slots[None, :],
                                    window[None, :], 0), axis=1)  # [pages]
     key_page = jax.lax.div(jnp.arange(block_k), page_size)[:, None]
     return jnp.sum(jnp.where(key_page == jnp.arange(pages)[None, :], tile_pages[None, :], 0),
