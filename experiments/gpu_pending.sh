@@ -117,6 +117,9 @@
 #   bash experiments/gpu_pending.sh serving11  # H100: bench_serving without HF
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
+#   bash experiments/gpu_pending.sh psmem12    # H100: P through shared memory: the SASS
+#                                              #   loops of default and variant, timings at
+#                                              #   H = 128 and 64, the variant's GPU tests
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -637,6 +640,31 @@ for step in "$@"; do
       # no HF run, so that it fits the remaining device time.
       timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
+    psmem12)
+      # Session 12: P through shared memory (MosaicBlockSizes.p_in_smem). First the SASS of
+      # the H = 128 forward, default and variant (does the softmax now run before the wait
+      # for O?), then timings against the default, then the variant's GPU tests.
+      L="$OUT/log.txt"
+      mkdir -p /tmp/pdump
+      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "p-smem" \
+        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
+      ls /tmp/pdump | head -20 | tee -a "$L"
+      for f in /tmp/pdump/*.ptx; do
+        b=$(basename "$f" .ptx)
+        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | head -5 | tee -a "$L"
+        echo "== $b" >> "$OUT/loops.txt"
+        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
+          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
+      done
+      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -60 | tee -a "$L"
+      timeout 200 python3 experiments/mgpu_check.py \
+        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "p-smem" --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
+      grep -v "errors" /tmp/p128.txt | tail -20 | tee -a "$L"
+      timeout 200 python3 experiments/mgpu_check.py --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" \
+        --variants "p-smem" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
+      grep -v "errors" /tmp/p64.txt | tail -20 | tee -a "$L"
+      gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

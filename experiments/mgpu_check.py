@@ -108,6 +108,11 @@ VARIANTS = {
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
+        # Session 12: P through shared memory (no register operand in flight under the
+        # softmax), with the softmax under PV (the default's schedule) or without.
+        "p-smem": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+                                   p_in_smem=True),
+        "p-smem no overlap": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -197,6 +202,14 @@ VARIANTS = {
         "head-major persistent 4 consumers": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True, head_major=True),
+        # Session 12: P through shared memory, around the full rows' default (softmax under
+        # PV) and the causal rows' (without).
+        "p-smem 4 consumers np-ov": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            overlap_softmax=True, p_in_smem=True),
+        "p-smem 4 consumers np": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            p_in_smem=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

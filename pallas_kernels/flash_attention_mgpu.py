@@ -183,6 +183,15 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
+    p_in_smem: P (the probabilities) goes through shared memory, and O += P V reads both
+        operands from there, instead of taking P from registers. Why (session 12): with P in
+        registers, the PV product in flight reads P_{j-1}'s registers until it completes,
+        and ptxas gave the next softmax's temporaries those registers (dead once the wgmma
+        is issued), so it had to wait for the product before the softmax's first
+        instruction (SASS, session 9: DEPBAR 0 right before the first FMNMX, whose result
+        went to R153, one of the in-flight A operand's registers). No register operand is
+        in flight with P in shared memory; P_j is stored once P V_{j-1} has completed (one
+        buffer per consumer: block_q x block_k more bytes of shared memory).
     """
 
     block_q: int = 128
@@ -195,6 +204,7 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
+    p_in_smem: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -238,7 +248,8 @@ class MosaicBlockSizes:
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
         ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
-        return qo + kv + self.block_q * 4 + ids
+        p = self.block_q * self.block_k * itemsize if self.p_in_smem else 0
+        return qo + kv + self.block_q * 4 + ids + p
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
@@ -380,6 +391,7 @@ class _Smem(NamedTuple):
     lse: Any  # [2, rows] f32
     q_seg: Any  # [2, rows] int32
     kv_seg: Any  # [num_stages, block_k] int32, loaded with K
+    p: Any  # [consumers, rows, block_k]: P for the next PV product (p_in_smem), else None
     q_ready: Any
     k_ready: Any
     v_ready: Any
@@ -537,6 +549,21 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         plgpu.wgmma(s_ref, q_tile, k_tile.transpose((1, 0)))  # a view: no data moves
         return lambda: s_ref[...]
 
+    def p_operand(p):
+        """The A operand of a PV product: P's registers, or its shared-memory tile
+        (p_in_smem: then p is the empty marker that stage_p returned)."""
+        return sm.p.at[wg] if bs.p_in_smem else p
+
+    def stage_p(p):
+        """p_in_smem: P_j to this consumer's shared-memory tile, visible to the next PV
+        wgmma (the async proxy); returns the marker the carry holds in P's place. Called
+        only once P V_{j-1}, which reads that tile, has completed."""
+        if not bs.p_in_smem:
+            return p
+        sm.p.at[wg][...] = p
+        plgpu.commit_smem()
+        return ()
+
     def accumulate_pv(j, acc, p, then):
         """acc + P V_j, once complete; `then()` runs as soon as the wgmma is issued. The
         wgmma accumulates into acc's registers in place (run_state)."""
@@ -544,11 +571,12 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         plgpu.barrier_wait(sm.v_ready.at[stage(j)])
         if st.interpret:  # the interpreter (JAX 0.10) takes no register operand in a wgmma
             then()
+            p = sm.p.at[wg][...] if bs.p_in_smem else p
             return acc + lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
         def issue(o_ref):
-            plgpu.wgmma(o_ref, p, v_tile)
+            plgpu.wgmma(o_ref, p_operand(p), v_tile)
             then()
 
         return pl.run_state(issue)(plgpu.ACC.init(acc))
@@ -636,7 +664,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 def scores(s_ref):
                     issue_qk(j, s_ref)
                     plgpu.barrier_wait(sm.v_ready.at[stage(j - 1)])
-                    plgpu.wgmma(o_ref, p_prev, sm.v.at[stage(j - 1)])
+                    plgpu.wgmma(o_ref, p_operand(p_prev), sm.v.at[stage(j - 1)])
                     pass_turn()
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
 
@@ -653,9 +681,11 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
                     j, s, m, l, masked=masked)
 
-            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
+            # Leaving run_state awaits O; p_like and m only give the shapes and layouts.
+            p_like = (in_wgmma_layout(jnp.zeros((rows, bk), dtype)) if bs.p_in_smem
+                      else p_prev)
             acc, p, m, l, alpha = pl.run_state(under_pv)(
-                (plgpu.ACC.init(acc), p_prev, m, l, m))
+                (plgpu.ACC.init(acc), p_like, m, l, m))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return rescale(acc, alpha), m, l, p
 
@@ -671,7 +701,8 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
             carry = softmax(j, s, acc, m, l, masked=masked)
         if st.has_segments:  # the kv ids are read: now the producer may refill the stage
             plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-        return carry
+        acc, m, l, p = carry  # P V_{j-1} has completed: P_j may take its tile
+        return acc, m, l, stage_p(p)
 
     acc = in_wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32))
     m = in_wgmma_layout(jnp.full((rows,), -jnp.inf, jnp.float32), rows_of=True)
@@ -840,12 +871,18 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
         "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=2),  # pingpong: one per consumer of the pair
     }
+    if bs.p_in_smem:  # P's rows are block_k wide: their own swizzle
+        p_swizzle = plgpu.find_swizzle(bs.block_k * jnp.dtype(dtype).itemsize * 8)
+        scratch["p"] = plgpu.SMEM(
+            (bs.consumers, bs.rows, bs.block_k), dtype,
+            transforms=(plgpu.TilingTransform((8, p_swizzle // jnp.dtype(dtype).itemsize)),
+                        plgpu.SwizzleTransform(p_swizzle)))
     if st.has_segments:
         scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
-        sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
+        sm = _Smem(**{"q_seg": None, "kv_seg": None, "p": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < bs.consumers)
