@@ -120,6 +120,7 @@
 #   bash experiments/gpu_pending.sh psmem12    # H100: P through shared memory: the SASS
 #                                              #   loops of default and variant, timings at
 #                                              #   H = 128 and 64, the variant's GPU tests
+#   bash experiments/gpu_pending.sh psmem12b   # H100: the same with the softmax pinned
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -641,13 +642,14 @@ for step in "$@"; do
       timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
     psmem12)
-      # Session 12: P through shared memory (MosaicBlockSizes.p_in_smem). First the SASS of
-      # the H = 128 forward, default and variant (does the softmax now run before the wait
-      # for O?), then timings against the default, then the variant's GPU tests.
+      # Session 12 (code of db9f036, its variants named p-smem then): P through shared
+      # memory (MosaicBlockSizes.p_in_smem). First the SASS of the H = 128 forward, default
+      # and variant (does the softmax now run before the wait for O?), then timings against
+      # the default, then the variant's GPU tests.
       L="$OUT/log.txt"
       mkdir -p /tmp/pdump
       MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "p-smem" \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
         --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
       ls /tmp/pdump | head -20 | tee -a "$L"
       for f in /tmp/pdump/*.ptx; do
@@ -659,11 +661,39 @@ for step in "$@"; do
       done
       grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -60 | tee -a "$L"
       timeout 200 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "p-smem" --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
+        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "psmem" \
+        --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
       grep -v "errors" /tmp/p128.txt | tail -20 | tee -a "$L"
-      timeout 200 python3 experiments/mgpu_check.py --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" \
-        --variants "p-smem" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
+      timeout 200 python3 experiments/mgpu_check.py \
+        --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" --variants "psmem" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
       grep -v "errors" /tmp/p64.txt | tail -20 | tee -a "$L"
+      gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
+    psmem12b)
+      # Session 12: psmem12 again with the softmax pinned before the wait for PV (an
+      # optimization barrier, now that P goes through shared memory): SASS loops of the
+      # default and the variant, the variant's timings on the rows without a mask, its GPU
+      # tests (the four-consumer case at 2 stages: 4 do not fit at H = 128).
+      L="$OUT/log.txt"
+      mkdir -p /tmp/pdump
+      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
+        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
+      for f in /tmp/pdump/*.ptx; do
+        b=$(basename "$f" .ptx)
+        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | grep -v C7519 | head -5 | tee -a "$L"
+        echo "== $b" >> "$OUT/loops.txt"
+        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
+          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
+      done
+      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -40 | tee -a "$L"
+      timeout 150 python3 experiments/mgpu_check.py \
+        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "psmem ov" \
+        --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
+      grep -v "errors" /tmp/p128.txt | tail -9 | tee -a "$L"
+      timeout 100 python3 experiments/mgpu_check.py \
+        --configs "s4096 h32 d64 full,s16384 h32 d64 full" \
+        --variants "psmem 4 consumers np-ov" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
+      grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
       gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \

@@ -109,10 +109,11 @@ VARIANTS = {
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
         # Session 12: P through shared memory (no register operand in flight under the
-        # softmax), with the softmax under PV (the default's schedule) or without.
-        "p-smem": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+        # softmax), with the softmax under PV (the default's schedule; pinned before the
+        # wait for PV by an optimization barrier) or without.
+        "psmem ov": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                    p_in_smem=True),
-        "p-smem no overlap": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
+        "psmem plain": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -204,10 +205,10 @@ VARIANTS = {
             persistent=True, head_major=True),
         # Session 12: P through shared memory, around the full rows' default (softmax under
         # PV) and the causal rows' (without).
-        "p-smem 4 consumers np-ov": MosaicBlockSizes(
+        "psmem 4 consumers np-ov": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             overlap_softmax=True, p_in_smem=True),
-        "p-smem 4 consumers np": MosaicBlockSizes(
+        "psmem 4 consumers np": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             p_in_smem=True),
     },

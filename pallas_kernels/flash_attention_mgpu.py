@@ -191,7 +191,10 @@ class MosaicBlockSizes:
         instruction (SASS, session 9: DEPBAR 0 right before the first FMNMX, whose result
         went to R153, one of the in-flight A operand's registers). No register operand is
         in flight with P in shared memory; P_j is stored once P V_{j-1} has completed (one
-        buffer per consumer: block_q x block_k more bytes of shared memory).
+        buffer per consumer: block_q x block_k more bytes of shared memory), and with
+        overlap_softmax the softmax's results pass an optimization barrier before the wait
+        for P V_{j-1}, so that the compiler cannot move it after that wait (session 12: it
+        had moved every exp2 there).
     """
 
     block_q: int = 128
@@ -671,15 +674,20 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
                     plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-                # What ptxas makes of this (SASS, session 9): the wait for O (leaving
-                # run_state) comes before the softmax's first max, so the softmax does not
-                # run under PV after all; what the option gains is the two products issued
-                # together. Pinning the softmax ahead of that wait (an optimization barrier on
-                # its results, P_{j-1} kept alive past the wait) left the wait where it was,
-                # and without P_{j-1} kept alive ptxas serialised every wgmma (-12% at H = 64,
-                # -31% at H = 128); BENCHMARKS.md, session 9.
-                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
-                    j, s, m, l, masked=masked)
+                # What ptxas makes of this (SASS, sessions 9 and 12): the wait for O (leaving
+                # run_state) comes after the first half of the row maxima and before every
+                # exp2, so most of the softmax does not run under PV; what the option gains
+                # is the two products issued together. Nothing orders the softmax (pure
+                # arithmetic, its results used after the wait) before that wait. An
+                # optimization barrier on its results does, but with P in registers the new
+                # P took the in-flight P_{j-1}'s registers and ptxas serialised every wgmma
+                # (-12% at H = 64, -31% at H = 128, session 9), so it is applied only when P
+                # goes through shared memory (p_in_smem), where no register operand is in
+                # flight.
+                results = probabilities(j, s, m, l, masked=masked)
+                if bs.p_in_smem:
+                    results = lax.optimization_barrier(results)
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = results
 
             # Leaving run_state awaits O; p_like and m only give the shapes and layouts.
             p_like = (in_wgmma_layout(jnp.zeros((rows, bk), dtype)) if bs.p_in_smem
