@@ -121,6 +121,7 @@
 #                                              #   loops of default and variant, timings at
 #                                              #   H = 128 and 64, the variant's GPU tests
 #   bash experiments/gpu_pending.sh psmem12b   # H100: the same with the softmax pinned
+#   bash experiments/gpu_pending.sh ptx12      # H100: the PTX of both, gzipped
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -695,6 +696,17 @@ for step in "$@"; do
         --variants "psmem 4 consumers np-ov" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
       grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
       gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
+    ptx12)
+      # Session 12: the PTX of the H = 128 forward, default and with P in shared memory
+      # (pinned softmax), gzipped for reading off the machine: is every exp2 of the step
+      # before the wgmma wait for PV in the PTX (so ptxas moves them), or not?
+      mkdir -p /tmp/pdump
+      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
+        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
+      tail -3 /tmp/dump_log.txt
+      for f in /tmp/pdump/*_[01].ptx; do gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
+      ls -la "$OUT" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
