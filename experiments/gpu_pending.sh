@@ -122,6 +122,7 @@
 #                                              #   H = 128 and 64, the variant's GPU tests
 #   bash experiments/gpu_pending.sh psmem12b   # H100: the same with the softmax pinned
 #   bash experiments/gpu_pending.sh ptx12      # H100: the PTX of both, gzipped
+#   bash experiments/gpu_pending.sh pin12      # H100: the row sums stored before the wait
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -707,6 +708,33 @@ for step in "$@"; do
       tail -3 /tmp/dump_log.txt
       for f in /tmp/pdump/*_[01].ptx; do gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
       ls -la "$OUT" ;;
+    pin12)
+      # Session 12: the softmax pinned before the wait for PV by storing its row sums
+      # (MosaicBlockSizes.pin_softmax), P in registers or in shared memory: SASS loops
+      # (default, pin, psmem pin), timings at H = 128 and 64 on the rows without a mask,
+      # and the pinned variants' GPU tests.
+      L="$OUT/log.txt"
+      mkdir -p /tmp/pdump
+      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "pin" \
+        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
+      for f in /tmp/pdump/*.ptx; do
+        b=$(basename "$f" .ptx)
+        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | grep -v C7519 | head -5 | tee -a "$L"
+        echo "== $b" >> "$OUT/loops.txt"
+        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
+          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
+      done
+      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -40 | tee -a "$L"
+      timeout 150 python3 experiments/mgpu_check.py \
+        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128 full" --variants "pin" \
+        --out "$OUT/pin128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
+      grep -v "errors" /tmp/p128.txt | tail -10 | tee -a "$L"
+      timeout 100 python3 experiments/mgpu_check.py \
+        --configs "s4096 h32 d64 full,s16384 h32 d64 full" \
+        --variants "pin 4 consumers" --out "$OUT/pin64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
+      grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
+      gpu_tests 120 test_attention_mgpu.py "variants and pin" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

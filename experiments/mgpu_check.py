@@ -114,6 +114,12 @@ VARIANTS = {
         "psmem ov": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                    p_in_smem=True),
         "psmem plain": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
+        # The softmax pinned before the wait for PV by storing its row sums (P in registers
+        # or in shared memory).
+        "pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+                                pin_softmax=True),
+        "psmem pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+                                      p_in_smem=True, pin_softmax=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -211,6 +217,9 @@ VARIANTS = {
         "psmem 4 consumers np": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             p_in_smem=True),
+        "pin 4 consumers np-ov": MosaicBlockSizes(
+            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+            overlap_softmax=True, pin_softmax=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

@@ -191,10 +191,10 @@ class MosaicBlockSizes:
         instruction (SASS, session 9: DEPBAR 0 right before the first FMNMX, whose result
         went to R153, one of the in-flight A operand's registers). No register operand is
         in flight with P in shared memory; P_j is stored once P V_{j-1} has completed (one
-        buffer per consumer: block_q x block_k more bytes of shared memory), and with
-        overlap_softmax the softmax's results pass an optimization barrier before the wait
-        for P V_{j-1}, so that the compiler cannot move it after that wait (session 12: it
-        had moved every exp2 there).
+        buffer per consumer: block_q x block_k more bytes of shared memory).
+    pin_softmax: with overlap_softmax, each step stores its row sums (which need every
+        exp2 of the step) to shared memory before the wait for P V_{j-1}: ptxas keeps memory
+        operations in order around that wait but moved the exp2s after it (session 12).
     """
 
     block_q: int = 128
@@ -208,6 +208,7 @@ class MosaicBlockSizes:
     persistent: bool = False
     head_major: bool = False
     p_in_smem: bool = False
+    pin_softmax: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -661,8 +662,12 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
             p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
         else:
+            # The last slot carries P_{j-1} (in registers) past the wait when pinning, so that
+            # its registers stay reserved while the PV product reads them.
+            keep_p = bs.pin_softmax and not bs.p_in_smem
+
             def under_pv(refs):
-                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs[:5]
 
                 def scores(s_ref):
                     issue_qk(j, s_ref)
@@ -674,26 +679,26 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
                     plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-                # What ptxas makes of this (SASS, sessions 9 and 12): the wait for O (leaving
-                # run_state) comes after the first half of the row maxima and before every
-                # exp2, so most of the softmax does not run under PV; what the option gains
-                # is the two products issued together. Nothing orders the softmax (pure
-                # arithmetic, its results used after the wait) before that wait. An
-                # optimization barrier on its results does, but with P in registers the new
-                # P took the in-flight P_{j-1}'s registers and ptxas serialised every wgmma
-                # (-12% at H = 64, -31% at H = 128, session 9), so it is applied only when P
-                # goes through shared memory (p_in_smem), where no register operand is in
-                # flight.
+                # What ptxas makes of this (SASS and PTX, sessions 9 and 12): the PTX has the
+                # whole softmax between the waits for S_j and for O, but ptxas moves the wait
+                # for O after the first half of the row maxima and before every exp2, so
+                # most of the softmax does not run under PV; what the option gains is the
+                # two products issued together. An optimization barrier does not change
+                # that (it orders LLVM, and the PTX order was right already).
+                # pin_softmax: the row sums (which need every exp2) are stored to shared
+                # memory before the wait, a memory operation ptxas keeps ahead of it.
                 results = probabilities(j, s, m, l, masked=masked)
-                if bs.p_in_smem:
-                    results = lax.optimization_barrier(results)
+                if bs.pin_softmax:
+                    sm.lse.at[wg][...] = results[2]
                 p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = results
 
             # Leaving run_state awaits O; p_like and m only give the shapes and layouts.
             p_like = (in_wgmma_layout(jnp.zeros((rows, bk), dtype)) if bs.p_in_smem
                       else p_prev)
-            acc, p, m, l, alpha = pl.run_state(under_pv)(
-                (plgpu.ACC.init(acc), p_like, m, l, m))
+            init = (plgpu.ACC.init(acc), p_like, m, l, m) + ((p_prev,) if keep_p else ())
+            acc, p, m, l, alpha, *kept = pl.run_state(under_pv)(init)
+            if keep_p:
+                _, alpha = lax.optimization_barrier((kept[0], alpha))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return rescale(acc, alpha), m, l, p
 

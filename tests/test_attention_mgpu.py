@@ -394,10 +394,11 @@ def test_gpu_masks_match_reference(B, T, S, N, K, H, causal, window, softcap, se
 
 def _short_id(bs: MosaicBlockSizes) -> str:
     """A test id pytest -k can select on: q128-k64-s4-c2-r240-24, then pp (turns), ov
-    (softmax under PV), persistent, hm (head-major launch), psmem (P in shared memory)."""
+    (softmax under PV), persistent, hm (head-major launch), psmem (P in shared memory), pin
+    (row sums stored before the wait for PV)."""
     flags = [name for name, on in (("pp", bs.pingpong), ("ov", bs.overlap_softmax),
                                    ("persistent", bs.persistent), ("hm", bs.head_major),
-                                   ("psmem", bs.p_in_smem))
+                                   ("psmem", bs.p_in_smem), ("pin", bs.pin_softmax))
              if on]
     return "-".join([f"q{bs.block_q}", f"k{bs.block_k}", f"s{bs.num_stages}",
                      f"c{bs.consumers}", f"r{bs.consumer_registers}-{bs.producer_registers}",
@@ -426,6 +427,9 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, p_in_smem=True),
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False,
                      overlap_softmax=True, p_in_smem=True),  # 2 stages: 4 do not fit, H = 128
+    MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, pin_softmax=True),
+    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
+                     overlap_softmax=True, pin_softmax=True),
 ], ids=_short_id)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
