@@ -716,7 +716,7 @@ for step in "$@"; do
       L="$OUT/log.txt"
       mkdir -p /tmp/pdump
       MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "pin" \
+        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "pinned" \
         --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
       for f in /tmp/pdump/*.ptx; do
         b=$(basename "$f" .ptx)
@@ -727,12 +727,13 @@ for step in "$@"; do
       done
       grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -40 | tee -a "$L"
       timeout 150 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128 full" --variants "pin" \
+        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128 full" --variants "pinned" \
         --out "$OUT/pin128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
       grep -v "errors" /tmp/p128.txt | tail -10 | tee -a "$L"
       timeout 100 python3 experiments/mgpu_check.py \
         --configs "s4096 h32 d64 full,s16384 h32 d64 full" \
-        --variants "pin 4 consumers" --out "$OUT/pin64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
+        --variants "pinned 4 consumers" --out "$OUT/pin64.json" 2>&1 \
+        | grep -v "^wrote" > /tmp/p64.txt
       grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
       gpu_tests 120 test_attention_mgpu.py "variants and pin" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \

@@ -116,9 +116,9 @@ VARIANTS = {
         "psmem plain": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
         # The softmax pinned before the wait for PV by storing its row sums (P in registers
         # or in shared memory).
-        "pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+        "pinned": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                 pin_softmax=True),
-        "psmem pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+        "psmem pinned": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                       p_in_smem=True, pin_softmax=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
@@ -217,7 +217,7 @@ VARIANTS = {
         "psmem 4 consumers np": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             p_in_smem=True),
-        "pin 4 consumers np-ov": MosaicBlockSizes(
+        "pinned 4 consumers np-ov": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             overlap_softmax=True, pin_softmax=True),
     },
