@@ -123,6 +123,7 @@
 #   bash experiments/gpu_pending.sh psmem12b   # H100: the same with the softmax pinned
 #   bash experiments/gpu_pending.sh ptx12      # H100: the PTX of both, gzipped
 #   bash experiments/gpu_pending.sh pin12      # H100: the row sums stored before the wait
+#   bash experiments/gpu_pending.sh pin12b     # H100: pinned vs default, three passes
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -736,6 +737,17 @@ for step in "$@"; do
         | grep -v "^wrote" > /tmp/p64.txt
       grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
       gpu_tests 120 test_attention_mgpu.py "variants and pin" ;;
+    pin12b)
+      # Session 12: pin12's pinned softmax (P in registers) against the default, three
+      # passes on the rows without a mask where it led or lost in pin12.
+      L="$OUT/log.txt"
+      for pass in 1 2 3; do
+        timeout 150 python3 experiments/mgpu_check.py \
+          --configs "b4 s4096 h16 d128 full,s16384 h16 d128 full,s16384 h32 d64 full" \
+          --variants "pinned" --out "$OUT/pin_pass$pass.json" 2>&1 | grep -v "^wrote" \
+          > /tmp/pass.txt
+        grep -v "errors" /tmp/pass.txt | tail -8 | tee -a "$L"
+      done ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

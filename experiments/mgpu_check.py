@@ -118,7 +118,7 @@ VARIANTS = {
         # or in shared memory).
         "pinned": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                 pin_softmax=True),
-        "psmem pinned": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+        "psmem+pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
                                       p_in_smem=True, pin_softmax=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
