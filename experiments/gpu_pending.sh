@@ -124,6 +124,7 @@
 #   bash experiments/gpu_pending.sh ptx12      # H100: the PTX of both, gzipped
 #   bash experiments/gpu_pending.sh pin12      # H100: the row sums stored before the wait
 #   bash experiments/gpu_pending.sh pin12b     # H100: pinned vs default, three passes
+#   bash experiments/gpu_pending.sh pin12c     # H100: the same at H = 64, causal rows too
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -747,6 +748,18 @@ for step in "$@"; do
           --variants "pinned" --out "$OUT/pin_pass$pass.json" 2>&1 | grep -v "^wrote" \
           > /tmp/pass.txt
         grep -v "errors" /tmp/pass.txt | tail -8 | tee -a "$L"
+      done ;;
+    pin12c)
+      # Session 12: the pinned softmax at H = 64 (four consumers, softmax under PV), two
+      # passes on the H = 64 rows from S = 4096 and the train step's causal shape, where the
+      # defaults run without the overlap.
+      L="$OUT/log.txt"
+      for pass in 1 2; do
+        timeout 200 python3 experiments/mgpu_check.py \
+          --configs "b4 s4096 h32 d64,s16384 h32 d64,train step" \
+          --variants "pinned" --out "$OUT/pin64_pass$pass.json" 2>&1 | grep -v "^wrote" \
+          > /tmp/pass.txt
+        grep -v "errors" /tmp/pass.txt | tail -11 | tee -a "$L"
       done ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
