@@ -117,14 +117,9 @@
 #   bash experiments/gpu_pending.sh serving11  # H100: bench_serving without HF
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
-#   bash experiments/gpu_pending.sh psmem12    # H100: P through shared memory: the SASS
-#                                              #   loops of default and variant, timings at
-#                                              #   H = 128 and 64, the variant's GPU tests
-#   bash experiments/gpu_pending.sh psmem12b   # H100: the same with the softmax pinned
-#   bash experiments/gpu_pending.sh ptx12      # H100: the PTX of both, gzipped
-#   bash experiments/gpu_pending.sh pin12      # H100: the row sums stored before the wait
-#   bash experiments/gpu_pending.sh pin12b     # H100: pinned vs default, three passes
-#   bash experiments/gpu_pending.sh pin12c     # H100: the same at H = 64, causal rows too
+#   (psmem12, psmem12b, ptx12, pin12, pin12b, pin12c: session 12 runs of the forward's P in
+#   shared memory and pinned softmax, options taken out again (commits db9f036, 7f052d3);
+#   their results are in BENCHMARKS.md, session 12 under issue 7)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -645,122 +640,6 @@ for step in "$@"; do
       # no HF run, so that it fits the remaining device time.
       timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
-    psmem12)
-      # Session 12 (code of db9f036, its variants named p-smem then): P through shared
-      # memory (MosaicBlockSizes.p_in_smem). First the SASS of the H = 128 forward, default
-      # and variant (does the softmax now run before the wait for O?), then timings against
-      # the default, then the variant's GPU tests.
-      L="$OUT/log.txt"
-      mkdir -p /tmp/pdump
-      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
-        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
-      ls /tmp/pdump | head -20 | tee -a "$L"
-      for f in /tmp/pdump/*.ptx; do
-        b=$(basename "$f" .ptx)
-        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | head -5 | tee -a "$L"
-        echo "== $b" >> "$OUT/loops.txt"
-        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
-          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
-      done
-      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -60 | tee -a "$L"
-      timeout 200 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "psmem" \
-        --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
-      grep -v "errors" /tmp/p128.txt | tail -20 | tee -a "$L"
-      timeout 200 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" --variants "psmem" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
-      grep -v "errors" /tmp/p64.txt | tail -20 | tee -a "$L"
-      gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
-    psmem12b)
-      # Session 12: psmem12 again with the softmax pinned before the wait for PV (an
-      # optimization barrier, now that P goes through shared memory): SASS loops of the
-      # default and the variant, the variant's timings on the rows without a mask, its GPU
-      # tests (the four-consumer case at 2 stages: 4 do not fit at H = 128).
-      L="$OUT/log.txt"
-      mkdir -p /tmp/pdump
-      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
-        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
-      for f in /tmp/pdump/*.ptx; do
-        b=$(basename "$f" .ptx)
-        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | grep -v C7519 | head -5 | tee -a "$L"
-        echo "== $b" >> "$OUT/loops.txt"
-        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
-          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
-      done
-      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -40 | tee -a "$L"
-      timeout 150 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128" --variants "psmem ov" \
-        --out "$OUT/psmem128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
-      grep -v "errors" /tmp/p128.txt | tail -9 | tee -a "$L"
-      timeout 100 python3 experiments/mgpu_check.py \
-        --configs "s4096 h32 d64 full,s16384 h32 d64 full" \
-        --variants "psmem 4 consumers np-ov" --out "$OUT/psmem64.json" 2>&1 | grep -v "^wrote" > /tmp/p64.txt
-      grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
-      gpu_tests 120 test_attention_mgpu.py "variants and psmem" ;;
-    ptx12)
-      # Session 12: the PTX of the H = 128 forward, default and with P in shared memory
-      # (pinned softmax), gzipped for reading off the machine: is every exp2 of the step
-      # before the wgmma wait for PV in the PTX (so ptxas moves them), or not?
-      mkdir -p /tmp/pdump
-      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "psmem ov" \
-        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
-      tail -3 /tmp/dump_log.txt
-      for f in /tmp/pdump/*_[01].ptx; do gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
-      ls -la "$OUT" ;;
-    pin12)
-      # Session 12: the softmax pinned before the wait for PV by storing its row sums
-      # (MosaicBlockSizes.pin_softmax), P in registers or in shared memory: SASS loops
-      # (default, pin, psmem pin), timings at H = 128 and 64 on the rows without a mask,
-      # and the pinned variants' GPU tests.
-      L="$OUT/log.txt"
-      mkdir -p /tmp/pdump
-      MOSAIC_GPU_DUMP_TO=/tmp/pdump MOSAIC_GPU_DUMP_PTX=1 timeout 100 python3 \
-        experiments/mgpu_check.py --configs "b4 s4096 h16 d128 full" --variants "pinned" \
-        --out /tmp/dump.json > /tmp/dump_log.txt 2>&1
-      for f in /tmp/pdump/*.ptx; do
-        b=$(basename "$f" .ptx)
-        ptxas -arch=sm_90a -o "/tmp/$b.cubin" "$f" 2>&1 | grep -v C7519 | head -5 | tee -a "$L"
-        echo "== $b" >> "$OUT/loops.txt"
-        cuobjdump -sass "/tmp/$b.cubin" > "/tmp/$b.sass" \
-          && python3 experiments/sass_loops.py "/tmp/$b.sass" >> "$OUT/loops.txt"
-      done
-      grep -E "^==|^loop|DEPBAR|FMNMX|MUFU" "$OUT/loops.txt" | head -40 | tee -a "$L"
-      timeout 150 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h16 d128,b1 s16384 h16 d128 full" --variants "pinned" \
-        --out "$OUT/pin128.json" 2>&1 | grep -v "^wrote" > /tmp/p128.txt
-      grep -v "errors" /tmp/p128.txt | tail -10 | tee -a "$L"
-      timeout 100 python3 experiments/mgpu_check.py \
-        --configs "s4096 h32 d64 full,s16384 h32 d64 full" \
-        --variants "pinned 4 consumers" --out "$OUT/pin64.json" 2>&1 \
-        | grep -v "^wrote" > /tmp/p64.txt
-      grep -v "errors" /tmp/p64.txt | tail -5 | tee -a "$L"
-      gpu_tests 120 test_attention_mgpu.py "variants and pin" ;;
-    pin12b)
-      # Session 12: pin12's pinned softmax (P in registers) against the default, three
-      # passes on the rows without a mask where it led or lost in pin12.
-      L="$OUT/log.txt"
-      for pass in 1 2 3; do
-        timeout 150 python3 experiments/mgpu_check.py \
-          --configs "b4 s4096 h16 d128 full,s16384 h16 d128 full,s16384 h32 d64 full" \
-          --variants "pinned" --out "$OUT/pin_pass$pass.json" 2>&1 | grep -v "^wrote" \
-          > /tmp/pass.txt
-        grep -v "errors" /tmp/pass.txt | tail -8 | tee -a "$L"
-      done ;;
-    pin12c)
-      # Session 12: the pinned softmax at H = 64 (four consumers, softmax under PV), two
-      # passes on the H = 64 rows from S = 4096 and the train step's causal shape, where the
-      # defaults run without the overlap.
-      L="$OUT/log.txt"
-      for pass in 1 2; do
-        timeout 200 python3 experiments/mgpu_check.py \
-          --configs "b4 s4096 h32 d64,s16384 h32 d64,train step" \
-          --variants "pinned" --out "$OUT/pin64_pass$pass.json" 2>&1 | grep -v "^wrote" \
-          > /tmp/pass.txt
-        grep -v "errors" /tmp/pass.txt | tail -11 | tee -a "$L"
-      done ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -108,18 +108,6 @@ VARIANTS = {
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
-        # Session 12: P through shared memory (no register operand in flight under the
-        # softmax), with the softmax under PV (the default's schedule; pinned before the
-        # wait for PV by an optimization barrier) or without.
-        "psmem ov": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
-                                   p_in_smem=True),
-        "psmem plain": MosaicBlockSizes(block_k=128, num_stages=2, p_in_smem=True),
-        # The softmax pinned before the wait for PV by storing its row sums (P in registers
-        # or in shared memory).
-        "pinned": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
-                                pin_softmax=True),
-        "psmem+pin": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
-                                      p_in_smem=True, pin_softmax=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -209,17 +197,6 @@ VARIANTS = {
         "head-major persistent 4 consumers": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True, head_major=True),
-        # Session 12: P through shared memory, around the full rows' default (softmax under
-        # PV) and the causal rows' (without).
-        "psmem 4 consumers np-ov": MosaicBlockSizes(
-            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-            overlap_softmax=True, p_in_smem=True),
-        "psmem 4 consumers np": MosaicBlockSizes(
-            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-            p_in_smem=True),
-        "pinned 4 consumers np-ov": MosaicBlockSizes(
-            block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-            overlap_softmax=True, pin_softmax=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

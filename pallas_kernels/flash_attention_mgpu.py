@@ -183,18 +183,6 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
-    p_in_smem: P (the probabilities) goes through shared memory, and O += P V reads both
-        operands from there, instead of taking P from registers. Why (session 12): with P in
-        registers, the PV product in flight reads P_{j-1}'s registers until it completes,
-        and ptxas gave the next softmax's temporaries those registers (dead once the wgmma
-        is issued), so it had to wait for the product before the softmax's first
-        instruction (SASS, session 9: DEPBAR 0 right before the first FMNMX, whose result
-        went to R153, one of the in-flight A operand's registers). No register operand is
-        in flight with P in shared memory; P_j is stored once P V_{j-1} has completed (one
-        buffer per consumer: block_q x block_k more bytes of shared memory).
-    pin_softmax: with overlap_softmax, each step stores its row sums (which need every
-        exp2 of the step) to shared memory before the wait for P V_{j-1}: ptxas keeps memory
-        operations in order around that wait but moved the exp2s after it (session 12).
     """
 
     block_q: int = 128
@@ -207,8 +195,6 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
-    p_in_smem: bool = False
-    pin_softmax: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -252,8 +238,7 @@ class MosaicBlockSizes:
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
         ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
-        p = self.block_q * self.block_k * itemsize if self.p_in_smem else 0
-        return qo + kv + self.block_q * 4 + ids + p
+        return qo + kv + self.block_q * 4 + ids
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
@@ -395,7 +380,6 @@ class _Smem(NamedTuple):
     lse: Any  # [2, rows] f32
     q_seg: Any  # [2, rows] int32
     kv_seg: Any  # [num_stages, block_k] int32, loaded with K
-    p: Any  # [consumers, rows, block_k]: P for the next PV product (p_in_smem), else None
     q_ready: Any
     k_ready: Any
     v_ready: Any
@@ -553,21 +537,6 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         plgpu.wgmma(s_ref, q_tile, k_tile.transpose((1, 0)))  # a view: no data moves
         return lambda: s_ref[...]
 
-    def p_operand(p):
-        """The A operand of a PV product: P's registers, or its shared-memory tile
-        (p_in_smem: then p is the empty marker that stage_p returned)."""
-        return sm.p.at[wg] if bs.p_in_smem else p
-
-    def stage_p(p):
-        """p_in_smem: P_j to this consumer's shared-memory tile, visible to the next PV
-        wgmma (the async proxy); returns the marker the carry holds in P's place. Called
-        only once P V_{j-1}, which reads that tile, has completed."""
-        if not bs.p_in_smem:
-            return p
-        sm.p.at[wg][...] = p
-        plgpu.commit_smem()
-        return ()
-
     def accumulate_pv(j, acc, p, then):
         """acc + P V_j, once complete; `then()` runs as soon as the wgmma is issued. The
         wgmma accumulates into acc's registers in place (run_state)."""
@@ -575,12 +544,11 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         plgpu.barrier_wait(sm.v_ready.at[stage(j)])
         if st.interpret:  # the interpreter (JAX 0.10) takes no register operand in a wgmma
             then()
-            p = sm.p.at[wg][...] if bs.p_in_smem else p
             return acc + lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
         def issue(o_ref):
-            plgpu.wgmma(o_ref, p_operand(p), v_tile)
+            plgpu.wgmma(o_ref, p, v_tile)
             then()
 
         return pl.run_state(issue)(plgpu.ACC.init(acc))
@@ -662,43 +630,35 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
             p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
         else:
-            # The last slot carries P_{j-1} (in registers) past the wait when pinning, so that
-            # its registers stay reserved while the PV product reads them.
-            keep_p = bs.pin_softmax and not bs.p_in_smem
-
             def under_pv(refs):
-                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs[:5]
+                o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
 
                 def scores(s_ref):
                     issue_qk(j, s_ref)
                     plgpu.barrier_wait(sm.v_ready.at[stage(j - 1)])
-                    plgpu.wgmma(o_ref, p_operand(p_prev), sm.v.at[stage(j - 1)])
+                    plgpu.wgmma(o_ref, p_prev, sm.v.at[stage(j - 1)])
                     pass_turn()
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
                     plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-                # What ptxas makes of this (SASS and PTX, sessions 9 and 12): the PTX has the
+                # What ptxas makes of this (PTX and SASS, sessions 9 and 12): the PTX has the
                 # whole softmax between the waits for S_j and for O, but ptxas moves the wait
-                # for O after the first half of the row maxima and before every exp2, so
-                # most of the softmax does not run under PV; what the option gains is the
-                # two products issued together. An optimization barrier does not change
-                # that (it orders LLVM, and the PTX order was right already).
-                # pin_softmax: the row sums (which need every exp2) are stored to shared
-                # memory before the wait, a memory operation ptxas keeps ahead of it.
-                results = probabilities(j, s, m, l, masked=masked)
-                if bs.pin_softmax:
-                    sm.lse.at[wg][...] = results[2]
-                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = results
+                # for O up, after about half of the row maxima and before every exp2, so most
+                # of the softmax does not run under PV; what the option gains is the two
+                # products issued together. An optimization barrier on the softmax's results
+                # orders LLVM, not ptxas (the PTX order was right without it). Storing the
+                # row sums to shared memory before the wait does hold the exp2s ahead of it
+                # (a memory operation ptxas keeps in place), and P through shared memory takes
+                # the in-flight register operand away; neither was faster over a session's
+                # passes (BENCHMARKS.md, session 12; code in commits db9f036 and 7f052d3).
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
+                    j, s, m, l, masked=masked)
 
-            # Leaving run_state awaits O; p_like and m only give the shapes and layouts.
-            p_like = (in_wgmma_layout(jnp.zeros((rows, bk), dtype)) if bs.p_in_smem
-                      else p_prev)
-            init = (plgpu.ACC.init(acc), p_like, m, l, m) + ((p_prev,) if keep_p else ())
-            acc, p, m, l, alpha, *kept = pl.run_state(under_pv)(init)
-            if keep_p:
-                _, alpha = lax.optimization_barrier((kept[0], alpha))
+            # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
+            acc, p, m, l, alpha = pl.run_state(under_pv)(
+                (plgpu.ACC.init(acc), p_prev, m, l, m))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
         return rescale(acc, alpha), m, l, p
 
@@ -714,8 +674,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
             carry = softmax(j, s, acc, m, l, masked=masked)
         if st.has_segments:  # the kv ids are read: now the producer may refill the stage
             plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
-        acc, m, l, p = carry  # P V_{j-1} has completed: P_j may take its tile
-        return acc, m, l, stage_p(p)
+        return carry
 
     acc = in_wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32))
     m = in_wgmma_layout(jnp.full((rows,), -jnp.inf, jnp.float32), rows_of=True)
@@ -884,18 +843,12 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
         "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=2),  # pingpong: one per consumer of the pair
     }
-    if bs.p_in_smem:  # P's rows are block_k wide: their own swizzle
-        p_swizzle = plgpu.find_swizzle(bs.block_k * jnp.dtype(dtype).itemsize * 8)
-        scratch["p"] = plgpu.SMEM(
-            (bs.consumers, bs.rows, bs.block_k), dtype,
-            transforms=(plgpu.TilingTransform((8, p_swizzle // jnp.dtype(dtype).itemsize)),
-                        plgpu.SwizzleTransform(p_swizzle)))
     if st.has_segments:
         scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
-        sm = _Smem(**{"q_seg": None, "kv_seg": None, "p": None, **buffers})
+        sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < bs.consumers)

@@ -316,13 +316,6 @@ SCHEDULE_CASES = [
                              pingpong=False, overlap_softmax=True, persistent=True)),
     ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
-    # P through shared memory: stored once the PV product reading the tile has completed.
-    ("P in shared memory, turns + softmax under PV, causal GQA", 256, 256, True, None, False,
-     MosaicBlockSizes(block_k=64, num_stages=3, overlap_softmax=True, p_in_smem=True)),
-    ("P in shared memory, four consumers + softmax under PV, window + segment ids", 256,
-     256, False, (100, 50), True,
-     MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False,
-                      overlap_softmax=True, p_in_smem=True)),
 ]
 
 
@@ -394,11 +387,9 @@ def test_gpu_masks_match_reference(B, T, S, N, K, H, causal, window, softcap, se
 
 def _short_id(bs: MosaicBlockSizes) -> str:
     """A test id pytest -k can select on: q128-k64-s4-c2-r240-24, then pp (turns), ov
-    (softmax under PV), persistent, hm (head-major launch), psmem (P in shared memory), pin
-    (row sums stored before the wait for PV)."""
+    (softmax under PV), persistent, hm (head-major launch)."""
     flags = [name for name, on in (("pp", bs.pingpong), ("ov", bs.overlap_softmax),
-                                   ("persistent", bs.persistent), ("hm", bs.head_major),
-                                   ("psmem", bs.p_in_smem), ("pin", bs.pin_softmax))
+                                   ("persistent", bs.persistent), ("hm", bs.head_major))
              if on]
     return "-".join([f"q{bs.block_q}", f"k{bs.block_k}", f"s{bs.num_stages}",
                      f"c{bs.consumers}", f"r{bs.consumer_registers}-{bs.producer_registers}",
@@ -424,12 +415,6 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      head_major=True),
     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, head_major=True),
-    MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, p_in_smem=True),
-    MosaicBlockSizes(block_q=256, block_k=64, num_stages=2, consumers=4, pingpong=False,
-                     overlap_softmax=True, p_in_smem=True),  # 2 stages: 4 do not fit, H = 128
-    MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, pin_softmax=True),
-    MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
-                     overlap_softmax=True, pin_softmax=True),
 ], ids=_short_id)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])

@@ -149,21 +149,15 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
     lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)
 
 
-@pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers,p_in_smem,pin", [
-    (True, True, False, 2, False, False), (False, False, False, 2, False, False),
-    (True, False, False, 2, False, False), (False, True, True, 2, False, False),
-    (True, False, True, 2, False, False), (True, False, False, 4, False, False),
-    (True, True, False, 2, True, False), (True, False, False, 4, True, False),
-    (True, True, False, 2, False, True), (True, False, True, 4, True, True)])
+@pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers", [
+    (True, True, False, 2), (False, False, False, 2), (True, False, False, 2),
+    (False, True, True, 2), (True, False, True, 2), (True, False, False, 4)])
 @pytest.mark.parametrize("causal,window,segments", [(True, None, False),
                                                     (False, (64, 64), True)])
 def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, consumers,
-                                        p_in_smem, pin, causal, window, segments,
-                                        monkeypatch):
+                                        causal, window, segments, monkeypatch):
     """The forward's scheduling options lower for the GPU (the softmax under an in-flight
-    PV product: a wgmma accumulator read while a later group runs, values out of run_state;
-    P stored to shared memory for a PV product with both operands there; the row sums
-    stored before the wait for PV)."""
+    PV product: a wgmma accumulator read while a later group runs, values out of run_state)."""
     from pallas_kernels import flash_attention_mgpu as mgpu
 
     check = mgpu.check_supported  # without its check for a Hopper device: there is none here
@@ -171,8 +165,7 @@ def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, c
                         lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
     bs = mgpu.MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=pingpong,
                                overlap_softmax=overlap_softmax, persistent=persistent,
-                               consumers=consumers, p_in_smem=p_in_smem,
-                               pin_softmax=pin)
+                               consumers=consumers)
     T = S = 512
     q, k = zeros(1, T, 4, 64), zeros(1, S, 2, 64)
     seg = (jnp.zeros((1, T), jnp.int32), jnp.zeros((1, S), jnp.int32)) if segments else None
