@@ -3,17 +3,15 @@
 import os
 import sys
 
-import jax
+# XLA's CPU client runs computations on a pool of PJRT_NPROC threads (default: one per core,
+# 2 in CI). The Mosaic GPU interpreter runs each warpgroup of a kernel (up to five) as its
+# own computation, and they wait on each other's barriers inside host callbacks, which XLA
+# may run on pool threads: two warpgroups blocked there held both threads while the others
+# waited for one, and full local runs hung in test_attention_mgpu.py (sessions 11 and 12).
+# With PJRT_NPROC=1 the schedule cases hang every time; with 16 they ran as fast as with 2.
+# Set before jax creates its CPU client.
+os.environ.setdefault("PJRT_NPROC", "16")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-# CPU computations run on the thread that calls them, not on XLA's CPU thread pool (one
-# thread per core: 2 in CI). The Mosaic GPU interpreter runs each warpgroup of a kernel as
-# its own computation, and they wait on each other's barriers inside host callbacks; with
-# async dispatch two of them blocked in those waits held both pool threads while the other
-# three waited for a pool thread, and a full local run hung there twice
-# (test_interpret_mode_schedules_match_reference, four consumers). Set before any backend
-# exists (the client reads it when it is created).
-jax.config.update("jax_cpu_enable_async_dispatch", False)
