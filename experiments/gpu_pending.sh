@@ -117,11 +117,10 @@
 #   bash experiments/gpu_pending.sh serving11  # H100: bench_serving without HF
 #   bash experiments/gpu_pending.sh decode11a  # H100: bench_decode's first three rows (and
 #   bash experiments/gpu_pending.sh decode11b  #   the mixed step), then the other three
-#   (psmem12, psmem12b, ptx12, pin12, pin12b, pin12c: session 12 runs of the forward's P in
-#   shared memory and pinned softmax, options taken out again (commits db9f036, 7f052d3);
-#   their results are in BENCHMARKS.md, session 12 under issue 7)
-#   bash experiments/gpu_pending.sh stages12   # H100: lse from registers, a third stage at
-#                                              #   H = 128 (needs ../.snap_old: 48f46ae)
+#   (psmem12, psmem12b, ptx12, pin12, pin12b, pin12c, stages12: session 12 runs of the
+#   forward's P in shared memory, pinned softmax, and lse from registers with a third stage
+#   at H = 128, all taken out again (commits db9f036, 7f052d3, 4579e6d); their results are
+#   in BENCHMARKS.md, session 12 under issue 7)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -642,18 +641,6 @@ for step in "$@"; do
       # no HF run, so that it fits the remaining device time.
       timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
-    stages12)
-      # Session 12: lse from registers (no shared memory for it), so a third 128-key stage
-      # fits at H = 128. The code before (../.snap_old, commit 48f46ae) and after, the
-      # default and 3 stages, in one call; then the forward's GPU tests that check lse.
-      L="$OUT/log.txt"
-      (cd ../.snap_old && timeout 100 python3 experiments/mgpu_check.py --configs "d128" \
-        --no-variants --out "$OUT/old128.json" 2>&1 | grep -v "^wrote" > /tmp/old.txt)
-      grep -v "errors" /tmp/old.txt | tail -7 | tee -a "$L"
-      timeout 200 python3 experiments/mgpu_check.py --configs "d128" --variants "st3" \
-        --out "$OUT/st3.json" 2>&1 | grep -v "^wrote" > /tmp/st3.txt
-      grep -v "errors" /tmp/st3.txt | tail -19 | tee -a "$L"
-      gpu_tests 150 test_attention_mgpu.py "three_stages or gpu_every or gpu_matches" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

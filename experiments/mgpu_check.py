@@ -108,10 +108,6 @@ VARIANTS = {
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
-        # Session 12: a third 128-key stage, which fits now that lse skips shared memory.
-        "st3": MosaicBlockSizes(block_k=128, num_stages=3, overlap_softmax=True),
-        "st3 persistent": MosaicBlockSizes(block_k=128, num_stages=3, overlap_softmax=True,
-                                           persistent=True),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither

@@ -53,8 +53,8 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
         The per-shape defaults pick these from H100 measurements (default_for).
 
     shared memory: Q/O [C, block_q/C, H], K and V [num_stages, block_k, H] (128-byte
-        swizzle, the layout wgmma reads); with segment ids also q ids [C, block_q/C] and
-        kv ids [num_stages, block_k] int32. lse is stored from registers.
+        swizzle, the layout wgmma reads), lse [C, block_q/C] f32; with segment ids also
+        q ids [C, block_q/C] and kv ids [num_stages, block_k] int32.
 
 Block skipping: the CTA visits key tiles [lo, end) with step index j the absolute tile index
 (ring position ring + j - lo, ring counting the key tiles streamed for the CTA's earlier
@@ -109,12 +109,10 @@ WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of thi
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SHORT_KV_LEN = 1024  # at most this many keys: rows at H <= 128 go persistent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-# Hopper: 227 KiB of shared memory per block. Keep 3 KiB for the barriers and Mosaic's own
-# use: 3 stages of 128-key tiles at H = 128 next to Q and an lse buffer counted 229888 bytes
-# here and came to 232624 in Mosaic (2736 more), 176 over the 232448 limit (session 10).
-# Without the lse buffer (lse goes straight from registers since session 12) they count
-# 229376, this budget exactly.
-SMEM_BUDGET = 227 * 1024 - 3 * 1024
+# Hopper: 227 KiB of shared memory per block. Keep 4 KiB for the barriers and Mosaic's
+# alignment padding: 3 stages of 128-key tiles at H = 128 next to Q count 224.5 KiB here and
+# came to 232624 bytes in Mosaic, 176 over the 232448 limit (session 10).
+SMEM_BUDGET = 227 * 1024 - 4 * 1024
 
 
 def launch_registers(warpgroups: int) -> int:
@@ -235,12 +233,12 @@ class MosaicBlockSizes:
         return self.block_q // self.consumers
 
     def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
-        """Shared memory of one CTA: Q/O tiles and K/V stages (and with segment ids, the
-        int32 ids of the query rows and of each K stage)."""
+        """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
+        segment ids, the int32 ids of the query rows and of each K stage)."""
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
         ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
-        return qo + kv + ids
+        return qo + kv + self.block_q * 4 + ids
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
@@ -379,6 +377,7 @@ class _Smem(NamedTuple):
     qo: Any  # [2, rows, H]: Q, then O
     k: Any  # [num_stages, block_k, H]
     v: Any  # [num_stages, block_k, H]
+    lse: Any  # [2, rows] f32
     q_seg: Any  # [2, rows] int32
     kv_seg: Any  # [num_stages, block_k] int32, loaded with K
     q_ready: Any
@@ -459,7 +458,7 @@ def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, v
 def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int | None):
     """One consumer warpgroup, over the CTA's query tiles."""
     _for_each_tile(gm, st, num_q_tiles, ctas, functools.partial(_consumer_tile, wg, gm, sm, st))
-    _plgpu().wait_smem_to_gmem(0)  # the last tile's O written before the CTA exits
+    _plgpu().wait_smem_to_gmem(0)  # the last tile's O and lse written before the CTA exits
 
 
 def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start, ring):
@@ -754,11 +753,10 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     if st.some_row_empty:
         lse = jnp.where(seen, lse, -jnp.inf)
     q_tile[...] = out.astype(dtype)  # Q is dead: its tile stages O for the TMA store
+    sm.lse.at[wg][...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, gm.out.at[batch, pl.ds(q_start, rows), head])
-    # lse straight from registers: no shared memory for it, which is what lets a third
-    # 128-key stage fit at H = 128 (MosaicBlockSizes.smem_bytes).
-    gm.lse.at[batch, head, pl.ds(q_start, rows)][...] = lse
+    plgpu.copy_smem_to_gmem(sm.lse.at[wg], gm.lse.at[batch, head, pl.ds(q_start, rows)])
     # The next tile's Q goes where this O is: wait until the store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     return ring + end_last - lo
@@ -836,6 +834,7 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
         "qo": plgpu.SMEM((bs.consumers, bs.rows, st.head_dim), dtype, transforms=tiled),
         "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
         "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
+        "lse": plgpu.SMEM((bs.consumers, bs.rows), jnp.float32),
         "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.consumers),
         "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
