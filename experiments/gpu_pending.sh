@@ -121,6 +121,7 @@
 #   forward's P in shared memory, pinned softmax, and lse from registers with a third stage
 #   at H = 128, all taken out again (commits db9f036, 7f052d3, 4579e6d); their results are
 #   in BENCHMARKS.md, session 12 under issue 7)
+#   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -641,6 +642,14 @@ for step in "$@"; do
       # no HF run, so that it fits the remaining device time.
       timeout 420 python3 experiments/bench_serving.py --out "$OUT/serving.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/serving.txt" | tail -16 ;;
+    sched64)
+      # Session 12: the H = 128 default's schedule at H = 64 (two consumers, 128-key tiles,
+      # turns, softmax under PV), on the H = 64 rows; then its GPU variant tests.
+      L="$OUT/log.txt"
+      timeout 330 python3 experiments/mgpu_check.py --configs "h32 d64" \
+        --variants "h128 schedule" --out "$OUT/sched64.json" 2>&1 | grep -v "^wrote" \
+        > /tmp/s64.txt
+      grep -v "errors" /tmp/s64.txt | tail -25 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

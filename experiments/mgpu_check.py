@@ -197,6 +197,13 @@ VARIANTS = {
         "head-major persistent 4 consumers": MosaicBlockSizes(
             block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
             persistent=True, head_major=True),
+        # Session 12: the H = 128 default's schedule (two 64-row consumers, 128-key tiles,
+        # turns, the softmax under PV) at H = 64, the shape of cuDNN's H = 64 kernel
+        # (64x128x64, 3 warpgroups); fewer instructions per key than 64-key steps.
+        "h128 schedule st4": MosaicBlockSizes(block_k=128, num_stages=4, overlap_softmax=True),
+        "h128 schedule st6": MosaicBlockSizes(block_k=128, num_stages=6, overlap_softmax=True),
+        "h128 schedule st4 persistent": MosaicBlockSizes(block_k=128, num_stages=4,
+                                                         overlap_softmax=True, persistent=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
