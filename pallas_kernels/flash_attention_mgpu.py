@@ -1040,7 +1040,7 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
     interpret: run in Mosaic GPU interpret mode on the CPU (slow; for debugging only). Each
         warpgroup runs as its own computation and they wait on each other, which can hang
         when XLA's CPU pool has fewer threads than a CTA has warpgroups (up to 5): set
-        PJRT_NPROC=16 in the environment before jax starts (the tests do, tests/conftest.py).
+        PJRT_NPROC=8 in the environment before jax starts (the tests do, tests/conftest.py).
     Differentiable in q, k, v (segment ids get no gradient), fed this forward's out and lse
     and the same masks. backward: "triton" (the Triton kernel's recomputing backward,
     `pallas_kernels.flash_attention.flash_attention_backward`) or "mosaic" (the Mosaic GPU
