@@ -92,6 +92,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import fma_exp2
 from pallas_kernels._common import GPU_L2_BYTES, GPU_SMS, check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
@@ -183,6 +184,11 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
+    exp2_fma_period: None, or n >= 1: in each softmax tile, one 8-key column group in every
+        n computes its exp2 as a polynomial on the FMA pipe instead of on the exp2 unit
+        (pallas_kernels.fma_exp2: relative error <= 1.1e-4, under bf16's rounding of P).
+        At H = 64 a step's exp2s take as long on their unit as its products on the tensor
+        cores, so the unit's share sets how long a softmax lasts.
     """
 
     block_q: int = 128
@@ -195,6 +201,7 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
+    exp2_fma_period: int | None = None
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -215,6 +222,10 @@ class MosaicBlockSizes:
                              "64 in [64, 256]")
         if self.num_stages < 2:
             raise ValueError(f"MosaicBlockSizes.num_stages={self.num_stages} must be >= 2")
+        try:
+            fma_exp2.check_period(self.exp2_fma_period, self.block_k)
+        except ValueError as err:
+            raise ValueError(f"MosaicBlockSizes.exp2_fma_period: {err}") from None
         for name in ("consumer_registers", "producer_registers"):
             value = getattr(self, name)
             if value % 8 or not 24 <= value <= 256:
@@ -614,7 +625,11 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         # that exp2 gives 0, not NaN. A tile that a row sees in full gives it a finite max.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_shift)
-        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+        shifted = s * c - lax.broadcast_in_dim(m_shift, s.shape, [0])
+        if bs.exp2_fma_period is None:
+            p = jnp.exp2(shifted)
+        else:
+            p = fma_exp2.exp2_fma_split(shifted, bs.exp2_fma_period, interpret=st.interpret)
         l = l * alpha + p.sum(axis=1)
         return p.astype(dtype), m_new, l, alpha
 
