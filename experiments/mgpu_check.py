@@ -88,7 +88,8 @@ def unpack(cfg):
 # Tried besides the default, per head dim (name -> MosaicBlockSizes, or a dict of fields
 # changed in each config's default). Session 13: "default exp2-fma pN", the default with one
 # 8-key column group in every N of each softmax tile exponentiated on the FMA pipe
-# (pallas_kernels.fma_exp2).
+# (pallas_kernels.fma_exp2); "default slackN", the default with O rescaled only where a row's
+# max moved by more than N (pallas_kernels.lazy_rescale).
 VARIANTS = {
     128: {
         "bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4),
@@ -115,6 +116,7 @@ VARIANTS = {
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
         **{f"default exp2-fma p{n}": {"exp2_fma_period": n} for n in (4, 8, 16)},
+        **{f"default slack{n}": {"rescale_slack": float(n)} for n in (4, 8)},
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -212,6 +214,7 @@ VARIANTS = {
         "h128 schedule st4 persistent": MosaicBlockSizes(block_k=128, num_stages=4,
                                                          overlap_softmax=True, persistent=True),
         **{f"default exp2-fma p{n}": {"exp2_fma_period": n} for n in (2, 4, 8)},
+        **{f"default slack{n}": {"rescale_slack": float(n)} for n in (4, 8)},
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls
