@@ -122,6 +122,9 @@
 #   at H = 128, all taken out again (commits db9f036, 7f052d3, 4579e6d); their results are
 #   in BENCHMARKS.md, session 12 under issue 7)
 #   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
+#   (fma13, slack13: session 13 runs of the forward with part of its exp2s on the FMA pipe
+#   and with O rescaled only where a row's max moved, both taken out again (commits ab545a9,
+#   dd870d3); their results are in BENCHMARKS.md, session 13 under issue 7)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -650,59 +653,6 @@ for step in "$@"; do
         --variants "h128 schedule" --out "$OUT/sched64.json" 2>&1 | grep -v "^wrote" \
         > /tmp/s64.txt
       grep -v "errors" /tmp/s64.txt | tail -25 | tee -a "$L" ;;
-    fma13)
-      # Session 13: a share of the softmax's exp2s as a polynomial on the FMA pipe
-      # (pallas_kernels.fma_exp2). SASS opcode counts of an H = 64 forward with and without
-      # it, its GPU tests, then the H = 64 full rows against the default and cuDNN.
-      L="$OUT/log.txt"
-      for period in 0 4; do
-        rm -rf /tmp/edump && mkdir -p /tmp/edump
-        MOSAIC_GPU_DUMP_TO=/tmp/edump MOSAIC_GPU_DUMP_PTX=1 timeout 60 python3 -c "
-import dataclasses, jax, jax.numpy as jnp
-from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
-bs = MosaicBlockSizes.default_for(q_len=4096, kv_len=4096, head_dim=64, causal=False)
-bs = dataclasses.replace(bs, exp2_fma_period=$period or None, persistent=False)
-q = jnp.ones((1, 1024, 2, 64), jnp.bfloat16)
-jax.block_until_ready(flash_attention_mgpu(q, q, q, causal=False, block_sizes=bs))
-" > /tmp/edump_log.txt 2>&1 || tail -5 /tmp/edump_log.txt | tee -a "$L"
-        for f in /tmp/edump/*.ptx; do
-          ptxas -arch=sm_90a -o /tmp/e.cubin "$f" && cuobjdump -sass /tmp/e.cubin > /tmp/e.sass
-          echo "period $period: $(grep -c MUFU.EX2 /tmp/e.sass) MUFU.EX2, $(grep -c FFMA /tmp/e.sass) FFMA, $(grep -c 'IMAD.SHL\|SHF.L\|LEA' /tmp/e.sass) shifts, $(wc -l < /tmp/e.sass) lines" | tee -a "$L"
-          python3 experiments/sass_loops.py /tmp/e.sass > "$OUT/sass_p$period.txt"
-        done
-      done
-      gpu_tests 150 test_attention_mgpu.py "fma_pipe"
-      timeout 330 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h32 d64 full,b1 s16384 h32 d64 full" --variants "exp2-fma" \
-        --out "$OUT/fma64.json" 2>&1 | grep -v "^wrote" > /tmp/f64.txt
-      grep -v "errors" /tmp/f64.txt | tail -14 | tee -a "$L" ;;
-    slack13)
-      # Session 13: the rescale of O skipped where no row's max moved (rescale_slack,
-      # pallas_kernels.lazy_rescale). SASS of an H = 64 forward with and without it, its GPU
-      # tests, then the H = 64 full rows and the H = 128 rows against the default and cuDNN.
-      L="$OUT/log.txt"
-      for slack in 0 8; do
-        rm -rf /tmp/edump && mkdir -p /tmp/edump
-        MOSAIC_GPU_DUMP_TO=/tmp/edump MOSAIC_GPU_DUMP_PTX=1 timeout 60 python3 -c "
-import dataclasses, jax, jax.numpy as jnp
-from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
-bs = MosaicBlockSizes.default_for(q_len=4096, kv_len=4096, head_dim=64, causal=False)
-bs = dataclasses.replace(bs, rescale_slack=float($slack) or None, persistent=False)
-q = jnp.ones((1, 1024, 2, 64), jnp.bfloat16)
-jax.block_until_ready(flash_attention_mgpu(q, q, q, causal=False, block_sizes=bs))
-" > /tmp/edump_log.txt 2>&1 || tail -5 /tmp/edump_log.txt | tee -a "$L"
-        for f in /tmp/edump/*.ptx; do
-          ptxas -arch=sm_90a -o /tmp/e.cubin "$f" 2>&1 | grep -v C7519 | tee -a "$L"
-          cuobjdump -sass /tmp/e.cubin > /tmp/e.sass
-          python3 experiments/sass_loops.py /tmp/e.sass > "$OUT/sass_slack$slack.txt"
-          grep -A1 "^loop" "$OUT/sass_slack$slack.txt" | head -6 | tee -a "$L"
-        done
-      done
-      gpu_tests 170 test_attention_mgpu.py "slack"
-      timeout 300 python3 experiments/mgpu_check.py \
-        --configs "b4 s4096 h32 d64 full,b1 s16384 h32 d64 full,b4 s4096 h16 d128 full,b1 s16384 h16 d128 full" \
-        --variants "slack" --out "$OUT/slack.json" 2>&1 | grep -v "^wrote" > /tmp/sl.txt
-      grep -v "errors" /tmp/sl.txt | tail -18 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -92,7 +92,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import fma_exp2, lazy_rescale
 from pallas_kernels._common import GPU_L2_BYTES, GPU_SMS, check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
@@ -184,16 +183,6 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
-    exp2_fma_period: None, or n >= 1: in each softmax tile, one 8-key column group in every
-        n computes its exp2 as a polynomial on the FMA pipe instead of on the exp2 unit
-        (pallas_kernels.fma_exp2: relative error <= 1.1e-4, under bf16's rounding of P).
-        At H = 64 a step's exp2s take as long on their unit as its products on the tensor
-        cores, so the unit's share sets how long a softmax lasts.
-    rescale_slack: None, or s in [0, 15] (log2 units): a row keeps its running max until a
-        tile's scores exceed it by more than s (its probabilities then reach up to 2**s),
-        and a warp multiplies its rows of O by alpha only when some row's max moved
-        (pallas_kernels.lazy_rescale; FA-4's conditional rescaling). None: every step
-        rescales.
     """
 
     block_q: int = 128
@@ -206,8 +195,6 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
-    exp2_fma_period: int | None = None
-    rescale_slack: float | None = None
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -228,14 +215,6 @@ class MosaicBlockSizes:
                              "64 in [64, 256]")
         if self.num_stages < 2:
             raise ValueError(f"MosaicBlockSizes.num_stages={self.num_stages} must be >= 2")
-        try:
-            fma_exp2.check_period(self.exp2_fma_period, self.block_k)
-        except ValueError as err:
-            raise ValueError(f"MosaicBlockSizes.exp2_fma_period: {err}") from None
-        try:
-            lazy_rescale.check_slack(self.rescale_slack)
-        except ValueError as err:
-            raise ValueError(f"MosaicBlockSizes.rescale_slack: {err}") from None
         for name in ("consumer_registers", "producer_registers"):
             value = getattr(self, name)
             if value % 8 or not 24 <= value <= 256:
@@ -611,8 +590,6 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         return rescale(acc, alpha), m_new, l, p
 
     def rescale(acc, alpha):
-        if bs.rescale_slack is not None:
-            return lazy_rescale.rescale_where_moved(acc, alpha, interpret=st.interpret)
         return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
     def probabilities(j, s, m, l, *, masked: bool):
@@ -633,19 +610,11 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         # c > 0: the max before scaling, one multiply per row instead of per score
         row_max = s.max(axis=1)
         m_new = jnp.maximum(m, row_max if c == 1.0 else row_max * c)
-        if bs.rescale_slack is not None:
-            m_new = lazy_rescale.keep_max(m, m_new, bs.rescale_slack)
         # On a masked tile a row may have seen no key yet (m_new = -inf): shift it by 0 so
         # that exp2 gives 0, not NaN. A tile that a row sees in full gives it a finite max.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_shift)
-        if bs.rescale_slack is not None:  # exactly 1 where the max was kept
-            alpha = jnp.where(m_shift == m, 1.0, alpha)
-        shifted = s * c - lax.broadcast_in_dim(m_shift, s.shape, [0])
-        if bs.exp2_fma_period is None:
-            p = jnp.exp2(shifted)
-        else:
-            p = fma_exp2.exp2_fma_split(shifted, bs.exp2_fma_period, interpret=st.interpret)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_shift, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
         return p.astype(dtype), m_new, l, alpha
 

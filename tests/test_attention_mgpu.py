@@ -11,7 +11,6 @@ windows, softcap, segment ids, head dims 64/128/256, T != S both ways. Run there
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu.py
 """
 
-import dataclasses
 import functools
 import itertools
 
@@ -163,10 +162,7 @@ def test_refuses_without_a_hopper_gpu():
                                 {"consumers": 3}, {"consumers": 4, "block_q": 256},
                                 {"consumers": 4, "block_q": 128, "pingpong": False},
                                 {"consumers": 4, "block_q": 256, "pingpong": False,
-                                 "consumer_registers": 120},
-                                {"exp2_fma_period": 0}, {"exp2_fma_period": 1.5},
-                                {"block_k": 64, "exp2_fma_period": 9},
-                                {"rescale_slack": -1.0}, {"rescale_slack": 16.0}],
+                                 "consumer_registers": 120}],
                          ids=str)
 def test_block_sizes_validate(kw):
     with pytest.raises(ValueError, match="MosaicBlockSizes"):
@@ -320,13 +316,6 @@ SCHEDULE_CASES = [
                              pingpong=False, overlap_softmax=True, persistent=True)),
     ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
-    # Half the exp2s by the polynomial (pallas_kernels.fma_exp2), masked and full tiles.
-    ("exp2 on the FMA pipe, window + softmax under PV", 256, 256, False, (100, 100), False,
-     MosaicBlockSizes(block_k=64, num_stages=2, overlap_softmax=True, exp2_fma_period=2)),
-    # A row keeps its max within a slack (pallas_kernels.lazy_rescale): 0.5 so that the
-    # max both stays and moves on these scores, on masked and full tiles.
-    ("rescale slack, causal + softmax under PV", 256, 256, True, None, False,
-     MosaicBlockSizes(block_k=64, num_stages=2, overlap_softmax=True, rescale_slack=0.5)),
 ]
 
 
@@ -431,32 +420,6 @@ GPU_MASKS = [{}, {"window": (300, None)},
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
     _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes, **masks)
-
-
-@hopper
-@pytest.mark.parametrize("H,period", [(64, 4), (128, 4)])
-@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_exp2_on_the_fma_pipe_computes_the_same(H, period, masks, causal):
-    """The default tiles with a quarter of the softmax's exp2s by the polynomial
-    (pallas_kernels.fma_exp2's register-level split, which only a GPU runs)."""
-    bs = MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
-                                      causal=causal or "window" in masks)
-    bs = dataclasses.replace(bs, exp2_fma_period=period)
-    _check(2, 1024, 1024, 4, 2, H, causal=causal, block_sizes=bs, **masks)
-
-
-@hopper
-@pytest.mark.parametrize("H,slack", [(64, 8.0), (128, 8.0), (64, 0.5)])
-@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_rescale_slack_computes_the_same(H, slack, masks, causal):
-    """The default tiles with the rescale skipped where no row's max moved
-    (pallas_kernels.lazy_rescale's per-warp branch, which only a GPU runs)."""
-    bs = MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
-                                      causal=causal or "window" in masks)
-    bs = dataclasses.replace(bs, rescale_slack=slack)
-    _check(2, 1024, 1024, 4, 2, H, causal=causal, block_sizes=bs, **masks)
 
 
 @hopper
