@@ -122,9 +122,10 @@
 #   at H = 128, all taken out again (commits db9f036, 7f052d3, 4579e6d); their results are
 #   in BENCHMARKS.md, session 12 under issue 7)
 #   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
-#   (fma13, slack13: session 13 runs of the forward with part of its exp2s on the FMA pipe
-#   and with O rescaled only where a row's max moved, both taken out again (commits ab545a9,
-#   dd870d3); their results are in BENCHMARKS.md, session 13 under issue 7)
+#   (fma13, slack13, sums13: session 13 runs of the forward with part of its exp2s on the
+#   FMA pipe, with O rescaled only where a row's max moved, and with the row sums from the
+#   tensor cores, all taken out again (commits ab545a9, dd870d3, 5909b39); their results are
+#   in BENCHMARKS.md, session 13 under issue 7)
 #   NCCL_NVLS_ENABLE=0 bash experiments/gpu_pending.sh scaling8b   # several GPUs: the 8B shape
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -653,31 +654,6 @@ for step in "$@"; do
         --variants "h128 schedule" --out "$OUT/sched64.json" 2>&1 | grep -v "^wrote" \
         > /tmp/s64.txt
       grep -v "errors" /tmp/s64.txt | tail -25 | tee -a "$L" ;;
-    sums13)
-      # Session 13: the softmax's row sums from the tensor cores (row_sums_by_mma). SASS of
-      # an H = 64 forward with and without, its GPU tests, then every forward config.
-      L="$OUT/log.txt"
-      for sums in False True; do
-        rm -rf /tmp/edump && mkdir -p /tmp/edump
-        MOSAIC_GPU_DUMP_TO=/tmp/edump MOSAIC_GPU_DUMP_PTX=1 timeout 60 python3 -c "
-import dataclasses, jax, jax.numpy as jnp
-from pallas_kernels.flash_attention_mgpu import MosaicBlockSizes, flash_attention_mgpu
-bs = MosaicBlockSizes.default_for(q_len=4096, kv_len=4096, head_dim=64, causal=False)
-bs = dataclasses.replace(bs, row_sums_by_mma=$sums, persistent=False)
-q = jnp.ones((1, 1024, 2, 64), jnp.bfloat16)
-jax.block_until_ready(flash_attention_mgpu(q, q, q, causal=False, block_sizes=bs))
-" > /tmp/edump_log.txt 2>&1 || tail -5 /tmp/edump_log.txt | tee -a "$L"
-        for f in /tmp/edump/*.ptx; do
-          ptxas -arch=sm_90a -o /tmp/e.cubin "$f" 2>&1 | grep -v C7519 | tee -a "$L"
-          cuobjdump -sass /tmp/e.cubin > /tmp/e.sass
-          python3 experiments/sass_loops.py /tmp/e.sass > "$OUT/sass_sums_$sums.txt"
-          grep -A1 "^loop" "$OUT/sass_sums_$sums.txt" | head -6 | tee -a "$L"
-        done
-      done
-      gpu_tests 170 test_attention_mgpu.py "row_sums"
-      timeout 330 python3 experiments/mgpu_check.py --variants "mma sums" \
-        --out "$OUT/sums.json" 2>&1 | grep -v "^wrote" > /tmp/su.txt
-      grep -v "errors" /tmp/su.txt | tail -30 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

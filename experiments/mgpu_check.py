@@ -66,16 +66,13 @@ def chosen_variants(variants: dict, spec: str) -> dict:
 def launched_as_default(variant: str, bs, cfg, default_for):
     """bs launched in the config's default order (default_for: the block-size class's
     rule), unless the variant's name says which ("head-major", "tile-major"): the variants
-    then differ from the default in what their names say. bs may also be a dict: those
-    fields replaced in the config's default block sizes."""
+    then differ from the default in what their names say."""
+    if "major" in variant:
+        return bs
     _, B, T, _, K, H, causal = unpack(cfg)
     kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
     default = default_for(q_len=T, kv_len=T, head_dim=H, causal=causal,
                           kv_bytes=kv_bytes(kv, kv))
-    if isinstance(bs, dict):
-        return dataclasses.replace(default, **bs)
-    if "major" in variant:
-        return bs
     return dataclasses.replace(bs, head_major=default.head_major)
 
 
@@ -85,9 +82,7 @@ def unpack(cfg):
     return name, B, T, N, (kv_heads or [N])[0], H, causal
 
 
-# Tried besides the default, per head dim (name -> MosaicBlockSizes, or a dict of fields
-# changed in each config's default; session 13: "default mma sums", the row sums from the
-# tensor cores).
+# Tried besides the default, per head dim (name -> MosaicBlockSizes).
 VARIANTS = {
     128: {
         "bk64 st4": MosaicBlockSizes(block_k=64, num_stages=4),
@@ -113,7 +108,6 @@ VARIANTS = {
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
-        "default mma sums": {"row_sums_by_mma": True},
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither
@@ -210,7 +204,6 @@ VARIANTS = {
         "h128 schedule st6": MosaicBlockSizes(block_k=128, num_stages=6, overlap_softmax=True),
         "h128 schedule st4 persistent": MosaicBlockSizes(block_k=128, num_stages=4,
                                                          overlap_softmax=True, persistent=True),
-        "default mma sums": {"row_sums_by_mma": True},
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

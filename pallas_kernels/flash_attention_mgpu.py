@@ -106,9 +106,6 @@ NUM_CONSUMERS = 2  # consumer warpgroups per CTA by default (the backward's, alw
 # last warpgroup is the producer
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and so per CTA: one CTA per SM)
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
-# Columns of the ones tile whose product with P gives the row sums (row_sums_by_mma): the
-# narrowest wgmma B operand Mosaic takes (N = 16 at a 32-byte swizzle; 16 bytes is refused).
-SUM_COLUMNS = 16
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SHORT_KV_LEN = 1024  # at most this many keys: rows at H <= 128 go persistent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -186,11 +183,6 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
-    row_sums_by_mma: the softmax's row sums l come from the tensor cores, P times a
-        SUM_COLUMNS-wide tile of ones issued with each PV product into an accumulator that
-        is rescaled with O, instead of 2 x 15 FADDs and 4 shuffles per thread and step. l is
-        then the sum of P as rounded to q's dtype, the weights the PV product uses. False:
-        summed in f32 registers.
     """
 
     block_q: int = 128
@@ -203,7 +195,6 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
-    row_sums_by_mma: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 4):
@@ -247,9 +238,7 @@ class MosaicBlockSizes:
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
         ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
-        ones = self.consumers * self.block_k * SUM_COLUMNS * itemsize \
-            if self.row_sums_by_mma else 0
-        return qo + kv + self.block_q * 4 + ids + ones
+        return qo + kv + self.block_q * 4 + ids
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
@@ -397,7 +386,6 @@ class _Smem(NamedTuple):
     k_free: Any  # [consumer * num_stages + stage]
     v_free: Any
     turn: Any
-    ones: Any  # [consumers, block_k, SUM_COLUMNS] (row_sums_by_mma), else None
 
 
 def _kv_tiles(cta_start, wg, st: _Static):
@@ -486,8 +474,6 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     if bs.pingpong:  # consumer 0 takes each tile's first turn: consumer 1 hands it over
         pl.when(wg == 1)(functools.partial(plgpu.barrier_arrive, sm.turn.at[0]))
     q_tile = sm.qo.at[wg]
-    sums_by_mma = bs.row_sums_by_mma
-    ones = sm.ones.at[wg] if sums_by_mma else None
     plgpu.copy_gmem_to_smem(gm.q.at[batch, pl.ds(q_start, rows), head], q_tile,
                             sm.q_ready.at[wg])
     if st.has_segments:  # the second of q_ready's two arrivals
@@ -551,28 +537,21 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         plgpu.wgmma(s_ref, q_tile, k_tile.transpose((1, 0)))  # a view: no data moves
         return lambda: s_ref[...]
 
-    def accumulate_pv(j, acc, l, p, then):
-        """(acc + P V_j, l), once complete, with row_sums_by_mma l + P ones as well;
-        `then()` runs as soon as the wgmmas are issued. The wgmmas accumulate into the
-        registers in place (run_state)."""
+    def accumulate_pv(j, acc, p, then):
+        """acc + P V_j, once complete; `then()` runs as soon as the wgmma is issued. The
+        wgmma accumulates into acc's registers in place (run_state)."""
         v_tile = sm.v.at[stage(j)]
         plgpu.barrier_wait(sm.v_ready.at[stage(j)])
         if st.interpret:  # the interpreter (JAX 0.10) takes no register operand in a wgmma
             then()
-            dot = lambda b: lax.dot_general(p, b, (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-            return acc + dot(v_tile[...]), l + dot(ones[...]) if sums_by_mma else l
+            return acc + lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
 
-        def issue(refs):
-            o_ref, l_ref = refs
+        def issue(o_ref):
             plgpu.wgmma(o_ref, p, v_tile)
-            if sums_by_mma:
-                plgpu.wgmma(l_ref, p, ones)
             then()
 
-        if not sums_by_mma:
-            return pl.run_state(lambda r: issue((r, None)))(plgpu.ACC.init(acc)), l
-        return pl.run_state(issue)((plgpu.ACC.init(acc), plgpu.ACC.init(l)))
+        return pl.run_state(issue)(plgpu.ACC.init(acc))
 
     def take_turn():
         if bs.pingpong:
@@ -582,7 +561,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         if bs.pingpong:
             plgpu.barrier_arrive(sm.turn.at[other])
 
-    def gemms(j, acc, l, p_prev):
+    def gemms(j, acc, p_prev):
         """Tensor-core work of step j under this warpgroup's turn: S_j = Q K_j^T, and
         O += P_{j-1} V_{j-1} unless j is the first step. The turn passes to the other
         consumer as soon as both are issued, before they complete."""
@@ -592,24 +571,22 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
             read_scores = issue_qk(j, s_ref)
             if p_prev is None:
                 pass_turn()
-                return read_scores(), acc, l
+                return read_scores(), acc
 
-            acc_new, l_new = accumulate_pv(j - 1, acc, l, p_prev, pass_turn)
-            return read_scores(), acc_new, l_new
+            acc_new = accumulate_pv(j - 1, acc, p_prev, pass_turn)
+            return read_scores(), acc_new
 
-        s, acc, l = pl.run_scoped(with_scores, plgpu.ACC((rows, bk), jnp.float32))
+        s, acc = pl.run_scoped(with_scores, plgpu.ACC((rows, bk), jnp.float32))
         if not st.has_segments:  # with segment ids the softmax still reads the stage's ids
             plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
         if p_prev is not None:
             plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
-        return s, acc, l
+        return s, acc
 
     def softmax(j, s, acc, m, l, *, masked: bool):
         """Folds scores s [rows, bk] of key tile j into (acc, m, l); returns P_j in q's
         dtype for the next PV product (FA-2 Alg. 1 lines 8-10, log2 domain)."""
         p, m_new, l, alpha = probabilities(j, s, m, l, masked=masked)
-        if sums_by_mma:
-            l = rescale(l, alpha)
         return rescale(acc, alpha), m_new, l, p
 
     def rescale(acc, alpha):
@@ -638,8 +615,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_shift)
         p = jnp.exp2(s * c - lax.broadcast_in_dim(m_shift, s.shape, [0]))
-        if not sums_by_mma:  # else P ones joins the PV product, and l is rescaled with O
-            l = l * alpha + p.sum(axis=1)
+        l = l * alpha + p.sum(axis=1)
         return p.astype(dtype), m_new, l, alpha
 
     def overlapped(j, acc, m, l, p_prev, *, masked):
@@ -649,7 +625,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         take_turn()
         if st.interpret:  # no asynchronous products: the same numbers in program order
             s = issue_qk(j, None)()
-            acc, l = accumulate_pv(j - 1, acc, l, p_prev, pass_turn)
+            acc = accumulate_pv(j - 1, acc, p_prev, pass_turn)
             if not st.has_segments:
                 plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
             p, m, l, alpha = probabilities(j, s, m, l, masked=masked)
@@ -661,10 +637,8 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                     issue_qk(j, s_ref)
                     plgpu.barrier_wait(sm.v_ready.at[stage(j - 1)])
                     plgpu.wgmma(o_ref, p_prev, sm.v.at[stage(j - 1)])
-                    if sums_by_mma:  # its own wgmma group, after O's
-                        plgpu.wgmma(l_ref, p_prev, ones)
                     pass_turn()
-                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=2 if sums_by_mma else 1)
+                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 if not st.has_segments:
@@ -679,17 +653,13 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
                 # (a memory operation ptxas keeps in place), and P through shared memory takes
                 # the in-flight register operand away; neither was faster over a session's
                 # passes (BENCHMARKS.md, session 12; code in commits db9f036 and 7f052d3).
-                p_ref[...], m_ref[...], l_new, alpha_ref[...] = probabilities(
+                p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = probabilities(
                     j, s, m, l, masked=masked)
-                if not sums_by_mma:  # (else l_ref is an accumulator still in flight)
-                    l_ref[...] = l_new
 
             # Leaving run_state awaits O; p_prev and m only give the shapes and layouts.
             acc, p, m, l, alpha = pl.run_state(under_pv)(
-                (plgpu.ACC.init(acc), p_prev, m, plgpu.ACC.init(l) if sums_by_mma else l, m))
+                (plgpu.ACC.init(acc), p_prev, m, l, m))
         plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(j - 1)])
-        if sums_by_mma:
-            l = rescale(l, alpha)
         return rescale(acc, alpha), m, l, p
 
     def step(j, carry, *, masked):
@@ -700,7 +670,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         if bs.overlap_softmax and p_prev is not None and not masked:
             carry = overlapped(j, acc, m, l, p_prev, masked=masked)
         else:
-            s, acc, l = gemms(j, acc, l, p_prev)
+            s, acc = gemms(j, acc, p_prev)
             carry = softmax(j, s, acc, m, l, masked=masked)
         if st.has_segments:  # the kv ids are read: now the producer may refill the stage
             plgpu.barrier_arrive(sm.k_free.at[wg * depth + stage(j)])
@@ -708,12 +678,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
 
     acc = in_wgmma_layout(jnp.zeros((rows, st.head_dim), jnp.float32))
     m = in_wgmma_layout(jnp.full((rows,), -jnp.inf, jnp.float32), rows_of=True)
-    if sums_by_mma:  # the row sums, SUM_COLUMNS copies of each, a wgmma accumulator
-        ones[...] = in_wgmma_layout(jnp.ones((bk, SUM_COLUMNS), dtype))  # the B operand
-        plgpu.commit_smem()
-        l = in_wgmma_layout(jnp.zeros((rows, SUM_COLUMNS), jnp.float32))
-    else:
-        l = in_wgmma_layout(jnp.zeros((rows,), jnp.float32), rows_of=True)
+    l = in_wgmma_layout(jnp.zeros((rows,), jnp.float32), rows_of=True)
 
     # Step lo has no PV product before it; it is masked whenever anything is (harmless on
     # a tile that every row sees in full, and it saves a second copy of the step).
@@ -755,8 +720,7 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
 
     # The last PV product, alone under the turn.
     take_turn()
-    acc, l = accumulate_pv(end - 1, acc, l, p_last,
-                           hand_over_last if bs.pingpong else lambda: None)
+    acc = accumulate_pv(end - 1, acc, p_last, hand_over_last if bs.pingpong else lambda: None)
     plgpu.barrier_arrive(sm.v_free.at[wg * depth + stage(end - 1)])
 
     if st.ends_differ and not bs.pingpong:
@@ -781,8 +745,6 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
 
         lax.fori_loop(end, end_last, idle_turn, None)
 
-    if sums_by_mma:
-        l = l.max(axis=1)  # every column holds the row sum
     if st.some_row_empty:
         seen = l > 0
         l = jnp.where(seen, l, 1.0)
@@ -884,15 +846,9 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
     if st.has_segments:
         scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
-    if bs.row_sums_by_mma:
-        ones_bytes = SUM_COLUMNS * jnp.dtype(dtype).itemsize
-        scratch["ones"] = plgpu.SMEM(
-            (bs.consumers, bs.block_k, SUM_COLUMNS), dtype,
-            transforms=(plgpu.TilingTransform((8, SUM_COLUMNS)),
-                        plgpu.SwizzleTransform(ones_bytes)))
 
     def body(**buffers):
-        sm = _Smem(**{"q_seg": None, "kv_seg": None, "ones": None, **buffers})
+        sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < bs.consumers)

@@ -11,7 +11,6 @@ windows, softcap, segment ids, head dims 64/128/256, T != S both ways. Run there
     PYTHONPATH=. python -m pytest -q tests/test_attention_mgpu.py
 """
 
-import dataclasses
 import functools
 import itertools
 
@@ -317,13 +316,6 @@ SCHEDULE_CASES = [
                              pingpong=False, overlap_softmax=True, persistent=True)),
     ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
-    # The row sums from the tensor cores (P times a tile of ones, rescaled with O).
-    ("row sums by mma, four consumers + softmax under PV, window", 256, 256, False,
-     (100, 100), False,
-     MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4, pingpong=False,
-                      overlap_softmax=True, row_sums_by_mma=True)),
-    ("row sums by mma, turns, causal, segment ids: rows that see no key", 256, 512, True,
-     None, True, MosaicBlockSizes(block_k=64, num_stages=2, row_sums_by_mma=True)),
 ]
 
 
@@ -428,18 +420,6 @@ GPU_MASKS = [{}, {"window": (300, None)},
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
     _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes, **masks)
-
-
-@hopper
-@pytest.mark.parametrize("H", [64, 128])
-@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_row_sums_by_mma_compute_the_same(H, masks, causal):
-    """The default tiles with the row sums from the tensor cores (P times a tile of ones)."""
-    bs = MosaicBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
-                                      causal=causal or "window" in masks)
-    _check(2, 1024, 1024, 4, 2, H, causal=causal,
-           block_sizes=dataclasses.replace(bs, row_sums_by_mma=True), **masks)
 
 
 @hopper
