@@ -122,6 +122,8 @@
 #   at H = 128, all taken out again (commits db9f036, 7f052d3, 4579e6d); their results are
 #   in BENCHMARKS.md, session 12 under issue 7)
 #   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
+#   bash experiments/gpu_pending.sh det13      # H100: cuDNN's backward, deterministic or not,
+#                                              #   and its speed under XLA's determinism flags
 #   (fma13, slack13, sums13: session 13 runs of the forward with part of its exp2s on the
 #   FMA pipe, with O rescaled only where a row's max moved, and with the row sums from the
 #   tensor cores, all taken out again (commits ab545a9, dd870d3, 5909b39); their results are
@@ -654,6 +656,11 @@ for step in "$@"; do
         --variants "h128 schedule" --out "$OUT/sched64.json" 2>&1 | grep -v "^wrote" \
         > /tmp/s64.txt
       grep -v "errors" /tmp/s64.txt | tail -25 | tee -a "$L" ;;
+    det13)
+      # Session 13: is cuDNN's backward as JAX runs it bitwise deterministic, and how fast
+      # under XLA's determinism flags (ours is deterministic by default: RELIABILITY 5)?
+      timeout 560 python3 -m experiments.cudnn_determinism \
+        --out "$OUT/cudnn_determinism.json" 2>&1 | tail -22 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

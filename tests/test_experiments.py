@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import attention_check, bench_attention
+from experiments import attention_check, bench_attention, cudnn_determinism
 
 
 def test_attention_check_tiny_all_implementations_agree(capsys):
@@ -26,6 +26,18 @@ def test_bench_attention_tiny_writes_json(tmp_path):
         ours = rows[(f"{phase}|b1 s256 h2 d64 causal", "fastattn_pallas")]
         assert ours["ms"] > 0 and ours["tflops"] > 0
         assert ours["rel_err"] < 2e-2
+
+
+def test_cudnn_determinism_tiny_runs_each_flag_set(tmp_path):
+    """One child process per XLA flag setting; on a CPU cuDNN's rows are errors, ours are
+    timed and bitwise deterministic."""
+    out = tmp_path / "det.json"
+    cudnn_determinism.main(["--tiny", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["xla_flags"] for r in rows} == {name for name, _ in cudnn_determinism.FLAG_SETS}
+    ours = [r for r in rows if r["impl"] == "fastattn"]
+    assert len(ours) == len(cudnn_determinism.FLAG_SETS)
+    assert all(r["bitwise_deterministic"] is True and r["tflops"] > 0 for r in ours)
 
 
 def test_chained_timing_runs_every_repeat():
