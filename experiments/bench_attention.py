@@ -34,8 +34,11 @@ import jax.numpy as jnp
 
 import fastattn
 
-IMPLS = ["cudnn", "xla", "fastattn", "fastattn_pallas", "fastattn_mosaic", "fastattn_mosaic_bwd",
-         "jax_pallas_mha"]
+IMPLS = ["cudnn", "xla", "fastattn", "fastattn_nondet", "fastattn_pallas", "fastattn_mosaic",
+         "fastattn_mosaic_bwd", "jax_pallas_mha"]
+# fastattn_nondet: fastattn.attention(deterministic=False), the default path allowed a backward
+# that is not bitwise deterministic (as cuDNN's is not by default); fwd+bwd rows only, and
+# not counted in "ours" (the default path promises determinism).
 # fastattn_mosaic*: the Hopper forward with the Triton backward / with the Mosaic GPU backward
 # (implementation "pallas_mosaic" / "pallas_mosaic_bwd"); on a CPU they would run interpreted.
 GPU_ONLY = {"cudnn", "jax_pallas_mha", "fastattn_mosaic", "fastattn_mosaic_bwd"}
@@ -135,6 +138,8 @@ def make_attn(impl, causal, head_dim, block_sizes):
         return lambda q, k, v: pallas_attention.mha(q, k, v, **kw)
     if impl == "fastattn":
         return lambda q, k, v: fastattn.attention(q, k, v, causal=causal)
+    if impl == "fastattn_nondet":
+        return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, deterministic=False)
     if impl in ("fastattn_mosaic", "fastattn_mosaic_bwd"):
         name = {"fastattn_mosaic": "pallas_mosaic", "fastattn_mosaic_bwd": "pallas_mosaic_bwd"}
         return lambda q, k, v: fastattn.attention(q, k, v, causal=causal,
@@ -178,6 +183,8 @@ def run_config(cfg, impls, block_sizes, timing):
             row["skipped"] = f"backend is {jax.default_backend()}, not gpu"
         elif impl == "xla" and t * t * b * n * 4 > XLA_SCORES_LIMIT:
             row["skipped"] = "f32 scores > 16 GB (OOM)"
+        elif impl == "fastattn_nondet" and mode == "fwd":
+            row["skipped"] = "the forward is fastattn's"
         if "skipped" in row:
             print(f"{name:34s} {impl:16s} skipped: {row['skipped']}", flush=True)
             continue
@@ -208,7 +215,8 @@ def run_config(cfg, impls, block_sizes, timing):
 def print_table(rows, impls):
     configs = list(dict.fromkeys(r["config"] for r in rows))
     by = {(r["config"], r["impl"]): r for r in rows}
-    cols = impls + ["ours/cudnn", "ours/jax_pallas_mha"]
+    cols = impls + ["ours/cudnn", "ours/jax_pallas_mha"] + (
+        ["nondet/cudnn"] if "fastattn_nondet" in impls else [])
     width = max(len(c) for c in configs) + 2
     print("\nTFLOP/s  (! = rel_err > %.0e, err = failed, skip = not run)" % ERR_FLAG)
     print("config".ljust(width) + "".join(c.rjust(max(len(c), 8) + 2) for c in cols))
@@ -228,6 +236,10 @@ def print_table(rows, impls):
         for peer in ("cudnn", "jax_pallas_mha"):
             p = by.get((c, peer), {}).get("tflops")
             cells.append(f"{ours / p:.2f}" if ours and p else "-")
+        if "fastattn_nondet" in impls:
+            nondet = by.get((c, "fastattn_nondet"), {}).get("tflops")
+            p = by.get((c, "cudnn"), {}).get("tflops")
+            cells.append(f"{nondet / p:.2f}" if nondet and p else "-")
         print(c.ljust(width) + "".join(x.rjust(max(len(h), 8) + 2) for x, h in zip(cells, cols)))
 
 

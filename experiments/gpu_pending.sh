@@ -124,6 +124,10 @@
 #   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
 #   bash experiments/gpu_pending.sh det13      # H100: cuDNN's backward, deterministic or not,
 #                                              #   and its speed under XLA's determinism flags
+#   bash experiments/gpu_pending.sh nondet13   # H100: deterministic=False's GPU tests and
+#                                              #   fwd+bwd against cuDNN and the default
+#   bash experiments/gpu_pending.sh nondet13b  # H100: the backward alone, fused vs two
+#                                              #   kernels, on every config
 #   (fma13, slack13, sums13: session 13 runs of the forward with part of its exp2s on the
 #   FMA pipe, with O rescaled only where a row's max moved, and with the row sums from the
 #   tensor cores, all taken out again (commits ab545a9, dd870d3, 5909b39); their results are
@@ -661,6 +665,18 @@ for step in "$@"; do
       # under XLA's determinism flags (ours is deterministic by default: RELIABILITY 5)?
       timeout 560 python3 -m experiments.cudnn_determinism \
         --out "$OUT/cudnn_determinism.json" 2>&1 | tail -22 ;;
+    nondet13)
+      # Session 13: fastattn.attention(deterministic=False), the fused Mosaic backward: its
+      # GPU tests, then fwd+bwd against cuDNN and the deterministic default.
+      L="$OUT/log.txt"
+      gpu_tests 150 test_attention_mgpu_bwd.py "not_deterministic or gpu_deterministic"
+      timeout 400 python3 experiments/bench_attention.py --only bwd \
+        --impls cudnn,fastattn,fastattn_nondet --out "$OUT/attention_nondet.json" 2>&1 \
+        | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
+    nondet13b)
+      # The backward alone, fused vs two kernels, on every config (where to allow it).
+      timeout 560 python3 experiments/mgpu_bwd_check.py --variants fused \
+        --out "$OUT/bwd_fused.json" 2>&1 | grep -v "^wrote" | tail -30 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -46,6 +46,7 @@ class _Call(NamedTuple):
     softcap: float | None
     scale: float | None
     block_sizes: BlockSizes | None
+    deterministic: bool = True
 
 
 def _pallas(c: _Call):
@@ -92,7 +93,8 @@ def _pallas_mosaic(c: _Call, *, backward: str = "triton"):
     # Raises NotImplementedError for dtypes, head dims and lengths the kernel does not take.
     return flash_attention_mgpu(c.q, c.k, c.v, causal=c.causal, segment_ids=segments,
                                 window=c.window, softcap=c.softcap, scale=c.scale,
-                                interpret=jax.default_backend() != "gpu", backward=backward)
+                                interpret=jax.default_backend() != "gpu", backward=backward,
+                                deterministic=c.deterministic)
 
 
 def _cudnn(c: _Call):
@@ -194,7 +196,8 @@ def default_implementation(q: jax.Array, k: jax.Array | None = None, *, causal: 
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, softcap=None,
-              scale=None, return_lse=False, implementation=None, block_sizes=None):
+              scale=None, return_lse=False, implementation=None, block_sizes=None,
+              deterministic=True):
     """Multi-head attention  softmax(q k^T * scale) v  with GQA/MQA and masks.
 
     Shapes: q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0. Query head n reads kv head
@@ -218,6 +221,12 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
         jax.nn.dot_product_attention: GPU, bf16/f16, no segment ids / window / softcap / lse,
         causal only with T == S).
     block_sizes: tiles of the Pallas kernels (speed only); None picks them per shape.
+    deterministic: True (default): repeated runs give bitwise-equal outputs and gradients.
+        False allows a faster backward that is not (the Hopper backward's fused kernel: dQ
+        summed by f32 atomics, 5 matrix products per tile pair instead of 7); the other
+        implementations stay deterministic. cuDNN's backward (implementation="cudnn") is
+        not deterministic as JAX runs it unless XLA_FLAGS sets
+        --xla_gpu_deterministic_ops=true (BENCHMARKS.md, session 13).
 
     A row that sees no key returns 0 (never NaN) and its lse is -inf. Differentiable in q, k, v.
     Returns out [B, T, N, H] in q's dtype (and lse when asked).
@@ -226,8 +235,10 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     over "model" (which must divide K, else ValueError), batch rows over "data" when it
     divides B (otherwise every data replica computes the whole batch).
     """
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
     call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
-                     implementation, block_sizes)
+                     implementation, block_sizes)._replace(deterministic=deterministic)
     name = implementation
     if name is None:
         segments = None if call.q_segment_ids is None else (call.q_segment_ids,

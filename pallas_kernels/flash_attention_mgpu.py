@@ -320,6 +320,7 @@ class _Static:
     group: int  # G = N // K
     interpret: bool
     backward: str = "triton"  # "triton" or "mosaic" (pallas_kernels.flash_attention_mgpu_bwd)
+    deterministic: bool = True  # the Mosaic backward's: False allows the fused one
 
     @property
     def mask(self) -> MaskSpec:
@@ -1020,7 +1021,8 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
                          window: tuple[int | None, int | None] | None = None,
                          softcap: float | None = None, scale: float | None = None,
                          block_sizes: MosaicBlockSizes | None = None,
-                         interpret: bool = False, backward: str = "triton"):
+                         interpret: bool = False, backward: str = "triton",
+                         deterministic: bool = True):
     """FlashAttention forward on Hopper; returns (out [B, T, N, H], lse [B, N, T] float32).
 
     q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0 (query head n reads kv head n // G).
@@ -1046,23 +1048,29 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
     `pallas_kernels.flash_attention.flash_attention_backward`) or "mosaic" (the Mosaic GPU
     backward, `pallas_kernels.flash_attention_mgpu_bwd`: head dims 64 / 128, T and S
     multiples of 128; checked here, before any work; measured in BENCHMARKS.md).
+    deterministic: with backward="mosaic", False allows its fused kernel (dQ by f32 atomics:
+    gradients not bitwise equal between runs; see flash_attention_mgpu_backward). The
+    forward and the Triton backward are deterministic either way.
     """
     if backward not in ("triton", "mosaic"):
         raise ValueError(f"backward must be 'triton' or 'mosaic', got {backward!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
     bs = check_supported(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                          softcap=softcap, block_sizes=block_sizes,
                          require_device=not interpret)
     if backward == "mosaic":
         _mosaic_backward().check_supported_backward(
             q, k, v, causal=causal, segment_ids=segment_ids, window=window, softcap=softcap,
-            require_device=not interpret)
+            require_device=not interpret, deterministic=deterministic)
     H = q.shape[-1]
     softcap, scale, window = check_scalar_options(softcap, scale, window, window_name="window")
     st = _Static(causal=causal, window=window, softcap=softcap,
                  has_segments=segment_ids is not None,
                  scale=float(1.0 / math.sqrt(H) if scale is None else scale),
                  block_sizes=bs, q_len=q.shape[1], kv_len=k.shape[1], head_dim=H,
-                 group=q.shape[2] // k.shape[2], interpret=interpret, backward=backward)
+                 group=q.shape[2] // k.shape[2], interpret=interpret, backward=backward,
+                 deterministic=deterministic)
     if segment_ids is not None:
         segment_ids = tuple(jnp.asarray(ids).astype(jnp.int32) for ids in segment_ids)
     return _flash_mgpu(q, k, v, segment_ids, st)
@@ -1081,8 +1089,11 @@ def _flash_mgpu_vjp_fwd(q, k, v, segment_ids, st):
 def _flash_mgpu_vjp_bwd(st, residuals, cotangents):
     q, k, v, segment_ids, out, lse = residuals
     d_out, d_lse = cotangents
-    backward = flash_attention_backward if st.backward == "triton" else \
-        _mosaic_backward().flash_attention_mgpu_backward
+    if st.backward == "triton":
+        backward = flash_attention_backward
+    else:
+        backward = functools.partial(_mosaic_backward().flash_attention_mgpu_backward,
+                                     deterministic=st.deterministic)
     dq, dk, dv = backward(
         q, k, v, out, lse, d_out, d_lse, causal=st.causal, segment_ids=segment_ids,
         window=st.window, softcap=st.softcap, scale=st.scale, interpret=st.interpret)

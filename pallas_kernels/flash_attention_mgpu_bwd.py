@@ -191,7 +191,7 @@ class MosaicBackwardBlockSizes:
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
-                    kv_bytes: int = 0) -> MosaicBackwardBlockSizes:
+                    kv_bytes: int = 0, deterministic: bool = True) -> MosaicBackwardBlockSizes:
         """The best of experiments/mgpu_bwd_check.py on an H100 (jax 0.11.2, one run,
         BENCHMARKS.md): 128-key dQ steps at both head dims (+1.6% summed over four H = 128
         configs, +3% at H = 64), 128-query dK/dV steps at H = 64 (at H = 128 the dK, dV
@@ -208,9 +208,17 @@ class MosaicBackwardBlockSizes:
         Launch order as the forward's: head-major when K + V (kv_bytes) overflow the L2
         (GPU_L2_BYTES). Session 10, one run, TFLOP/s head-major vs tile-major: b16 s1024 h16
         d128 full 393 vs 338, b4 s4096 h16 d128 full 466 vs 435 (cuDNN 353, 498; K + V 128
-        MB each); the train step's shape (32 MB) 305 vs 326."""
+        MB each); the train step's shape (32 MB) 305 vs 326.
+
+        deterministic=False allows the fused backward (fused_dq: 5 products per step, dQ by
+        f32 atomics, so not bitwise deterministic): session 10 measured it at 530 TFLOP/s
+        against 506 for the two kernels and 530 for cuDNN's (non-deterministic) backward on
+        b1 s16384 h16 d128 full, 494 vs 489 causal."""
         del q_len, kv_len, causal  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
+        if not deterministic:
+            return cls(block_q_dkv=128 if small else 64, num_stages_dkv=2, fused_dq=True,
+                       head_major=kv_bytes > GPU_L2_BYTES)
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
                    overlap=not small, head_major=kv_bytes > GPU_L2_BYTES)
@@ -925,9 +933,11 @@ def _flash_bwd_mgpu(q, k, v, out, lse, d_out, d_lse, segment_ids, st: _Static):
 
 def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=None,
                              softcap=None, block_sizes: MosaicBackwardBlockSizes | None = None,
-                             require_device: bool = True) -> MosaicBackwardBlockSizes:
+                             require_device: bool = True,
+                             deterministic: bool = True) -> MosaicBackwardBlockSizes:
     """Raises (ValueError for malformed arguments, NotImplementedError for inputs these
-    kernels do not take) before any GPU work; returns the block sizes the call will use."""
+    kernels do not take) before any GPU work; returns the block sizes the call will use
+    (block_sizes, or the default for the shape and `deterministic`)."""
     check_arguments(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                     softcap=softcap)
     B, T, N, H = q.shape
@@ -944,9 +954,11 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
             f"the Mosaic GPU flash attention backward takes head_dim in {SUPPORTED_HEAD_DIMS}, "
             f"got {H} (at 256 the dK and dV accumulators do not fit in a warpgroup's "
             f"registers); {fallback}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
     bs = block_sizes or MosaicBackwardBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
-        kv_bytes=kv_bytes(k, v))
+        kv_bytes=kv_bytes(k, v), deterministic=deterministic)
     if bs.fused_dq and not (bs.block_q_dkv == NUM_CONSUMERS * WGMMA_M
                             or (bs.block_q_dkv == WGMMA_M and H == 128)):
         raise ValueError(f"{bs}: fused_dq needs block_q_dkv=128, or block_q_dkv=64 at "
@@ -979,7 +991,7 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
 def flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse=None, *, causal=False,
                                   segment_ids=None, window=None, softcap=None, scale=None,
                                   block_sizes: MosaicBackwardBlockSizes | None = None,
-                                  interpret: bool | None = None):
+                                  interpret: bool | None = None, deterministic: bool = True):
     """(dq [B,T,N,H], dk, dv [B,S,K,H]) of attention, from a forward's out [B,T,N,H] and
     natural-log lse [B,N,T] (f32, -inf for rows that see no key), on Hopper.
 
@@ -991,6 +1003,10 @@ def flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse=None, *, causa
     (None: 1 / sqrt(H)). GQA: dk, dv sum over the G = N // K query heads of each kv head.
     Gradients come out in q's dtype. Segment ids get no gradient.
     block_sizes: speed only; None picks MosaicBackwardBlockSizes.default_for the shape.
+    deterministic: True (default): bitwise-equal gradients on repeated runs (the two-kernel
+    backward). False allows the fused backward, whose dQ sums by f32 atomics in a varying
+    order (cuDNN's backward as JAX runs it by default is not deterministic either,
+    BENCHMARKS.md session 13). Ignored when block_sizes is given.
     interpret: Mosaic GPU interpret mode (CPU, slow, for tests); None: on when the default
     backend is not a GPU.
     Inputs these kernels do not take raise NotImplementedError (see the module docstring);
@@ -999,7 +1015,7 @@ def flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse=None, *, causa
         interpret = jax.default_backend() != "gpu"
     bs = check_supported_backward(q, k, v, causal=causal, segment_ids=segment_ids,
                                   window=window, softcap=softcap, block_sizes=block_sizes,
-                                  require_device=not interpret)
+                                  require_device=not interpret, deterministic=deterministic)
     B, T, N, H = q.shape
     for name, x, want in (("out", out, q.shape), ("d_out", d_out, q.shape),
                           ("lse", lse, (B, N, T))) + (

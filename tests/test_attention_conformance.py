@@ -317,6 +317,7 @@ def test_bad_shapes_raise(mutate, match):
     (dict(segment_ids=(jnp.zeros((2, 8)), jnp.zeros((2, 12), jnp.int32))),
      r"q_segment_ids must be integers"),
     (dict(block_sizes=(64, 64)), r"block_sizes must be a BlockSizes"),
+    (dict(deterministic="yes"), r"deterministic must be a bool, got deterministic=.yes."),
 ])
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

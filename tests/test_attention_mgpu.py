@@ -468,11 +468,14 @@ def test_mgpu_check_tiny_writes_json(tmp_path):
     assert ours["err_vs_pallas"] < 2e-2 and ours["lse_err_vs_pallas"] < 1e-3
 
 
-@pytest.mark.parametrize("implementation", ["pallas_mosaic", "pallas_mosaic_bwd"])
-def test_registry_pallas_mosaic_forward_and_gradients_match_the_reference(implementation):
+@pytest.mark.parametrize("implementation,deterministic", [
+    ("pallas_mosaic", True), ("pallas_mosaic_bwd", True), ("pallas_mosaic_bwd", False)])
+def test_registry_pallas_mosaic_forward_and_gradients_match_the_reference(implementation,
+                                                                          deterministic):
     """fastattn.attention(implementation="pallas_mosaic"): the Mosaic forward (interpret mode
     off a GPU) and the Triton recomputing backward it feeds with its out and lse; and
-    "pallas_mosaic_bwd", the same forward with the Mosaic GPU backward."""
+    "pallas_mosaic_bwd", the same forward with the Mosaic GPU backward, two kernels or, with
+    deterministic=False, the fused one."""
     import fastattn
 
     B, T, S, N, K, H = 1, 128, 256, 4, 2, 64  # causal T < S, GQA 2:1
@@ -484,7 +487,8 @@ def test_registry_pallas_mosaic_forward_and_gradients_match_the_reference(implem
                         argnums=(0, 1, 2))(q, k, v)
 
     got = grads(lambda q, k, v: fastattn.attention(q, k, v, causal=True,
-                                                   implementation=implementation))
+                                                   implementation=implementation,
+                                                   deterministic=deterministic))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     oracle = jax.grad(lambda q, k, v: jnp.sum(flash_attention_reference(
         q, k, v, causal=True)[0] * d_out), argnums=(0, 1, 2))(*f32)

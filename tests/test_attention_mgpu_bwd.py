@@ -383,6 +383,41 @@ def test_gpu_deterministic():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@hopper
+@pytest.mark.parametrize("H", [64, 128])
+def test_gpu_not_deterministic_allows_the_fused_backward(H):
+    """deterministic=False picks the fused tiles, whose gradients match the two kernels'
+    within the policy (not bitwise: dQ sums by atomics)."""
+    q, k, v, d_out, d_lse = _inputs(2, 1024, 1024, 4, 2, H, "bfloat16", 4)
+    out, lse = flash_attention_reference(q, k, v, causal=True)
+    exact = flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse, causal=True)
+    fast = flash_attention_mgpu_backward(q, k, v, out, lse, d_out, d_lse, causal=True,
+                                         deterministic=False)
+    oracle = _reference_grads(q, k, v, d_out, d_lse, None, {"causal": True})
+    low = _reference_grads(q, k, v, d_out, d_lse, None, {"causal": True},
+                           compute_dtype=jnp.bfloat16)
+    as_f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
+    for name, a, b, o, lp in zip(("dq", "dk", "dv"), fast, exact, oracle, low):
+        assert_within_policy(name, as_f32(a), as_f32(o), as_f32(lp), dtype="bfloat16",
+                             factor=2)
+        assert_within_policy(name, as_f32(b), as_f32(o), as_f32(lp), dtype="bfloat16",
+                             factor=2)
+
+
+def test_not_deterministic_default_tiles_are_the_fused_ones():
+    for H in (64, 128):
+        bs = MosaicBackwardBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
+                                                  causal=True, deterministic=False)
+        assert bs.fused_dq and not MosaicBackwardBlockSizes.default_for(
+            q_len=1024, kv_len=1024, head_dim=H, causal=True).fused_dq
+        z = jnp.zeros((1, 512, 2, H), jnp.bfloat16)
+        assert mgpu_bwd.check_supported_backward(z, z, z, causal=True, require_device=False,
+                                                 deterministic=False) == bs
+    with pytest.raises(ValueError, match="deterministic must be a bool"):
+        mgpu_bwd.check_supported_backward(z, z, z, causal=True, require_device=False,
+                                          deterministic="no")
+
+
 @interpret_only
 def test_mgpu_bwd_check_tiny_writes_json(tmp_path):
     """experiments/mgpu_bwd_check.py's tiny variant (STYLE.md 10): the Mosaic backward in
