@@ -674,9 +674,13 @@ for step in "$@"; do
         --impls cudnn,fastattn,fastattn_nondet --out "$OUT/attention_nondet.json" 2>&1 \
         | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
     nondet13b)
-      # The backward alone, fused vs two kernels, on every config (where to allow it).
-      timeout 560 python3 experiments/mgpu_bwd_check.py --variants fused \
-        --out "$OUT/bwd_fused.json" 2>&1 | grep -v "^wrote" | tail -30 ;;
+      # deterministic=False's GPU tests (fixed), then the backward alone, fused vs two
+      # kernels, on the long rows and the train step's shape (where to allow it).
+      L="$OUT/log.txt"
+      gpu_tests 100 test_attention_mgpu_bwd.py "not_deterministic"
+      timeout 420 python3 experiments/mgpu_bwd_check.py --variants fused \
+        --configs "s16384,b4 s4096 h16 d128,train" --out "$OUT/bwd_fused.json" 2>&1 \
+        | grep -v "^wrote" | tail -16 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
