@@ -681,6 +681,17 @@ for step in "$@"; do
       timeout 420 python3 experiments/mgpu_bwd_check.py --variants fused \
         --configs "s16384,b4 s4096 h16 d128,train" --out "$OUT/bwd_fused.json" 2>&1 \
         | grep -v "^wrote" | tail -16 | tee -a "$L" ;;
+    nondet13c)
+      # deterministic=False with the measured rule (FUSED_MIN_KV_LEN, K/V over L2, not causal
+      # at H = 128): its GPU tests, the rows nondet13b did not measure, fwd+bwd again.
+      L="$OUT/log.txt"
+      gpu_tests 100 test_attention_mgpu_bwd.py "not_deterministic"
+      timeout 200 python3 experiments/mgpu_bwd_check.py --variants fused \
+        --configs "b4 s4096 h32 d64,b16 s1024 h32 d64" --out "$OUT/bwd_fused_rest.json" 2>&1 \
+        | grep -v "^wrote" | tail -10 | tee -a "$L"
+      timeout 260 python3 experiments/bench_attention.py --only bwd \
+        --impls cudnn,fastattn,fastattn_nondet --out "$OUT/attention_nondet.json" 2>&1 \
+        | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

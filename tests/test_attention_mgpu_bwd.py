@@ -14,6 +14,7 @@ On an sm90 GPU: the compiled kernels at realistic shapes. Run there with
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -385,23 +386,39 @@ def test_gpu_deterministic():
 
 @hopper
 @pytest.mark.parametrize("H", [64, 128])
-def test_gpu_not_deterministic_allows_the_fused_backward(H):
-    """deterministic=False: the default tiles for it (the fused kernel) on the GPU."""
-    _check(2, 1024, 1024, 4, 2, H, causal=True, deterministic=False)
+def test_gpu_not_deterministic_allows_the_fused_backward(H, monkeypatch):
+    """deterministic=False on the GPU, with the rule's thresholds lowered so that this shape
+    takes the fused kernel."""
+    monkeypatch.setattr(mgpu_bwd, "GPU_L2_BYTES", 0)
+    monkeypatch.setattr(mgpu_bwd, "FUSED_MIN_KV_LEN", 1024)
+    _check(2, 1024, 1024, 4, 2, H, causal=H == 64, deterministic=False)
 
 
-def test_not_deterministic_default_tiles_are_the_fused_ones():
-    for H in (64, 128):
-        bs = MosaicBackwardBlockSizes.default_for(q_len=1024, kv_len=1024, head_dim=H,
-                                                  causal=True, deterministic=False)
-        assert bs.fused_dq and not MosaicBackwardBlockSizes.default_for(
-            q_len=1024, kv_len=1024, head_dim=H, causal=True).fused_dq
-        z = jnp.zeros((1, 512, 2, H), jnp.bfloat16)
-        assert mgpu_bwd.check_supported_backward(z, z, z, causal=True, require_device=False,
-                                                 deterministic=False) == bs
+@pytest.mark.parametrize("H,T,causal,heads,fused", [
+    (128, 16384, False, 16, True), (64, 16384, True, 32, True), (128, 4096, False, 16, True),
+    (128, 16384, True, 16, False),  # causal at H = 128: the two kernels measured faster
+    (128, 1024, False, 16, False),  # short rows
+    (64, 2048, True, 8, False),  # the train step's shape: K/V in L2
+])
+def test_not_deterministic_takes_the_fused_backward_where_it_measured_faster(H, T, causal,
+                                                                             heads, fused):
+    B = 16384 // T
+    kv = B * T * heads * H * 2 * 2
+    pick = lambda **kw: MosaicBackwardBlockSizes.default_for(
+        q_len=T, kv_len=T, head_dim=H, causal=causal, kv_bytes=kv, **kw)
+    assert pick(deterministic=False).fused_dq == fused
+    assert not pick().fused_dq  # the default stays deterministic
+
+
+def test_not_deterministic_reaches_the_block_sizes(monkeypatch):
+    monkeypatch.setattr(mgpu_bwd, "GPU_L2_BYTES", 0)
+    monkeypatch.setattr(mgpu_bwd, "FUSED_MIN_KV_LEN", 256)
+    z = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+    check = functools.partial(mgpu_bwd.check_supported_backward, z, z, z, causal=True,
+                              require_device=False)
+    assert check(deterministic=False).fused_dq and not check().fused_dq
     with pytest.raises(ValueError, match="deterministic must be a bool"):
-        mgpu_bwd.check_supported_backward(z, z, z, causal=True, require_device=False,
-                                          deterministic="no")
+        check(deterministic="no")
 
 
 @interpret_only
