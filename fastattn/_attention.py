@@ -222,9 +222,10 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
         causal only with T == S).
     block_sizes: tiles of the Pallas kernels (speed only); None picks them per shape.
     deterministic: True (default): repeated runs give bitwise-equal outputs and gradients.
-        False allows a faster backward that is not (the Hopper backward's fused kernel: dQ
-        summed by f32 atomics, 5 matrix products per tile pair instead of 7); the other
-        implementations stay deterministic. cuDNN's backward (implementation="cudnn") is
+        False allows a faster backward that is not: the Hopper backward's fused kernel (dQ
+        summed by f32 atomics, 5 matrix products per tile pair instead of 7) on the shapes
+        where it measured faster (MosaicBackwardBlockSizes.default_for: up to 1.2x at H = 64
+        when K/V overflow the L2); the other implementations stay deterministic. cuDNN's backward (implementation="cudnn") is
         not deterministic as JAX runs it unless XLA_FLAGS sets
         --xla_gpu_deterministic_ops=true (BENCHMARKS.md, session 13).
 

@@ -84,7 +84,8 @@ from pallas_kernels.flash_attention_mgpu import (
 from pallas_kernels._common import GPU_L2_BYTES, check_scalar_options
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-# deterministic=False: the fused backward from this many keys on (where K/V overflow the L2).
+# deterministic=False at H = 128: the fused backward on rows without a right bound from this
+# many keys on (where K/V overflow the L2).
 FUSED_MIN_KV_LEN = 4096
 
 # ----------------------------------------------------------------------------- configuration
@@ -214,16 +215,18 @@ class MosaicBackwardBlockSizes:
 
         deterministic=False allows the fused backward (fused_dq: 5 products per step, dQ by
         f32 atomics, so not bitwise deterministic), taken where it measured faster than the
-        two kernels: rows of at least FUSED_MIN_KV_LEN keys whose K/V overflow the L2, except
-        causal rows at H = 128. Session 13, backward alone, TFLOP/s fused vs two kernels
-        (cuDNN): b1 s16384 d64 full 504 vs 408 (449), causal 473 vs 391 (422); b1 s16384
-        d128 full 523 vs 494 (542), causal 491 vs 486 (514); b4 s4096 d128 full 483 vs 460
-        (489), causal 392 vs 411 (400); the train step's shape (K/V in L2) 241 vs 311 (262);
-        and fwd+bwd on b16 s1024 d128 401 vs 412 full, 267 vs 299 causal."""
+        two kernels: wherever K/V overflow the L2 at H = 64; at H = 128 on rows without a
+        right bound of at least FUSED_MIN_KV_LEN keys. Session 13, backward alone, TFLOP/s
+        fused vs two kernels (cuDNN): at H = 64, b1 s16384 full 504 vs 408 (449), causal 473
+        vs 391 (422), b4 s4096 full 471 vs 387 (415), causal 395 vs 338 (343), b16 s1024
+        full 356 vs 332 (305), causal 252 vs 239 (195), but the train step's shape (K/V in
+        L2) 241 vs 311 (262); at H = 128, b1 s16384 full 523 vs 494 (542), causal 491 vs 486
+        (514), b4 s4096 full 483 vs 460 (489), causal 392 vs 411 (400), and fwd+bwd on b16
+        s1024 401 vs 412 full, 267 vs 299 causal."""
         del q_len  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
-        if (not deterministic and kv_len >= FUSED_MIN_KV_LEN and kv_bytes > GPU_L2_BYTES
-                and (small or not causal)):
+        long_full_row = kv_len >= FUSED_MIN_KV_LEN and not causal
+        if not deterministic and kv_bytes > GPU_L2_BYTES and (small or long_full_row):
             return cls(block_q_dkv=128 if small else 64, num_stages_dkv=2, fused_dq=True,
                        head_major=True)
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
