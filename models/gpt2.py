@@ -28,8 +28,12 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"
     attention_implementation: str | None = None
+    deterministic_attention: bool = True  # fastattn.attention's `deterministic`
 
     def __post_init__(self):
+        if not isinstance(self.deterministic_attention, bool):
+            raise ValueError(f"GPT2Config.deterministic_attention="
+                             f"{self.deterministic_attention!r} must be a bool")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd={self.n_embd} must be a multiple of "
                              f"n_head={self.n_head}")
@@ -56,7 +60,7 @@ class GPT2Block(nn.Module):
         out = fastattn.attention(
             q.reshape(B, T, N, H), k.reshape(B, T, N, H), v.reshape(B, T, N, H), causal=True,
             segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
-            implementation=c.attention_implementation)
+            implementation=c.attention_implementation, deterministic=c.deterministic_attention)
         x = x + _dense(D, "c_proj", c.dtype)(out.reshape(B, T, D))
         h = nn.LayerNorm(c.layer_norm_epsilon, dtype=c.dtype, name="ln_2")(x)
         h = nn.gelu(_dense(c.inner_size, "c_fc", c.dtype)(h), approximate=True)

@@ -73,6 +73,9 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     dtype: str = "float32"  # compute dtype; parameters keep theirs
     attention_implementation: str | None = None  # fastattn.attention's `implementation`
+    # fastattn.attention's `deterministic`: False allows a faster, not bitwise
+    # deterministic attention backward where one measured faster (the Hopper fused kernel).
+    deterministic_attention: bool = True
     fusion: Fusion = Fusion()
 
     def __post_init__(self):
@@ -83,6 +86,9 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
+        if not isinstance(self.deterministic_attention, bool):
+            raise ValueError(f"LlamaConfig.deterministic_attention="
+                             f"{self.deterministic_attention!r} must be a bool")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}; set head_dim")
@@ -220,7 +226,8 @@ class Attention(nn.Module):
             out = fastattn.attention(
                 q, k, v, causal=True, sliding_window=window,
                 segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
-                implementation=c.attention_implementation)
+                implementation=c.attention_implementation,
+                deterministic=c.deterministic_attention)
             kv = (k, v)
         else:
             k_cache, v_cache, lengths = cache

@@ -27,7 +27,7 @@ from fastattn.training import (
     make_train_step,
     train,
 )
-from models import Llama, LlamaConfig
+from models import GPT2Config, Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                   intermediate_size=64, max_position_embeddings=64)
@@ -218,7 +218,34 @@ def test_failed_async_save_surfaces(tmp_path, monkeypatch):
     (lambda: OptimizerConfig(b2=1.0), "b2=1.0"),
     (lambda: OptimizerConfig(grad_clip=-1), "grad_clip=-1"),
     (lambda: CheckpointConfig(directory="x", every=0), "every=0"),
+    (lambda: dataclasses.replace(CFG, deterministic_attention="no"),
+     "deterministic_attention='no'"),
+    (lambda: GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                        deterministic_attention=0), "deterministic_attention=0"),
 ])
 def test_bad_configs_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_deterministic_attention_off_reaches_the_kernels(monkeypatch):
+    """LlamaConfig.deterministic_attention=False is what fastattn.attention receives (off a
+    Hopper GPU every implementation is deterministic either way, so the logits agree)."""
+    import fastattn
+
+    seen = []
+    original = fastattn.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastattn, "attention", spy)
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % CFG.vocab_size
+    outputs = []
+    for deterministic in (True, False):
+        model = Llama(dataclasses.replace(CFG, deterministic_attention=deterministic))
+        params = model.init(jax.random.key(0), tokens)
+        outputs.append(model.apply(params, tokens))
+    assert seen == [True, True, False, False]  # init and apply, each configuration
+    np.testing.assert_array_equal(outputs[0], outputs[1])
