@@ -692,6 +692,12 @@ for step in "$@"; do
       timeout 260 python3 experiments/bench_attention.py --only bwd \
         --impls cudnn,fastattn,fastattn_nondet --out "$OUT/attention_nondet.json" 2>&1 \
         | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
+    bwd64_13)
+      # The deterministic backward at H = 64 on the long rows (0.91-0.99x cuDNN in nondet13b/c;
+      # its tiles were tuned on the train step's shape, K/V in L2): every variant there.
+      timeout 330 python3 experiments/mgpu_bwd_check.py \
+        --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" --out "$OUT/bwd64_long.json" 2>&1 \
+        | grep -v "^wrote" | grep -v "errors" | tail -44 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;
