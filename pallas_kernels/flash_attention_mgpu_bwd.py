@@ -213,6 +213,12 @@ class MosaicBackwardBlockSizes:
         d128 full 393 vs 338, b4 s4096 h16 d128 full 466 vs 435 (cuDNN 353, 498; K + V 128
         MB each); the train step's shape (32 MB) 305 vs 326.
 
+        Session 13: at H = 64 the paired products (overlap) win wherever K + V overflow the
+        L2, TFLOP/s with vs without (cuDNN): b1 s16384 full 433 vs 404 (445), causal 416 vs
+        392 (420); b4 s4096 full 397 vs 383 (415), causal 361 vs 333 (346); b16 s1024 full
+        343 vs 334 (304), causal 249 vs 239 (198). The train step's shape (K + V in L2) keeps
+        them off (session 9: 303 vs 318).
+
         deterministic=False allows the fused backward (fused_dq: 5 products per step, dQ by
         f32 atomics, so not bitwise deterministic), taken where it measured faster than the
         two kernels: wherever K/V overflow the L2 at H = 64; at H = 128 on rows without a
@@ -229,9 +235,10 @@ class MosaicBackwardBlockSizes:
         if not deterministic and kv_bytes > GPU_L2_BYTES and (small or long_full_row):
             return cls(block_q_dkv=128 if small else 64, num_stages_dkv=2, fused_dq=True,
                        head_major=True)
+        over_l2 = kv_bytes > GPU_L2_BYTES
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
-                   overlap=not small, head_major=kv_bytes > GPU_L2_BYTES)
+                   overlap=not small or over_l2, head_major=over_l2)
 
 
 # ----------------------------------------------------------------------------- shared math

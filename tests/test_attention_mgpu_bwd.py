@@ -411,6 +411,16 @@ def test_not_deterministic_takes_the_fused_backward_where_it_measured_faster(H, 
     assert not pick().fused_dq  # the default stays deterministic
 
 
+@pytest.mark.parametrize("H,kv_mib,overlap", [(64, 128, True), (64, 32, False),
+                                               (128, 32, True), (128, 128, True)])
+def test_paired_products_where_measured_faster(H, kv_mib, overlap):
+    """H = 64 pairs the products only where K + V overflow the L2 (session 13); H = 128
+    always (session 9)."""
+    bs = MosaicBackwardBlockSizes.default_for(q_len=4096, kv_len=4096, head_dim=H,
+                                              causal=True, kv_bytes=kv_mib * 2**20)
+    assert bs.overlap == overlap and not bs.fused_dq
+
+
 def test_not_deterministic_reaches_the_block_sizes(monkeypatch):
     monkeypatch.setattr(mgpu_bwd, "GPU_L2_BYTES", 0)
     monkeypatch.setattr(mgpu_bwd, "FUSED_MIN_KV_LEN", 256)
