@@ -124,10 +124,14 @@
 #   bash experiments/gpu_pending.sh sched64    # H100: the H = 128 schedule at H = 64
 #   bash experiments/gpu_pending.sh det13      # H100: cuDNN's backward, deterministic or not,
 #                                              #   and its speed under XLA's determinism flags
-#   bash experiments/gpu_pending.sh nondet13   # H100: deterministic=False's GPU tests and
-#                                              #   fwd+bwd against cuDNN and the default
+#   (nondet13: deterministic=False before its rule, every row fused; its results are in
+#   BENCHMARKS.md, session 13 under issue 7; nondet13c runs the same benchmark)
 #   bash experiments/gpu_pending.sh nondet13b  # H100: the backward alone, fused vs two
-#                                              #   kernels, on every config
+#                                              #   kernels, on the long rows, the train step
+#   bash experiments/gpu_pending.sh nondet13c  # H100: deterministic=False with its rule: GPU
+#                                              #   tests, the other H = 64 rows, fwd+bwd
+#   bash experiments/gpu_pending.sh bwd64_13   # H100: the H = 64 backward's variants on the
+#                                              #   long rows
 #   (fma13, slack13, sums13: session 13 runs of the forward with part of its exp2s on the
 #   FMA pipe, with O rescaled only where a row's max moved, and with the row sums from the
 #   tensor cores, all taken out again (commits ab545a9, dd870d3, 5909b39); their results are
@@ -665,14 +669,6 @@ for step in "$@"; do
       # under XLA's determinism flags (ours is deterministic by default: RELIABILITY 5)?
       timeout 560 python3 -m experiments.cudnn_determinism \
         --out "$OUT/cudnn_determinism.json" 2>&1 | tail -22 ;;
-    nondet13)
-      # Session 13: fastattn.attention(deterministic=False), the fused Mosaic backward: its
-      # GPU tests, then fwd+bwd against cuDNN and the deterministic default.
-      L="$OUT/log.txt"
-      gpu_tests 150 test_attention_mgpu_bwd.py "not_deterministic or gpu_deterministic"
-      timeout 400 python3 experiments/bench_attention.py --only bwd \
-        --impls cudnn,fastattn,fastattn_nondet --out "$OUT/attention_nondet.json" 2>&1 \
-        | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
     nondet13b)
       # deterministic=False's GPU tests (fixed), then the backward alone, fused vs two
       # kernels, on the long rows and the train step's shape (where to allow it).
