@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from fastattn import sharding
 from fastattn._xla_attention import xla_attention
-from pallas_kernels._common import check_scalar_options
+from pallas_kernels._common import check_bool, check_scalar_options
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 from pallas_kernels.flash_attention_mgpu import (
     check_supported,
@@ -46,7 +46,7 @@ class _Call(NamedTuple):
     softcap: float | None
     scale: float | None
     block_sizes: BlockSizes | None
-    deterministic: bool = True
+    deterministic: bool
 
 
 def _pallas(c: _Call):
@@ -225,9 +225,9 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
         False allows a faster backward that is not: the Hopper backward's fused kernel (dQ
         summed by f32 atomics, 5 matrix products per tile pair instead of 7) on the shapes
         where it measured faster (MosaicBackwardBlockSizes.default_for: up to 1.2x at H = 64
-        when K/V overflow the L2); the other implementations stay deterministic. cuDNN's backward (implementation="cudnn") is
-        not deterministic as JAX runs it unless XLA_FLAGS sets
-        --xla_gpu_deterministic_ops=true (BENCHMARKS.md, session 13).
+        when K/V overflow the L2); the other implementations stay deterministic. cuDNN's
+        backward (implementation="cudnn") is not deterministic as JAX runs it unless
+        XLA_FLAGS sets --xla_gpu_deterministic_ops=true (BENCHMARKS.md, session 13).
 
     A row that sees no key returns 0 (never NaN) and its lse is -inf. Differentiable in q, k, v.
     Returns out [B, T, N, H] in q's dtype (and lse when asked).
@@ -236,10 +236,8 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     over "model" (which must divide K, else ValueError), batch rows over "data" when it
     divides B (otherwise every data replica computes the whole batch).
     """
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
     call = _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale,
-                     implementation, block_sizes)._replace(deterministic=deterministic)
+                     implementation, block_sizes, deterministic)
     name = implementation
     if name is None:
         segments = None if call.q_segment_ids is None else (call.q_segment_ids,
@@ -281,7 +279,7 @@ def _per_shard(impl, c: _Call):
 
 
 def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, implementation,
-              block_sizes) -> _Call:
+              block_sizes, deterministic) -> _Call:
     """Checks every argument before any work starts; ValueError names the argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -304,8 +302,8 @@ def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, impl
     if N % K:
         raise ValueError(f"query heads must be a multiple of kv heads, got N={N} and K={K} "
                          f"({q.shape=}, {k.shape=})")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got causal={causal!r}")
+    check_bool("causal", causal)
+    check_bool("deterministic", deterministic)
 
     q_seg = kv_seg = None
     if segment_ids is not None:
@@ -327,4 +325,5 @@ def _validate(q, k, v, causal, segment_ids, sliding_window, softcap, scale, impl
                          f"got {implementation!r}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {block_sizes!r}")
-    return _Call(q, k, v, q_seg, kv_seg, causal, window, softcap, scale, block_sizes)
+    return _Call(q, k, v, q_seg, kv_seg, causal, window, softcap, scale, block_sizes,
+                 deterministic)

@@ -38,6 +38,13 @@ def check_tile_fields(config, *, smallest_block: int = 16, smallest: dict | None
             raise ValueError(f"{cls}.{name}={value} must be >= 1")
 
 
+def check_bool(name: str, value) -> None:
+    """ValueError naming the argument unless value is a bool (an int 1 would pass a truth
+    test and hide a mistake)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
+
+
 def check_scalar_options(softcap, scale, window, *, window_name: str = "sliding_window"):
     """Validates the options every attention op shares (ValueError naming the field and value,
     the window under `window_name`, the caller's name for it); returns (softcap, scale,

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import GPU_L2_BYTES, GPU_SMS, check_scalar_options
+from pallas_kernels._common import GPU_L2_BYTES, GPU_SMS, check_bool, check_scalar_options
 from pallas_kernels.flash_attention import (
     MaskSpec,
     _q_tile_ranges,
@@ -1001,8 +1001,7 @@ def check_arguments(q, k, v, *, causal, segment_ids, window, softcap) -> None:
     if min(B, T, S, N, K, H) < 1 or N % K:
         raise ValueError(f"query heads must be a positive multiple of kv heads, got "
                          f"{q.shape=} and {k.shape=}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got causal={causal!r}")
+    check_bool("causal", causal)
     _check_mask_options(q, k, segment_ids, window, softcap)
 
 
@@ -1054,8 +1053,7 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, segment_ids=None,
     """
     if backward not in ("triton", "mosaic"):
         raise ValueError(f"backward must be 'triton' or 'mosaic', got {backward!r}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
+    check_bool("deterministic", deterministic)
     bs = check_supported(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                          softcap=softcap, block_sizes=block_sizes,
                          require_device=not interpret)

@@ -81,7 +81,7 @@ from pallas_kernels.flash_attention_mgpu import (
     most_consumer_registers,
     require_hopper,
 )
-from pallas_kernels._common import GPU_L2_BYTES, check_scalar_options
+from pallas_kernels._common import GPU_L2_BYTES, check_bool, check_scalar_options
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 # deterministic=False at H = 128: the fused backward on rows without a right bound from this
@@ -971,8 +971,7 @@ def check_supported_backward(q, k, v, *, causal: bool, segment_ids=None, window=
             f"the Mosaic GPU flash attention backward takes head_dim in {SUPPORTED_HEAD_DIMS}, "
             f"got {H} (at 256 the dK and dV accumulators do not fit in a warpgroup's "
             f"registers); {fallback}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got deterministic={deterministic!r}")
+    check_bool("deterministic", deterministic)
     bs = block_sizes or MosaicBackwardBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
         kv_bytes=kv_bytes(k, v), deterministic=deterministic)
