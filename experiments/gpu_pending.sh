@@ -694,6 +694,12 @@ for step in "$@"; do
       timeout 330 python3 experiments/mgpu_bwd_check.py \
         --configs "b4 s4096 h32 d64,b1 s16384 h32 d64" --out "$OUT/bwd64_long.json" 2>&1 \
         | grep -v "^wrote" | grep -v "errors" | tail -44 ;;
+    paired13)
+      # The H = 64 backward's new default on rows over the L2 (paired products) against
+      # the same with 4 dQ stages or delta in the dQ kernel.
+      timeout 200 python3 experiments/mgpu_bwd_check.py --variants "paired" \
+        --configs "b1 s16384 h32 d64 full,b4 s4096 h32 d64 causal" \
+        --out "$OUT/bwd64_paired.json" 2>&1 | grep -v "^wrote" | tail -5 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -68,6 +68,13 @@ VARIANTS = {
         "dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4, num_stages_dq=4),
         # One kernel, dQ through TMA reduce-add (session 7): the consumers split the rows.
         "fused": B(block_q_dkv=128, num_stages_dkv=2, fused_dq=True),
+        # Session 13: the paired products (the default where K + V overflow the L2) with the
+        # stage counts and delta placement that came next on those rows without them.
+        "paired dq st4": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4,
+                           num_stages_dq=4, overlap=True),
+        "paired delta in dq kernel": B(block_q_dkv=128, block_k_dq=128, num_stages_dkv=4,
+                                       num_stages_dq=3, delta_in_dq_kernel=True,
+                                       overlap=True),
     },
 }
 # H = 128: the consumers split the head dim of each step's dQ tile.
