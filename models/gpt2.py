@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 import fastattn
+from pallas_kernels._common import check_bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,9 +32,7 @@ class GPT2Config:
     deterministic_attention: bool = True  # fastattn.attention's `deterministic`
 
     def __post_init__(self):
-        if not isinstance(self.deterministic_attention, bool):
-            raise ValueError(f"GPT2Config.deterministic_attention="
-                             f"{self.deterministic_attention!r} must be a bool")
+        check_bool("GPT2Config.deterministic_attention", self.deterministic_attention)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd={self.n_embd} must be a multiple of "
                              f"n_head={self.n_head}")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import fastattn
+from pallas_kernels._common import check_bool
 from pallas_kernels.fused_rmsnorm import add_rmsnorm
 from pallas_kernels.fused_swiglu import swiglu
 from pallas_kernels.rope_kv_write import rope_write_kv
@@ -86,9 +87,7 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if not isinstance(self.deterministic_attention, bool):
-            raise ValueError(f"LlamaConfig.deterministic_attention="
-                             f"{self.deterministic_attention!r} must be a bool")
+        check_bool("LlamaConfig.deterministic_attention", self.deterministic_attention)
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}; set head_dim")

@@ -231,11 +231,11 @@ class MosaicBackwardBlockSizes:
         s1024 401 vs 412 full, 267 vs 299 causal."""
         del q_len  # the same tiles serve every shape; a uniform signature
         small = head_dim <= 64
+        over_l2 = kv_bytes > GPU_L2_BYTES
         long_full_row = kv_len >= FUSED_MIN_KV_LEN and not causal
-        if not deterministic and kv_bytes > GPU_L2_BYTES and (small or long_full_row):
+        if not deterministic and over_l2 and (small or long_full_row):
             return cls(block_q_dkv=128 if small else 64, num_stages_dkv=2, fused_dq=True,
                        head_major=True)
-        over_l2 = kv_bytes > GPU_L2_BYTES
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
                    overlap=not small or over_l2, head_major=over_l2)
