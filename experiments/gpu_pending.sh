@@ -700,6 +700,21 @@ for step in "$@"; do
       timeout 200 python3 experiments/mgpu_bwd_check.py --variants "paired" \
         --configs "b1 s16384 h32 d64 full,b4 s4096 h32 d64 causal" \
         --out "$OUT/bwd64_paired.json" 2>&1 | grep -v "^wrote" | tail -5 ;;
+    three14)
+      # Session 14: FA-3's H = 64 tile, three 64-row consumers (192 x 128), on the H = 64
+      # rows (full ones short of cuDNN, 0.94-0.99x); its GPU tests first (a ragged last tile).
+      L="$OUT/log.txt"
+      gpu_tests 150 test_attention_mgpu.py "three_consumers"
+      timeout 380 python3 experiments/mgpu_check.py --configs "h32 d64" \
+        --variants "3 consumers ov st,3 consumers np st4" --out "$OUT/three64.json" 2>&1 | grep -v "^wrote" \
+        > /tmp/t64.txt
+      grep -v "errors" /tmp/t64.txt | tail -50 | tee -a "$L" ;;
+    paired14)
+      # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
+      # paired13) on the other H = 64 rows over the L2, and the two rows again.
+      timeout 420 python3 experiments/mgpu_bwd_check.py --variants "paired delta in dq kernel" \
+        --configs "h32 d64 causal,h32 d64 full" --out "$OUT/bwd64_delta.json" 2>&1 \
+        | grep -v "^wrote" | grep -v "errors" | tail -20 ;;
     scaling8b) timeout 580 python3 experiments/bench_scaling.py --model 8b \
                  --parts correctness,train,engine --out "$OUT/scaling_8b.json" 2>&1 \
                  | grep -v "^wrote" | tail -20 ;;

@@ -204,6 +204,26 @@ VARIANTS = {
         "h128 schedule st6": MosaicBlockSizes(block_k=128, num_stages=6, overlap_softmax=True),
         "h128 schedule st4 persistent": MosaicBlockSizes(block_k=128, num_stages=4,
                                                          overlap_softmax=True, persistent=True),
+        # Session 14: FA-3's H = 64 tile (three 64-row consumers at 160 registers, 192 x 128;
+        # T = 4096 and 16384 end in a ragged query tile), with and without the softmax
+        # under PV, over the pipeline's depth.
+        "3 consumers ov st4": MosaicBlockSizes(block_q=192, block_k=128, num_stages=4,
+                                               consumers=3, pingpong=False,
+                                               overlap_softmax=True),
+        "3 consumers ov st3": MosaicBlockSizes(block_q=192, block_k=128, num_stages=3,
+                                               consumers=3, pingpong=False,
+                                               overlap_softmax=True),
+        "3 consumers ov st6": MosaicBlockSizes(block_q=192, block_k=128, num_stages=6,
+                                               consumers=3, pingpong=False,
+                                               overlap_softmax=True),
+        "3 consumers np st4": MosaicBlockSizes(block_q=192, block_k=128, num_stages=4,
+                                               consumers=3, pingpong=False),
+        "3 consumers ov bk64 st6": MosaicBlockSizes(block_q=192, block_k=64, num_stages=6,
+                                                    consumers=3, pingpong=False,
+                                                    overlap_softmax=True),
+        "3 consumers np persistent": MosaicBlockSizes(block_q=192, block_k=128, num_stages=4,
+                                                      consumers=3, pingpong=False,
+                                                      persistent=True),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

@@ -4,7 +4,8 @@ Same contract as the Triton-backend kernel in `flash_attention.py`, for the subs
 this kernel takes (anything else raises NotImplementedError before any GPU work):
 
     q [B, T, N, H]   k, v [B, S, K, H]   N % K == 0, query head n reads kv head n // G, G = N // K
-    dtype bfloat16 or float16; H in (64, 128, 256); T a multiple of block_q, S of block_k.
+    dtype bfloat16 or float16; H in (64, 128, 256); S a multiple of block_k; T a multiple
+    of block_q (with turns) or of a consumer's rows, block_q / consumers (without).
     returns out [B, T, N, H] (q's dtype) and lse [B, N, T] float32, natural log.
 
 Masks (the `fastattn.attention` contract; `flash_attention.MaskSpec` describes them for both
@@ -35,7 +36,7 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
     they do not end up as a tail. (MosaicBlockSizes.persistent: one CTA per SM takes the
     tiles in that order in turn, in snake order; on for rows of at most SHORT_KV_LEN keys.)
 
-    warpgroup C (C = MosaicBlockSizes.consumers, 2 or 4), producer  (few registers:
+    warpgroup C (C = MosaicBlockSizes.consumers, 2 to 4), producer  (few registers:
     setmaxnreg down)
         TMA K_t, V_t -> the next position r of a num_stages-deep ring (stage r % num_stages),
         completion on k_ready / v_ready[stage] (the key tile's kv segment ids ride with K, on
@@ -150,9 +151,12 @@ class MosaicBlockSizes:
         A multiple of 64, at most 256 (one TMA box).
     num_stages: K/V stages in shared memory (>= 2), i.e. how many key tiles the producer
         may run ahead of the slower consumer.
-    consumers: consumer warpgroups per CTA, 2 or 4 (4 needs pingpong=False: the turns
-        are passed within a pair). Four 64-row consumers hold a quarter of the tile each in
-        fewer registers (112 at most), and four softmaxes are in flight instead of two.
+    consumers: consumer warpgroups per CTA, 2, 3 or 4 (3 and 4 need pingpong=False: the
+        turns are passed within a pair). Four 64-row consumers hold a quarter of the tile
+        each in fewer registers (112 at most), and four softmaxes are in flight instead of
+        two; three (FA-3's H = 64 tile, 192 x 128) get 160 registers each, enough for
+        128-key steps. Without turns T need only be a multiple of block_q / consumers: the
+        consumers of a last query tile whose rows lie past T only release its key tiles.
     consumer_registers / producer_registers: per-thread register limits after setmaxnreg
         (multiples of 8 in [24, 256]). Only what the producer gives back can go to the
         consumers (most_consumer_registers: 240 for 2 consumers and a 24-register producer,
@@ -197,8 +201,8 @@ class MosaicBlockSizes:
     head_major: bool = False
 
     def __post_init__(self):
-        if self.consumers not in (2, 4):
-            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} must be 2 or 4")
+        if self.consumers not in (2, 3, 4):
+            raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} must be 2, 3 or 4")
         if self.consumers != 2 and self.pingpong:
             raise ValueError(f"MosaicBlockSizes.consumers={self.consumers} needs "
                              "pingpong=False (the turns are passed within a pair)")
@@ -354,6 +358,16 @@ class _Static:
     def num_kv_tiles(self) -> int:
         return self.kv_len // self.block_sizes.block_k
 
+    @property
+    def num_q_tiles(self) -> int:
+        return pl.cdiv(self.q_len, self.block_sizes.block_q)
+
+    @property
+    def ragged(self) -> bool:
+        """T is not a multiple of block_q: the last query tile's lower consumers have no
+        rows (T is a multiple of a consumer's rows; check_supported)."""
+        return self.q_len % self.block_sizes.block_q != 0
+
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -413,6 +427,16 @@ def _kv_tiles(cta_start, wg, st: _Static):
     return lo, full_lo, jnp.clip(full_hi, full_lo, end), end
 
 
+def _last_consumer(cta_start, st: _Static):
+    """The last consumer with rows in the query tile at cta_start: the lowest rows, so it
+    visits the most key tiles (the producer streams what it needs). consumers - 1 but in a
+    ragged last tile, whose lower consumers' rows lie past T."""
+    bs = st.block_sizes
+    if not st.ragged:
+        return bs.consumers - 1
+    return jnp.minimum(bs.consumers - 1, lax.div(st.q_len - cta_start, bs.rows) - 1)
+
+
 def _for_each_tile(gm: _Gmem, st: _Static, num_q_tiles: int, ctas: int | None, visit):
     """Runs visit(batch, head, cta_start, ring) over the query tiles of this CTA, threading
     `ring` (the K/V ring position of the tile's first key tile; starts at 0) through.
@@ -463,8 +487,37 @@ def _consumer(wg, gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: 
 
 
 def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start, ring):
-    """Rows [q_start, q_start + rows) of the query tile at cta_start; returns the ring
-    position after it (the key tiles the producer streamed for the tile)."""
+    """Consumer wg's share of the query tile at cta_start; returns the ring position after
+    it (the key tiles the producer streamed for the tile)."""
+    lo = _kv_tiles(cta_start, wg, st)[0]
+    end_last = _kv_tiles(cta_start, _last_consumer(cta_start, st), st)[3]
+    rows = functools.partial(_consumer_rows, wg, gm, sm, st, batch, head, cta_start, ring)
+    if not st.ragged:
+        rows()
+        return ring + end_last - lo
+    plgpu = _plgpu()
+    depth = st.block_sizes.num_stages
+    has_rows = cta_start + wg * st.block_sizes.rows < st.q_len
+    pl.when(has_rows)(rows)
+
+    @pl.when(jnp.logical_not(has_rows))
+    def _():
+        # Its rows lie past T: no Q to load, no O to store, but the producer still waits
+        # for its release of every key tile it streams for the tile.
+        def release(j, carry):
+            stage = lax.rem(ring + j - lo, depth)
+            for ready, free in ((sm.k_ready, sm.k_free), (sm.v_ready, sm.v_free)):
+                plgpu.barrier_wait(ready.at[stage])
+                plgpu.barrier_arrive(free.at[wg * depth + stage])
+            return carry
+
+        lax.fori_loop(lo, end_last, release, None)
+
+    return ring + end_last - lo
+
+
+def _consumer_rows(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start, ring):
+    """Rows [q_start, q_start + rows) of the query tile at cta_start (all below T)."""
     plgpu = _plgpu()
     bs = st.block_sizes
     rows, bk, depth = bs.rows, bs.block_k, bs.num_stages
@@ -699,7 +752,8 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     acc, m, l, p_last = carry
 
     # Steps that the last consumer (the lowest rows) runs beyond this one's end.
-    end_last = _kv_tiles(cta_start, bs.consumers - 1, st)[3] if st.ends_differ else end
+    end_last = (_kv_tiles(cta_start, _last_consumer(cta_start, st), st)[3] if st.ends_differ
+                else end)
 
     def release_unread(ready, free, j):
         """Key tile j is one that only other consumers read: wait for its load and
@@ -760,7 +814,6 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     plgpu.copy_smem_to_gmem(sm.lse.at[wg], gm.lse.at[batch, head, pl.ds(q_start, rows)])
     # The next tile's Q goes where this O is: wait until the store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return ring + end_last - lo
 
 
 def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int | None):
@@ -781,8 +834,8 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int 
     def stream(batch, head, cta_start, ring):
         kv_head = lax.div(head, st.group)
         lo = _kv_tiles(cta_start, 0, st)[0]
-        # consumer 0 owns the upper rows, so it visits a prefix of consumer 1's tiles
-        last = _kv_tiles(cta_start, bs.consumers - 1, st)[3]
+        # consumer 0 owns the upper rows, so it visits a prefix of the next one's tiles
+        last = _kv_tiles(cta_start, _last_consumer(cta_start, st), st)[3]
 
         def load(t, carry):
             r = ring + t - lo
@@ -893,7 +946,7 @@ def _kernel_call(plgpu, body, out_types, *, name, **kwargs):
 def _flash_fwd_mgpu(q, k, v, segment_ids, st: _Static):
     plgpu = _plgpu()
     B, T, N, _ = q.shape
-    num_q_tiles = T // st.block_sizes.block_q
+    num_q_tiles = st.num_q_tiles
     kwargs = {}
     if st.interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -968,11 +1021,14 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
     bs = block_sizes or MosaicBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
         kv_bytes=kv_bytes(k, v))
-    if T % bs.block_q or S % bs.block_k:
+    # Without turns a last query tile may end early, at a consumer's boundary.
+    q_tile = bs.block_q if bs.pingpong else bs.rows
+    if T % q_tile or S % bs.block_k:
         raise NotImplementedError(
-            f"the Mosaic GPU flash attention kernel needs T a multiple of block_q="
-            f"{bs.block_q} and S a multiple of block_k={bs.block_k}, got T={T}, S={S} "
-            "(no ragged tiles yet); use implementation='pallas'")
+            f"the Mosaic GPU flash attention kernel needs T a multiple of {q_tile} (block_q="
+            f"{bs.block_q}, {bs.consumers} consumers, pingpong={bs.pingpong}) and S a "
+            f"multiple of block_k={bs.block_k}, got T={T}, S={S} (no ragged tiles yet); use "
+            "implementation='pallas'")
     need = bs.smem_bytes(H, jnp.dtype(q.dtype).itemsize, segments=segment_ids is not None)
     if need > SMEM_BUDGET:
         raise ValueError(f"{bs} needs {need} bytes of shared memory at head_dim={H}, more "

@@ -94,6 +94,11 @@ UNSUPPORTED = [
      NotImplementedError),
     ("S not a multiple of block_k", ((1, 128, 2, 64), (1, 192, 2, 64)), "bfloat16",
      MosaicBlockSizes(block_k=128), NotImplementedError),
+    ("T not a multiple of block_q with turns", ((1, 192, 2, 64), (1, 256, 2, 64)),
+     "bfloat16", MosaicBlockSizes(block_k=64), NotImplementedError),
+    ("T not a multiple of a consumer's rows", ((1, 224, 2, 64), (1, 256, 2, 64)),
+     "bfloat16", MosaicBlockSizes(block_q=192, block_k=64, consumers=3, pingpong=False),
+     NotImplementedError),
     ("N % K", ((1, 128, 3, 64), (1, 128, 2, 64)), "bfloat16", None, ValueError),
     ("head dims disagree", ((1, 128, 2, 64), (1, 128, 2, 128)), "bfloat16", None, ValueError),
     ("too much shared memory", ((1, 128, 2, 256), (1, 1024, 2, 256)), "bfloat16",
@@ -159,7 +164,9 @@ def test_refuses_without_a_hopper_gpu():
 @pytest.mark.parametrize("kw", [{"block_q": 64}, {"block_k": 96}, {"block_k": 320},
                                 {"num_stages": 1}, {"consumer_registers": 250},
                                 {"consumer_registers": 256, "producer_registers": 24},
-                                {"consumers": 3}, {"consumers": 4, "block_q": 256},
+                                {"consumers": 5, "block_q": 320, "pingpong": False},
+                                {"consumers": 3, "block_q": 192},
+                                {"consumers": 4, "block_q": 256},
                                 {"consumers": 4, "block_q": 128, "pingpong": False},
                                 {"consumers": 4, "block_q": 256, "pingpong": False,
                                  "consumer_registers": 120}],
@@ -316,6 +323,18 @@ SCHEDULE_CASES = [
                              pingpong=False, overlap_softmax=True, persistent=True)),
     ("persistent, window + segment ids", 256, 512, False, (100, 50), True,
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
+    # Three 64-row consumers (FA-3's H = 64 tile) and T not a multiple of block_q: the last
+    # query tile's lower consumers have no rows and only release its key tiles.
+    ("three consumers + softmax under PV, causal, T < S, last tile 2 of 3 consumers", 320,
+     384, True, None, False,
+     MosaicBlockSizes(block_q=192, block_k=128, num_stages=2, consumers=3, pingpong=False,
+                      overlap_softmax=True)),
+    ("three consumers, window + segment ids, last tile 1 of 3 consumers", 256, 256, False,
+     (100, 50), True,
+     MosaicBlockSizes(block_q=192, block_k=64, num_stages=3, consumers=3, pingpong=False)),
+    ("persistent, causal, four consumers, last tile 1 of 4 consumers", 320, 320, True, None,
+     False, MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4,
+                             pingpong=False, persistent=True)),
 ]
 
 
@@ -420,6 +439,24 @@ GPU_MASKS = [{}, {"window": (300, None)},
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_size_variants_compute_the_same(block_sizes, masks, causal):
     _check(1, 1024, 1024, 4, 2, 128, causal=causal, block_sizes=block_sizes, **masks)
+
+
+@hopper
+@pytest.mark.parametrize("block_sizes", [
+    MosaicBlockSizes(block_q=192, block_k=128, num_stages=4, consumers=3, pingpong=False,
+                     overlap_softmax=True),
+    MosaicBlockSizes(block_q=192, block_k=128, num_stages=3, consumers=3, pingpong=False,
+                     head_major=True),
+    MosaicBlockSizes(block_q=192, block_k=64, num_stages=6, consumers=3, pingpong=False,
+                     persistent=True),
+], ids=_short_id)
+@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_three_consumers_and_a_ragged_last_tile_compute_the_same(block_sizes, masks,
+                                                                     causal):
+    """FA-3's H = 64 tile (three 64-row consumers) on T = 1088 = 5 x 192 + 128: the last
+    query tile's third consumer has no rows."""
+    _check(2, 1088, 1088, 4, 2, 64, causal=causal, block_sizes=block_sizes, **masks)
 
 
 @hopper

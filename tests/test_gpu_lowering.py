@@ -151,7 +151,8 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
 
 @pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers", [
     (True, True, False, 2), (False, False, False, 2), (True, False, False, 2),
-    (False, True, True, 2), (True, False, True, 2), (True, False, False, 4)])
+    (False, True, True, 2), (True, False, True, 2), (True, False, False, 4),
+    (True, False, False, 3)])
 @pytest.mark.parametrize("causal,window,segments", [(True, None, False),
                                                     (False, (64, 64), True)])
 def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, consumers,
@@ -163,7 +164,9 @@ def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, c
     check = mgpu.check_supported  # without its check for a Hopper device: there is none here
     monkeypatch.setattr(mgpu, "check_supported",
                         lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
-    bs = mgpu.MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, pingpong=pingpong,
+    # Three consumers: 192-query tiles, so T = 512 ends in a ragged tile (2 of 3 consumers).
+    bs = mgpu.MosaicBlockSizes(block_q=192 if consumers == 3 else 256, block_k=64,
+                               num_stages=4, pingpong=pingpong,
                                overlap_softmax=overlap_softmax, persistent=persistent,
                                consumers=consumers)
     T = S = 512
