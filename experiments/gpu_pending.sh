@@ -709,6 +709,18 @@ for step in "$@"; do
         --variants "3 consumers ov st,3 consumers np st4" --out "$OUT/three64.json" 2>&1 | grep -v "^wrote" \
         > /tmp/t64.txt
       grep -v "errors" /tmp/t64.txt | tail -50 | tee -a "$L" ;;
+    three14b)
+      # The three-consumer tile as the H = 64 default on rows of > 1024 keys without a right
+      # bound: its GPU tests (fixed S), the default against the old one (four consumers), and
+      # bench_attention's forward rows.
+      L="$OUT/log.txt"
+      gpu_tests 120 test_attention_mgpu.py "three_consumers or gpu_matches"
+      timeout 160 python3 experiments/mgpu_check.py --configs "h32 d64 full" \
+        --variants "4 consumers np-ov bq256 bk64 st4,3 consumers np persistent" \
+        --out "$OUT/three64b.json" 2>&1 | grep -v "^wrote" > /tmp/t64.txt
+      grep -v "errors" /tmp/t64.txt | tail -12 | tee -a "$L"
+      timeout 150 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.

@@ -249,9 +249,11 @@ class MosaicBlockSizes:
                     kv_bytes: int = 0) -> MosaicBlockSizes:
         """The per-shape rule. Launch order: head-major when K and V (kv_bytes, over every
         batch and kv head) do not fit in L2 (GPU_L2_BYTES), else tile-major. H <= 64:
-        256-query tiles of 64-key steps, 4 stages, four 64-row consumers without turns, the
-        softmax under PV when not causal, when T is a multiple of 256 (else 128-query tiles
-        of 128-key steps); H = 128: 128-key tiles, 2 stages (a third stage does not fit next
+        rows of more than SHORT_KV_LEN keys without a right bound take FA-3's tile, three
+        64-row consumers of 128-key steps (192 x 128), 4 stages, the softmax under PV (the
+        last query tile may be short); else 256-query tiles of 64-key steps, 4 stages, four
+        64-row consumers without turns, the softmax under PV when not causal, when T is a
+        multiple of 256 (else 128-query tiles of 128-key steps); H = 128: 128-key tiles, 2 stages (a third stage does not fit next
         to Q), the softmax under the PV product; H = 256:
         64-key tiles so that O (128 registers per thread) and S still fit in a consumer's
         registers. block_k falls back to 64 when S is not a multiple of the preferred tile.
@@ -287,9 +289,17 @@ class MosaicBlockSizes:
         298.7) and 410.2 vs 380.3 at H = 128 (cuDNN 360.6); b4 s4096 h32 d64 causal 396.2 vs
         389.1; b1 s16384 causal 417.4 vs 434.4 (H = 64), 436.8 vs 615.1 (H = 128). So: the
         persistent grid when S <= SHORT_KV_LEN, masked or not (at H = 128 without a mask it
-        tied, 525.4 vs 527.1)."""
+        tied, 525.4 vs 527.1).
+
+        Session 14, FA-3's H = 64 tile (three consumers, 192 x 128, 4 stages, softmax under
+        PV) against the four-consumer default: b1 s16384 h32 full 481.0 vs 440.2 (cuDNN
+        464.7), b4 s4096 h32 full 448.4 vs 430.2 (cuDNN 446.2); but b16 s1024 full 372.7 vs
+        420.2 (persistent), and 3-34% slower on the causal rows."""
         head_major = kv_bytes > GPU_L2_BYTES
         short = kv_len <= SHORT_KV_LEN
+        if head_dim <= 64 and not causal and not short and q_len % 64 == 0 and kv_len % 128 == 0:
+            return cls(block_q=192, block_k=128, num_stages=4, consumers=3, pingpong=False,
+                       overlap_softmax=True, head_major=head_major)
         if head_dim <= 64 and q_len % 256 == 0 and kv_len % 64 == 0:
             return cls(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                        overlap_softmax=not causal, head_major=head_major, persistent=short)

@@ -202,10 +202,10 @@ def test_launch_grid_orders_the_axes():
 
 
 def test_default_block_sizes_fit_the_shapes():
-    for H in (64, 128, 256):
+    for H, causal in itertools.product((64, 128, 256), (False, True)):
         for T, S in itertools.product((128, 256, 384, 4096), (128, 192, 4096)):
-            bs = MosaicBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=True)
-            assert T % bs.block_q == 0 and S % bs.block_k == 0
+            bs = MosaicBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=causal)
+            assert T % (bs.block_q if bs.pingpong else bs.rows) == 0 and S % bs.block_k == 0
             assert bs.smem_bytes(H, 2) <= 227 * 1024
     # H = 64 takes 256-query tiles where T allows (session 7's H100 variants), four 64-row
     # consumers without turns (session 9's); H = 128 the softmax under PV (session 8's)
@@ -216,6 +216,11 @@ def test_default_block_sizes_fit_the_shapes():
     # grid when the rows are short
     full = functools.partial(MosaicBlockSizes.default_for, head_dim=64, causal=False)
     assert full(q_len=2048, kv_len=2048).overlap_softmax
+    # ... in FA-3's 192 x 128 tile of three consumers on rows of more than 1024 keys
+    # (session 14), the last query tile short where T is not a multiple of 192
+    assert (full(q_len=4096, kv_len=4096).block_q, full(q_len=4096, kv_len=4096).consumers,
+            full(q_len=4096, kv_len=4096).block_k) == (192, 3, 128)
+    assert full(q_len=1024, kv_len=1024).consumers == 4
     assert not full(q_len=2048, kv_len=2048).persistent
     assert full(q_len=1024, kv_len=1024).persistent
     # Short rows of either head dim, masked or not, run persistent (snake-order shares)
@@ -456,7 +461,7 @@ def test_gpu_three_consumers_and_a_ragged_last_tile_compute_the_same(block_sizes
                                                                      causal):
     """FA-3's H = 64 tile (three 64-row consumers) on T = 1088 = 5 x 192 + 128: the last
     query tile's third consumer has no rows."""
-    _check(2, 1088, 1088, 4, 2, 64, causal=causal, block_sizes=block_sizes, **masks)
+    _check(2, 1088, 1152, 4, 2, 64, causal=causal, block_sizes=block_sizes, **masks)
 
 
 @hopper
