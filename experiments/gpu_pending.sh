@@ -721,6 +721,10 @@ for step in "$@"; do
       grep -v "errors" /tmp/t64.txt | tail -12 | tee -a "$L"
       timeout 150 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L" ;;
+    three14c)
+      # The three-consumer GPU tests alone (three14b's pytest ran out of time, no failure).
+      L="$OUT/log.txt"
+      gpu_tests 200 test_attention_mgpu.py "three_consumers or (gpu_matches and 64)" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.
