@@ -725,6 +725,19 @@ for step in "$@"; do
       # The three-consumer GPU tests alone (three14b's pytest ran out of time, no failure).
       L="$OUT/log.txt"
       gpu_tests 200 test_attention_mgpu.py "three_consumers or (gpu_matches and 64)" ;;
+    final14)
+      # Session 14's defaults (H = 64: three consumers on long full rows forward; delta in
+      # the dQ kernel with paired products over the L2 backward): the backward's new GPU
+      # tests, the H = 64 backward rows, bench_attention's forward and fwd+bwd rows.
+      L="$OUT/log.txt"
+      gpu_tests 150 test_attention_mgpu_bwd.py "h64_default"
+      timeout 150 python3 experiments/mgpu_bwd_check.py --variants "paired dq st4" \
+        --configs "h32 d64 causal,h32 d64 full" --out "$OUT/bwd64_default.json" 2>&1 \
+        | grep -v "^wrote" | grep -v "errors" | tail -13 | tee -a "$L"
+      timeout 130 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
+      timeout 140 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.

@@ -217,7 +217,10 @@ class MosaicBackwardBlockSizes:
         L2, TFLOP/s with vs without (cuDNN): b1 s16384 full 433 vs 404 (445), causal 416 vs
         392 (420); b4 s4096 full 397 vs 383 (415), causal 361 vs 333 (346); b16 s1024 full
         343 vs 334 (304), causal 249 vs 239 (198). The train step's shape (K + V in L2) keeps
-        them off (session 9: 303 vs 318).
+        them off (session 9: 303 vs 318). Session 14, the same rows: with the paired
+        products, delta computed in the dQ kernel won on all six (+0.7 to +4.4%: b1 s16384
+        full 435 vs 427, causal 431 vs 422; b4 s4096 full 414 vs 411, causal 365 vs 358;
+        b16 s1024 full 359 vs 355, causal 261 vs 250), and by +5% and a tie in session 13.
 
         deterministic=False allows the fused backward (fused_dq: 5 products per step, dQ by
         f32 atomics, so not bitwise deterministic), taken where it measured faster than the
@@ -238,7 +241,8 @@ class MosaicBackwardBlockSizes:
                        head_major=True)
         return cls(block_q_dkv=128 if small else 64, block_k_dq=128,
                    num_stages_dkv=4 if small else 2, num_stages_dq=3 if small else 2,
-                   overlap=not small or over_l2, head_major=over_l2)
+                   overlap=not small or over_l2, head_major=over_l2,
+                   delta_in_dq_kernel=small and over_l2)
 
 
 # ----------------------------------------------------------------------------- shared math

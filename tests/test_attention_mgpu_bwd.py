@@ -240,9 +240,11 @@ def test_interpret_mode_delta_either_way(in_kernel):
     _check(1, 256, 128, 2, 1, 64, causal=True, softcap=3.0, interpret=True, block_sizes=bs)
 
 
-# The H = 64 case also launches head by head (both kernels find their tile by axis name).
+# The H = 64 case is the default's shape where K + V overflow the L2: it also launches head
+# by head (both kernels find their tile by axis name) and computes delta in the dQ kernel.
 OVERLAP_64 = MosaicBackwardBlockSizes(block_q_dkv=128, block_k_dq=128, num_stages_dkv=2,
-                                      num_stages_dq=2, overlap=True, head_major=True)
+                                      num_stages_dq=2, overlap=True, head_major=True,
+                                      delta_in_dq_kernel=True)
 OVERLAP_128 = MosaicBackwardBlockSizes(block_k_dq=128, overlap=True)
 
 
@@ -375,6 +377,22 @@ def test_gpu_head_major_matches_reference_gradients(B, T, S, N, K, H, causal, wi
 
 
 @hopper
+@pytest.mark.parametrize("B,T,S,N,K,H,causal,window,softcap,segments",
+                         [c for c in GPU_CASES if c[5] == 64] + [
+                             (1, 1024, 1024, 4, 2, 64, False, (200, 300), 30.0, True)],
+                         ids=str)
+def test_gpu_h64_default_over_the_l2_matches_reference_gradients(
+        B, T, S, N, K, H, causal, window, softcap, segments, monkeypatch):
+    """The H = 64 default where K + V overflow the L2 (the L2 taken as 0 here): paired
+    products, delta in the dQ kernel, head by head."""
+    monkeypatch.setattr(mgpu_bwd, "GPU_L2_BYTES", 0)
+    bs = MosaicBackwardBlockSizes.default_for(q_len=T, kv_len=S, head_dim=H, causal=causal,
+                                              kv_bytes=1)
+    assert bs.overlap and bs.delta_in_dq_kernel and bs.head_major
+    _check(B, T, S, N, K, H, causal=causal, window=window, softcap=softcap, segments=segments)
+
+
+@hopper
 def test_gpu_deterministic():
     q, k, v, d_out, d_lse = _inputs(1, 1024, 1024, 4, 2, 128, "bfloat16", 3)
     out, lse = flash_attention_reference(q, k, v, causal=True)
@@ -414,11 +432,12 @@ def test_not_deterministic_takes_the_fused_backward_where_it_measured_faster(H, 
 @pytest.mark.parametrize("H,kv_mib,overlap", [(64, 128, True), (64, 32, False),
                                                (128, 32, True), (128, 128, True)])
 def test_paired_products_where_measured_faster(H, kv_mib, overlap):
-    """H = 64 pairs the products only where K + V overflow the L2 (session 13); H = 128
-    always (session 9)."""
+    """H = 64 pairs the products only where K + V overflow the L2 (session 13), and there
+    computes delta in the dQ kernel (session 14); H = 128 pairs them always (session 9)."""
     bs = MosaicBackwardBlockSizes.default_for(q_len=4096, kv_len=4096, head_dim=H,
                                               causal=True, kv_bytes=kv_mib * 2**20)
     assert bs.overlap == overlap and not bs.fused_dq
+    assert bs.delta_in_dq_kernel == (H == 64 and kv_mib > 50)
 
 
 def test_not_deterministic_reaches_the_block_sizes(monkeypatch):
