@@ -738,6 +738,15 @@ for step in "$@"; do
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
       timeout 140 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
+    tail14)
+      # The forward's key tail (S not a multiple of block_k) on the GPU; three consumers of
+      # 64-key steps on the causal H = 64 rows (0.97-0.99x cuDNN in final14).
+      L="$OUT/log.txt"
+      gpu_tests 150 test_attention_mgpu.py "key_tail"
+      timeout 300 python3 experiments/mgpu_check.py --configs "h32 d64 causal,train" \
+        --variants "3 consumers np bk64,3 consumers ov bk64" --out "$OUT/three64c.json" \
+        2>&1 | grep -v "^wrote" > /tmp/t64.txt
+      grep -v "errors" /tmp/t64.txt | tail -17 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.

@@ -224,6 +224,12 @@ VARIANTS = {
         "3 consumers np persistent": MosaicBlockSizes(block_q=192, block_k=128, num_stages=4,
                                                       consumers=3, pingpong=False,
                                                       persistent=True),
+        # ... and on the causal rows, 64-key steps as the four-consumer default there (its
+        # diagonal tiles mask half as many scores as 128-key ones) with 160 registers.
+        "3 consumers np bk64 st4": MosaicBlockSizes(block_q=192, block_k=64, num_stages=4,
+                                                    consumers=3, pingpong=False),
+        "3 consumers np bk64 st6": MosaicBlockSizes(block_q=192, block_k=64, num_stages=6,
+                                                    consumers=3, pingpong=False),
     },
 }
 TIMING = {"min_time": 0.2, "samples": 7}  # median of 7 batches of back-to-back calls

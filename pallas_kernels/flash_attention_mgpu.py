@@ -4,8 +4,9 @@ Same contract as the Triton-backend kernel in `flash_attention.py`, for the subs
 this kernel takes (anything else raises NotImplementedError before any GPU work):
 
     q [B, T, N, H]   k, v [B, S, K, H]   N % K == 0, query head n reads kv head n // G, G = N // K
-    dtype bfloat16 or float16; H in (64, 128, 256); S a multiple of block_k; T a multiple
-    of block_q (with turns) or of a consumer's rows, block_q / consumers (without).
+    dtype bfloat16 or float16; H in (64, 128, 256); S a multiple of 8, at least block_k; T
+    a multiple of block_q (with turns) or of a consumer's rows, block_q / consumers
+    (without).
     returns out [B, T, N, H] (q's dtype) and lse [B, N, T] float32, natural log.
 
 Masks (the `fastattn.attention` contract; `flash_attention.MaskSpec` describes them for both
@@ -148,7 +149,11 @@ class MosaicBlockSizes:
     block_q: query rows per CTA, split evenly over the consumer warpgroups; each one's share
         (block_q / consumers) is 64 or 128 (one wgmma's M, or two).
     block_k: keys per pipeline stage: the N of S = Q K^T and the contraction of P V.
-        A multiple of 64, at most 256 (one TMA box).
+        A multiple of 64 in [64, 256]: one TMA box, and Mosaic's wgmma takes contractions
+        in steps of the 128-byte swizzle's 64 elements (FA-3's 176-key tiles at H = 128
+        are out of reach: "K must be a multiple of 64"). S need not be a multiple of it:
+        the last key tile then starts at S - block_k and hides the keys the tile before it
+        had (_Static.key_tail); S must be at least block_k and a multiple of 8.
     num_stages: K/V stages in shared memory (>= 2), i.e. how many key tiles the producer
         may run ahead of the slower consumer.
     consumers: consumer warpgroups per CTA, 2, 3 or 4 (3 and 4 need pingpong=False: the
@@ -366,7 +371,25 @@ class _Static:
 
     @property
     def num_kv_tiles(self) -> int:
-        return self.kv_len // self.block_sizes.block_k
+        return pl.cdiv(self.kv_len, self.block_sizes.block_k)
+
+    @property
+    def key_tail(self) -> bool:
+        """S is not a multiple of the forward's block_k: the last key tile is loaded from
+        S - block_k, over the end of the one before, and hides the keys that one had."""
+        return self.kv_len % self.block_sizes.block_k != 0
+
+    def kv_tile_start(self, j):
+        """First key row of key tile j as loaded (see key_tail)."""
+        bk = self.block_sizes.block_k
+        if not self.key_tail:
+            return j * bk
+        return jnp.minimum(j * bk, self.kv_len - bk)
+
+    @property
+    def some_tile_masked(self) -> bool:
+        """The forward masks some tile: a mask, or a key tail."""
+        return self.masked or self.key_tail
 
     @property
     def num_q_tiles(self) -> int:
@@ -425,7 +448,7 @@ def _kv_tiles(cta_start, wg, st: _Static):
     that every consumer runs the same protocol. wg: traced (a consumer) or an int (the
     producer)."""
     nk = st.num_kv_tiles
-    if not st.masked:
+    if not st.some_tile_masked:
         return 0, 0, nk, nk
     bs = st.block_sizes
     ranges = functools.partial(_q_tile_ranges, q_len=st.q_len, kv_len=st.kv_len,
@@ -567,16 +590,22 @@ def _consumer_rows(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
 
     def visible(j):
-        """[rows, bk] bool: query q_start + r sees key j * bk + c (see MaskSpec)."""
+        """[rows, bk] bool: query q_start + r sees key kv_tile_start(j) + c (see MaskSpec;
+        the key tail hides the keys below j * bk)."""
         mask = st.mask
         ok = None
+        first_key = st.kv_tile_start(j)
+        if st.key_tail:
+            c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
+            ok = c >= j * bk - first_key
         if mask.lo is not None or mask.hi is not None:
             r = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 0))
             c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
-            # key j*bk + c minus the diagonal of query q_start + r is (c - r) - base
-            base = q_start + st.offset - j * bk
+            # key first_key + c minus the diagonal of query q_start + r is (c - r) - base
+            base = q_start + st.offset - first_key
             if mask.hi is not None:
-                ok = c - r <= base + mask.hi
+                below = c - r <= base + mask.hi
+                ok = below if ok is None else ok & below
             if mask.lo is not None:
                 inside = c - r >= base + mask.lo
                 ok = inside if ok is None else ok & inside
@@ -746,10 +775,10 @@ def _consumer_rows(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
 
     # Step lo has no PV product before it; it is masked whenever anything is (harmless on
     # a tile that every row sees in full, and it saves a second copy of the step).
-    carry = step(lo, (acc, m, l, None), masked=st.masked)
+    carry = step(lo, (acc, m, l, None), masked=st.some_tile_masked)
     unmasked_step = functools.partial(step, masked=False)
     masked_step = functools.partial(step, masked=True)
-    if not st.masked:
+    if not st.some_tile_masked:
         carry = lax.fori_loop(lo + 1, end, unmasked_step, carry)
     elif st.has_segments:  # no tile is known to be seen in full
         carry = lax.fori_loop(lo + 1, end, masked_step, carry)
@@ -849,7 +878,7 @@ def _producer(gm: _Gmem, sm: _Smem, *, st: _Static, num_q_tiles: int, ctas: int 
 
         def load(t, carry):
             r = ring + t - lo
-            s, keys = lax.rem(r, depth), pl.ds(t * bk, bk)
+            s, keys = lax.rem(r, depth), pl.ds(st.kv_tile_start(t), bk)
             refill = r >= depth  # the first lap of the ring finds every stage free
             pl.when(refill)(functools.partial(await_release, r, sm.k_free))
             plgpu.copy_gmem_to_smem(gm.k.at[batch, keys, kv_head], sm.k.at[s],
@@ -1031,13 +1060,15 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
     bs = block_sizes or MosaicBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
         kv_bytes=kv_bytes(k, v))
-    # Without turns a last query tile may end early, at a consumer's boundary.
+    # Without turns a last query tile may end early, at a consumer's boundary; a last key
+    # tile may overlap the one before it.
+    # Mosaic's TMA copies of swizzled tiles take arrays of whole 8-row tiles.
     q_tile = bs.block_q if bs.pingpong else bs.rows
-    if T % q_tile or S % bs.block_k:
+    if T % q_tile or S < bs.block_k or S % 8:
         raise NotImplementedError(
             f"the Mosaic GPU flash attention kernel needs T a multiple of {q_tile} (block_q="
             f"{bs.block_q}, {bs.consumers} consumers, pingpong={bs.pingpong}) and S a "
-            f"multiple of block_k={bs.block_k}, got T={T}, S={S} (no ragged tiles yet); use "
+            f"multiple of 8 of at least block_k={bs.block_k}, got T={T}, S={S}; use "
             "implementation='pallas'")
     need = bs.smem_bytes(H, jnp.dtype(q.dtype).itemsize, segments=segment_ids is not None)
     if need > SMEM_BUDGET:

@@ -90,9 +90,11 @@ UNSUPPORTED = [
     ("head dim 96", ((1, 128, 2, 96), (1, 128, 2, 96)), "bfloat16", None, NotImplementedError),
     ("T not a tile multiple", ((1, 100, 2, 64), (1, 128, 2, 64)), "bfloat16", None,
      NotImplementedError),
-    ("S not a tile multiple", ((1, 128, 2, 64), (1, 96, 2, 64)), "bfloat16", None,
+    ("S shorter than the default key tile", ((1, 128, 2, 64), (1, 96, 2, 64)), "bfloat16", None,
      NotImplementedError),
-    ("S not a multiple of block_k", ((1, 128, 2, 64), (1, 192, 2, 64)), "bfloat16",
+    ("S shorter than block_k", ((1, 128, 2, 64), (1, 64, 2, 64)), "bfloat16",
+     MosaicBlockSizes(block_k=128), NotImplementedError),
+    ("S not a multiple of 8", ((1, 128, 2, 64), (1, 300, 2, 64)), "bfloat16",
      MosaicBlockSizes(block_k=128), NotImplementedError),
     ("T not a multiple of block_q with turns", ((1, 192, 2, 64), (1, 256, 2, 64)),
      "bfloat16", MosaicBlockSizes(block_k=64), NotImplementedError),
@@ -340,6 +342,12 @@ SCHEDULE_CASES = [
     ("persistent, causal, four consumers, last tile 1 of 4 consumers", 320, 320, True, None,
      False, MosaicBlockSizes(block_q=256, block_k=64, num_stages=3, consumers=4,
                              pingpong=False, persistent=True)),
+    # S not a multiple of block_k: the last key tile starts at S - block_k and hides the
+    # keys of the tile before it.
+    ("key tail: S = 400, 128-key tiles, window + segment ids", 256, 400, False,
+     (150, 60), True, MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)),
+    ("key tail, causal, T < S, turns + softmax under PV", 256, 320, True, None, False,
+     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)),
 ]
 
 
@@ -462,6 +470,16 @@ def test_gpu_three_consumers_and_a_ragged_last_tile_compute_the_same(block_sizes
     """FA-3's H = 64 tile (three 64-row consumers) on T = 1088 = 5 x 192 + 128: the last
     query tile's third consumer has no rows."""
     _check(2, 1088, 1152, 4, 2, 64, causal=causal, block_sizes=block_sizes, **masks)
+
+
+@hopper
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_key_tail_computes_the_same(H, masks, causal):
+    """S = 1000, not a multiple of the default 128-key tile: the last tile is loaded from
+    S - 128 and hides the 24 keys of the tile before it."""
+    _check(1, 1024, 1000, 4, 2, H, causal=causal, **masks)
 
 
 @hopper

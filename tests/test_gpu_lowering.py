@@ -149,6 +149,19 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
     lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, k)
 
 
+def test_mosaic_forward_key_tail_lowers(monkeypatch):
+    """S = 520, not a multiple of the 128-key tiles: the last key tile starts at S - 128."""
+    from pallas_kernels import flash_attention_mgpu as mgpu
+
+    check = mgpu.check_supported
+    monkeypatch.setattr(mgpu, "check_supported",
+                        lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
+    bs = mgpu.MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)
+    q, k = zeros(1, 512, 4, 128), zeros(1, 520, 2, 128)
+    lowers_for_cuda(lambda q, k, v: mgpu.flash_attention_mgpu(
+        q, k, v, causal=False, block_sizes=bs)[0], q, k, k)
+
+
 @pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers", [
     (True, True, False, 2), (False, False, False, 2), (True, False, False, 2),
     (False, True, True, 2), (True, False, True, 2), (True, False, False, 4),
