@@ -747,6 +747,15 @@ for step in "$@"; do
         --variants "3 consumers np bk64,3 consumers ov bk64" --out "$OUT/three64c.json" \
         2>&1 | grep -v "^wrote" > /tmp/t64.txt
       grep -v "errors" /tmp/t64.txt | tail -17 | tee -a "$L" ;;
+    bk192)
+      # 192-key tiles at H = 128 (lse from registers so that two stages fit next to Q; key
+      # tails on every row): its GPU tests, then the H = 128 rows against the default.
+      L="$OUT/log.txt"
+      gpu_tests 120 test_attention_mgpu.py "variants and lse-reg"
+      timeout 300 python3 experiments/mgpu_check.py --configs "d128" \
+        --variants "lse-reg,bk192" --out "$OUT/bk192.json" 2>&1 | grep -v "^wrote" \
+        > /tmp/b192.txt
+      grep -v "errors" /tmp/b192.txt | tail -25 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.

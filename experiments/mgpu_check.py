@@ -108,6 +108,14 @@ VARIANTS = {
         "head-major persistent": MosaicBlockSizes(block_k=128, num_stages=2,
                                                   overlap_softmax=True, persistent=True,
                                                   head_major=True),
+        # Session 14: 192-key tiles (FA-3 takes 176 on rows without a right bound; Mosaic's
+        # wgmma takes contractions in steps of 64), two stages next to Q with the lse rows
+        # stored from registers; T = 1024, 4096 and 16384 end in a key tail.
+        "lse-reg": MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True,
+                                    lse_through_smem=False),
+        "bk192 ov lse-reg": MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True,
+                                             lse_through_smem=False),
+        "bk192 lse-reg": MosaicBlockSizes(block_k=192, num_stages=2, lse_through_smem=False),
     },
     # Around the session 7 default (256-query tiles of 64-key steps, 4 stages, turns, no
     # overlap), then around the session 8 one (the same tiles, no turns, overlap). Neither

@@ -111,10 +111,12 @@ WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of thi
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SHORT_KV_LEN = 1024  # at most this many keys: rows at H <= 128 go persistent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-# Hopper: 227 KiB of shared memory per block. Keep 4 KiB for the barriers and Mosaic's
-# alignment padding: 3 stages of 128-key tiles at H = 128 next to Q count 224.5 KiB here and
-# came to 232624 bytes in Mosaic, 176 over the 232448 limit (session 10).
-SMEM_BUDGET = 227 * 1024 - 4 * 1024
+# Hopper: 227 KiB of shared memory per block. Keep 3 KiB for the barriers and Mosaic's
+# alignment padding: 3 stages of 128-key tiles at H = 128 next to Q and the lse rows count
+# 229888 bytes here (over this budget) and came to 232624 in Mosaic, 176 over the 232448
+# limit (session 10); without the lse rows (MosaicBlockSizes.lse_through_smem) they count
+# 229376, this budget exactly, and compiled (session 12).
+SMEM_BUDGET = 227 * 1024 - 3 * 1024
 
 
 def launch_registers(warpgroups: int) -> int:
@@ -192,6 +194,9 @@ class MosaicBlockSizes:
         d128, 128 MB of K/V read 8 times, ~1 GB against the kernel's ~330 us). Where K/V
         fits in L2 anyway, tile-major's order (every head's shortest causal tiles last)
         leaves the smaller tail. default_for picks by the K/V size.
+    lse_through_smem: the lse rows go out by TMA from a shared-memory buffer, like O.
+        False: stored straight from registers, which frees block_q * 4 bytes: what two
+        192-key stages (or three 128-key ones) need at H = 128 next to Q.
     """
 
     block_q: int = 128
@@ -204,6 +209,7 @@ class MosaicBlockSizes:
     overlap_softmax: bool = False
     persistent: bool = False
     head_major: bool = False
+    lse_through_smem: bool = True
 
     def __post_init__(self):
         if self.consumers not in (2, 3, 4):
@@ -242,12 +248,14 @@ class MosaicBlockSizes:
         return self.block_q // self.consumers
 
     def smem_bytes(self, head_dim: int, itemsize: int, *, segments: bool = False) -> int:
-        """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (and with
-        segment ids, the int32 ids of the query rows and of each K stage)."""
+        """Shared memory of one CTA: Q/O tiles, K/V stages and the lse rows (unless
+        stored from registers; and with segment ids, the int32 ids of the query rows and of
+        each K stage)."""
         qo = self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_k * head_dim * itemsize
+        lse = self.block_q * 4 if self.lse_through_smem else 0
         ids = (self.block_q + self.num_stages * self.block_k) * 4 if segments else 0
-        return qo + kv + self.block_q * 4 + ids
+        return qo + kv + lse + ids
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
@@ -847,10 +855,15 @@ def _consumer_rows(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     if st.some_row_empty:
         lse = jnp.where(seen, lse, -jnp.inf)
     q_tile[...] = out.astype(dtype)  # Q is dead: its tile stages O for the TMA store
-    sm.lse.at[wg][...] = lse
+    lse_out = gm.lse.at[batch, head, pl.ds(q_start, rows)]
+    if bs.lse_through_smem:
+        sm.lse.at[wg][...] = lse
+    else:
+        lse_out[...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, gm.out.at[batch, pl.ds(q_start, rows), head])
-    plgpu.copy_smem_to_gmem(sm.lse.at[wg], gm.lse.at[batch, head, pl.ds(q_start, rows)])
+    if bs.lse_through_smem:
+        plgpu.copy_smem_to_gmem(sm.lse.at[wg], lse_out)
     # The next tile's Q goes where this O is: wait until the store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -927,7 +940,6 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
         "qo": plgpu.SMEM((bs.consumers, bs.rows, st.head_dim), dtype, transforms=tiled),
         "k": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
         "v": plgpu.SMEM((bs.num_stages, bs.block_k, st.head_dim), dtype, transforms=tiled),
-        "lse": plgpu.SMEM((bs.consumers, bs.rows), jnp.float32),
         "q_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.consumers),
         "k_ready": plgpu.Barrier(num_arrivals=arrivals, num_barriers=bs.num_stages),
         "v_ready": plgpu.Barrier(num_barriers=bs.num_stages),
@@ -936,12 +948,14 @@ def _flash_fwd_mgpu_kernel(*refs, st: _Static, num_q_tiles: int, ctas: int | Non
         "v_free": plgpu.Barrier(num_barriers=bs.consumers * bs.num_stages),
         "turn": plgpu.Barrier(num_barriers=2),  # pingpong: one per consumer of the pair
     }
+    if bs.lse_through_smem:
+        scratch["lse"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.float32)
     if st.has_segments:
         scratch["q_seg"] = plgpu.SMEM((bs.consumers, bs.rows), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((bs.num_stages, bs.block_k), jnp.int32)
 
     def body(**buffers):
-        sm = _Smem(**{"q_seg": None, "kv_seg": None, **buffers})
+        sm = _Smem(**{"q_seg": None, "kv_seg": None, "lse": None, **buffers})
         wg = lax.axis_index("wg")
 
         @pl.when(wg < bs.consumers)

@@ -346,8 +346,10 @@ SCHEDULE_CASES = [
     # keys of the tile before it.
     ("key tail: S = 400, 128-key tiles, window + segment ids", 256, 400, False,
      (150, 60), True, MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)),
-    ("key tail, causal, T < S, turns + softmax under PV", 256, 320, True, None, False,
-     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)),
+    ("key tail of 192-key tiles, causal, T < S, turns + softmax under PV, lse from "
+     "registers", 256, 320, True, None, False,
+     MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True,
+                      lse_through_smem=False)),
 ]
 
 
@@ -421,7 +423,8 @@ def _short_id(bs: MosaicBlockSizes) -> str:
     """A test id pytest -k can select on: q128-k64-s4-c2-r240-24, then pp (turns), ov
     (softmax under PV), persistent, hm (head-major launch)."""
     flags = [name for name, on in (("pp", bs.pingpong), ("ov", bs.overlap_softmax),
-                                   ("persistent", bs.persistent), ("hm", bs.head_major))
+                                   ("persistent", bs.persistent), ("hm", bs.head_major),
+                                   ("lse-reg", not bs.lse_through_smem))
              if on]
     return "-".join([f"q{bs.block_q}", f"k{bs.block_k}", f"s{bs.num_stages}",
                      f"c{bs.consumers}", f"r{bs.consumer_registers}-{bs.producer_registers}",
@@ -447,6 +450,9 @@ GPU_MASKS = [{}, {"window": (300, None)},
     MosaicBlockSizes(block_q=256, block_k=64, num_stages=4, consumers=4, pingpong=False,
                      head_major=True),
     MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True, head_major=True),
+    # 192-key tiles (so T = S = 1024 ends in a key tail), which fit next to Q at H = 128
+    # only with the lse rows stored from registers
+    MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True, lse_through_smem=False),
 ], ids=_short_id)
 @pytest.mark.parametrize("masks", GPU_MASKS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])

@@ -150,16 +150,19 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
 
 
 def test_mosaic_forward_key_tail_lowers(monkeypatch):
-    """S = 520, not a multiple of the 128-key tiles: the last key tile starts at S - 128."""
+    """S = 520, not a multiple of the 128- or 192-key tiles: the last key tile starts at
+    S - block_k (192-key tiles fit at H = 128 with the lse rows stored from registers)."""
     from pallas_kernels import flash_attention_mgpu as mgpu
 
     check = mgpu.check_supported
     monkeypatch.setattr(mgpu, "check_supported",
                         lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
-    bs = mgpu.MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)
     q, k = zeros(1, 512, 4, 128), zeros(1, 520, 2, 128)
-    lowers_for_cuda(lambda q, k, v: mgpu.flash_attention_mgpu(
-        q, k, v, causal=False, block_sizes=bs)[0], q, k, k)
+    for bs in (mgpu.MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
+               mgpu.MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True,
+                                     lse_through_smem=False)):
+        lowers_for_cuda(lambda q, k, v: mgpu.flash_attention_mgpu(
+            q, k, v, causal=False, block_sizes=bs)[0], q, k, k)
 
 
 @pytest.mark.parametrize("overlap_softmax,pingpong,persistent,consumers", [
