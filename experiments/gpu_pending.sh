@@ -756,10 +756,16 @@ for step in "$@"; do
         --variants "lse-reg,bk192" --out "$OUT/bk192.json" 2>&1 | grep -v "^wrote" \
         > /tmp/b192.txt
       grep -v "errors" /tmp/b192.txt | tail -25 | tee -a "$L" ;;
-    bk192b)
-      # Which mask makes the 192-key tile fail (bk192: window (200, 100) + softcap +
-      # segment ids failed, with and without a right bound's causal).
-      timeout 200 python3 -m experiments.bk192_debug 2>&1 | grep -v Warning | tail -12 ;;
+    bk192c)
+      # bk192 led on b1 s16384 d128 full only (646.2 vs 627.5, lse-reg 639.1): twice more,
+      # each its own process.
+      L="$OUT/log.txt"
+      for pass in 1 2; do
+        timeout 120 python3 experiments/mgpu_check.py --configs "b1 s16384 h16 d128 full" \
+          --variants "lse-reg,bk192" --out "$OUT/bk192_pass$pass.json" 2>&1 \
+          | grep -v "^wrote" > /tmp/b192.txt
+        grep -v "errors" /tmp/b192.txt | tail -6 | tee -a "$L"
+      done ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.
