@@ -766,6 +766,16 @@ for step in "$@"; do
           | grep -v "^wrote" > /tmp/b192.txt
         grep -v "errors" /tmp/b192.txt | tail -6 | tee -a "$L"
       done ;;
+    final14b)
+      # 192-key tiles as the default on H = 128 rows of >= 16384 keys without a right bound:
+      # the 192-key GPU variant tests (segment ids: our ValueError), bench_attention's
+      # forward and fwd+bwd rows.
+      L="$OUT/log.txt"
+      gpu_tests 100 test_attention_mgpu.py "variants and k192"
+      timeout 130 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
+      timeout 140 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.

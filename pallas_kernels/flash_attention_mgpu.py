@@ -110,6 +110,8 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and so per CTA: one CTA pe
 WGMMA_M = 64  # rows of one wgmma instruction: a consumer owns a multiple of this
 INTERPRET_SMS = 3  # the persistent grid's CTAs in interpret mode: several tiles each
 SHORT_KV_LEN = 1024  # at most this many keys: rows at H <= 128 go persistent
+LONG_KV_LEN = 16384  # at least this many keys: rows at H = 128 without a right bound take
+# 192-key tiles (MosaicBlockSizes.default_for)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Hopper: 227 KiB of shared memory per block. Keep 3 KiB for the barriers and Mosaic's
 # alignment padding: 3 stages of 128-key tiles at H = 128 next to Q and the lse rows count
@@ -259,7 +261,7 @@ class MosaicBlockSizes:
 
     @classmethod
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
-                    kv_bytes: int = 0) -> MosaicBlockSizes:
+                    kv_bytes: int = 0, segments: bool = False) -> MosaicBlockSizes:
         """The per-shape rule. Launch order: head-major when K and V (kv_bytes, over every
         batch and kv head) do not fit in L2 (GPU_L2_BYTES), else tile-major. H <= 64:
         rows of more than SHORT_KV_LEN keys without a right bound take FA-3's tile, three
@@ -307,7 +309,12 @@ class MosaicBlockSizes:
         Session 14, FA-3's H = 64 tile (three consumers, 192 x 128, 4 stages, softmax under
         PV) against the four-consumer default: b1 s16384 h32 full 481.0 vs 440.2 (cuDNN
         464.7), b4 s4096 h32 full 448.4 vs 430.2 (cuDNN 446.2); but b16 s1024 full 372.7 vs
-        420.2 (persistent), and 3-34% slower on the causal rows."""
+        420.2 (persistent), and 3-34% slower on the causal rows. At H = 128, 192-key tiles
+        (two stages next to Q with the lse rows stored from registers; a key tail where S is
+        not a multiple of 192) on b1 s16384 h16 full, three calls: 639.1, 651.8, 616.4 vs
+        627.5, 618.6, 616.3 for the default (+2.4% on average); on b4 s4096 full 588.6 vs
+        615.4 and 14-60% slower on causal and short rows (one call). So on rows of at least
+        LONG_KV_LEN keys without a right bound or segment ids (whose ids would not fit)."""
         head_major = kv_bytes > GPU_L2_BYTES
         short = kv_len <= SHORT_KV_LEN
         if head_dim <= 64 and not causal and not short and q_len % 64 == 0 and kv_len % 128 == 0:
@@ -318,6 +325,9 @@ class MosaicBlockSizes:
                        overlap_softmax=not causal, head_major=head_major, persistent=short)
         if head_dim <= 64:
             base = cls(block_k=128, num_stages=4, head_major=head_major)
+        elif head_dim <= 128 and not causal and not segments and kv_len >= LONG_KV_LEN:
+            return cls(block_k=192, num_stages=2, overlap_softmax=True, lse_through_smem=False,
+                       head_major=head_major)
         elif head_dim <= 128:
             base = cls(block_k=128, num_stages=2, overlap_softmax=True, head_major=head_major,
                        persistent=short)
@@ -1073,7 +1083,7 @@ def check_supported(q, k, v, *, causal: bool, segment_ids=None, window=None, sof
             f"got {H}; use implementation='pallas'")
     bs = block_sizes or MosaicBlockSizes.default_for(
         q_len=T, kv_len=S, head_dim=H, causal=causal or window is not None,
-        kv_bytes=kv_bytes(k, v))
+        kv_bytes=kv_bytes(k, v), segments=segment_ids is not None)
     # Without turns a last query tile may end early, at a consumer's boundary; a last key
     # tile may overlap the one before it.
     # Mosaic's TMA copies of swizzled tiles take arrays of whole 8-row tiles.

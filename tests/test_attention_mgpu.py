@@ -224,6 +224,13 @@ def test_default_block_sizes_fit_the_shapes():
     assert (full(q_len=4096, kv_len=4096).block_q, full(q_len=4096, kv_len=4096).consumers,
             full(q_len=4096, kv_len=4096).block_k) == (192, 3, 128)
     assert full(q_len=1024, kv_len=1024).consumers == 4
+    # H = 128 rows of at least 16384 keys without a right bound: 192-key tiles, lse from
+    # registers (session 14); not with segment ids, whose ids would not fit next to them
+    long = functools.partial(MosaicBlockSizes.default_for, q_len=16384, kv_len=16384,
+                             head_dim=128)
+    assert (long(causal=False).block_k, long(causal=False).lse_through_smem) == (192, False)
+    assert long(causal=True).block_k == long(causal=False, segments=True).block_k == 128
+    assert long(causal=False).smem_bytes(128, 2) <= SMEM_BUDGET
     assert not full(q_len=2048, kv_len=2048).persistent
     assert full(q_len=1024, kv_len=1024).persistent
     # Short rows of either head dim, masked or not, run persistent (snake-order shares)
