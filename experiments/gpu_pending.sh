@@ -776,6 +776,18 @@ for step in "$@"; do
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L"
       timeout 140 python3 experiments/bench_attention.py --only bwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwdbwd.json" 2>&1 | grep -v "^wrote" | tail -9 | tee -a "$L" ;;
+    bk192d)
+      # The new H = 128 long-row default (192-key tiles) against the old one (128-key tiles,
+      # head-major) and lse-reg, three processes; then bench_attention's forward rows again.
+      L="$OUT/log.txt"
+      for pass in 1 2 3; do
+        timeout 100 python3 experiments/mgpu_check.py --configs "b1 s16384 h16 d128 full" \
+          --variants "head-major,lse-reg" --out "$OUT/bk192d_pass$pass.json" 2>&1 \
+          | grep -v "^wrote" > /tmp/b192.txt
+        grep -v "errors" /tmp/b192.txt | tail -5 | tee -a "$L"
+      done
+      timeout 130 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
+        --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.
