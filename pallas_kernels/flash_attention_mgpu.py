@@ -313,7 +313,9 @@ class MosaicBlockSizes:
         (two stages next to Q with the lse rows stored from registers; a key tail where S is
         not a multiple of 192) on b1 s16384 h16 full, three calls: 639.1, 651.8, 616.4 vs
         627.5, 618.6, 616.3 for the default (+2.4% on average); on b4 s4096 full 588.6 vs
-        615.4 and 14-60% slower on causal and short rows (one call). So on rows of at least
+        615.4 and 14-60% slower on causal and short rows (one call); as the default, six
+        timings over three more processes averaged 645.0 against 618.1 for the 128-key
+        tile (+4.4%). So on rows of at least
         LONG_KV_LEN keys without a right bound or segment ids (whose ids would not fit)."""
         head_major = kv_bytes > GPU_L2_BYTES
         short = kv_len <= SHORT_KV_LEN
