@@ -70,7 +70,6 @@ from pallas_kernels.flash_attention import _k_tile_ranges, _q_tile_ranges
 from pallas_kernels.flash_attention_mgpu import (
     LOG2E,
     NUM_CONSUMERS,
-    SMEM_BUDGET,
     WGMMA_M,
     _kernel_call,
     _Static,  # the forward's: block_sizes holds a MosaicBackwardBlockSizes here
@@ -84,6 +83,10 @@ from pallas_kernels.flash_attention_mgpu import (
 from pallas_kernels._common import GPU_L2_BYTES, check_bool, check_scalar_options
 
 SUPPORTED_HEAD_DIMS = (64, 128)
+# Hopper's 227 KiB of shared memory per block, less 4 KiB for the barriers and Mosaic's own
+# use: the budget every backward tile was checked against (sessions 6-13). The forward's
+# SMEM_BUDGET is 1 KiB looser, measured for its own kernel (session 12).
+SMEM_BUDGET = 227 * 1024 - 4 * 1024
 # deterministic=False at H = 128: the fused backward on rows without a right bound from this
 # many keys on (where K/V overflow the L2).
 FUSED_MIN_KV_LEN = 4096
