@@ -55,7 +55,8 @@ Structure of one CTA (FlashAttention-3, Shah et al. 2024, sections 3.1-3.2):
         The per-shape defaults pick these from H100 measurements (default_for).
 
     shared memory: Q/O [C, block_q/C, H], K and V [num_stages, block_k, H] (128-byte
-        swizzle, the layout wgmma reads), lse [C, block_q/C] f32; with segment ids also
+        swizzle, the layout wgmma reads), lse [C, block_q/C] f32 (unless stored from
+        registers: MosaicBlockSizes.lse_through_smem); with segment ids also
         q ids [C, block_q/C] and kv ids [num_stages, block_k] int32.
 
 Block skipping: the CTA visits key tiles [lo, end) with step index j the absolute tile index
