@@ -340,11 +340,11 @@ SCHEDULE_CASES = [
      MosaicBlockSizes(block_k=64, num_stages=2, persistent=True)),
     # Three 64-row consumers (FA-3's H = 64 tile) and T not a multiple of block_q: the last
     # query tile's lower consumers have no rows and only release its key tiles.
-    ("three consumers + softmax under PV, causal, T < S, last tile 2 of 3 consumers", 320,
-     384, True, None, False,
+    ("three consumers + softmax under PV, causal, T > S, last tile 2 of 3 consumers", 320,
+     256, True, None, False,
      MosaicBlockSizes(block_q=192, block_k=128, num_stages=2, consumers=3, pingpong=False,
                       overlap_softmax=True)),
-    ("three consumers, window + segment ids, last tile 1 of 3 consumers", 256, 256, False,
+    ("three consumers, window + segment ids, one tile of 1 of 3 consumers", 64, 256, False,
      (100, 50), True,
      MosaicBlockSizes(block_q=192, block_k=64, num_stages=3, consumers=3, pingpong=False)),
     ("persistent, causal, four consumers, last tile 1 of 4 consumers", 320, 320, True, None,
@@ -352,10 +352,10 @@ SCHEDULE_CASES = [
                              pingpong=False, persistent=True)),
     # S not a multiple of block_k: the last key tile starts at S - block_k and hides the
     # keys of the tile before it.
-    ("key tail: S = 400, 128-key tiles, window + segment ids", 256, 400, False,
+    ("key tail: S = 400, 128-key tiles, window + segment ids", 128, 400, False,
      (150, 60), True, MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True)),
     ("key tail of 192-key tiles, causal, T < S, turns + softmax under PV, lse from "
-     "registers", 256, 320, True, None, False,
+     "registers", 128, 320, True, None, False,
      MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True,
                       lse_through_smem=False)),
 ]
