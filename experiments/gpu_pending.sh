@@ -788,6 +788,10 @@ for step in "$@"; do
       done
       timeout 130 python3 experiments/bench_attention.py --only fwd --impls cudnn,fastattn \
         --out "$OUT/attention_fwd.json" 2>&1 | grep -v "^wrote" | tail -15 | tee -a "$L" ;;
+    tests14)
+      # The forward's default-path GPU tests on the session's final defaults.
+      L="$OUT/log.txt"
+      gpu_tests 330 test_attention_mgpu.py "gpu_matches or gpu_masks or gpu_every" ;;
     paired14)
       # Session 14: delta in the dQ kernel with paired products (+5% and a tie on two rows in
       # paired13) on the other H = 64 rows over the L2, and the two rows again.
