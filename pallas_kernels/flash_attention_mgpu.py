@@ -264,15 +264,18 @@ class MosaicBlockSizes:
     def default_for(cls, *, q_len: int, kv_len: int, head_dim: int, causal: bool,
                     kv_bytes: int = 0, segments: bool = False) -> MosaicBlockSizes:
         """The per-shape rule. Launch order: head-major when K and V (kv_bytes, over every
-        batch and kv head) do not fit in L2 (GPU_L2_BYTES), else tile-major. H <= 64:
-        rows of more than SHORT_KV_LEN keys without a right bound take FA-3's tile, three
-        64-row consumers of 128-key steps (192 x 128), 4 stages, the softmax under PV (the
-        last query tile may be short); else 256-query tiles of 64-key steps, 4 stages, four
-        64-row consumers without turns, the softmax under PV when not causal, when T is a
-        multiple of 256 (else 128-query tiles of 128-key steps); H = 128: 128-key tiles, 2 stages (a third stage does not fit next
-        to Q), the softmax under the PV product; H = 256:
-        64-key tiles so that O (128 registers per thread) and S still fit in a consumer's
-        registers. block_k falls back to 64 when S is not a multiple of the preferred tile.
+        batch and kv head) do not fit in L2 (GPU_L2_BYTES), else tile-major.
+        H <= 64: rows of more than SHORT_KV_LEN keys without a right bound take FA-3's
+        tile, three 64-row consumers of 128-key steps (192 x 128), 4 stages, the softmax
+        under PV (the last query tile may be short); else 256-query tiles of 64-key steps,
+        4 stages, four 64-row consumers without turns, the softmax under PV when not causal,
+        when T is a multiple of 256 (else 128-query tiles of 128-key steps).
+        H = 128: 128-key tiles, 2 stages (a third stage does not fit next to Q), the softmax
+        under the PV product; on rows of at least LONG_KV_LEN keys without a right bound or
+        segment ids, 192-key tiles with the lse rows stored from registers.
+        H = 256: 64-key tiles so that O (128 registers per thread) and S still fit in a
+        consumer's registers. block_k falls back to 64 when S is not a multiple of the
+        preferred tile.
 
         On an H100 (experiments/mgpu_check.py, jax 0.11.2): at H = 128 64-key tiles with 4
         stages were 10-20% slower and block_q = 256 30-40% slower; at H = 64 the 256-query
@@ -316,8 +319,8 @@ class MosaicBlockSizes:
         627.5, 618.6, 616.3 for the default (+2.4% on average); on b4 s4096 full 588.6 vs
         615.4 and 14-60% slower on causal and short rows (one call); as the default, six
         timings over three more processes averaged 645.0 against 618.1 for the 128-key
-        tile (+4.4%). So on rows of at least
-        LONG_KV_LEN keys without a right bound or segment ids (whose ids would not fit)."""
+        tile (+4.4%). So on rows of at least LONG_KV_LEN keys without a right bound or
+        segment ids (whose ids would not fit)."""
         head_major = kv_bytes > GPU_L2_BYTES
         short = kv_len <= SHORT_KV_LEN
         if head_dim <= 64 and not causal and not short and q_len % 64 == 0 and kv_len % 128 == 0:
