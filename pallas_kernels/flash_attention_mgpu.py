@@ -548,14 +548,15 @@ def _consumer_tile(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
     it (the key tiles the producer streamed for the tile)."""
     lo = _kv_tiles(cta_start, wg, st)[0]
     end_last = _kv_tiles(cta_start, _last_consumer(cta_start, st), st)[3]
-    rows = functools.partial(_consumer_rows, wg, gm, sm, st, batch, head, cta_start, ring)
+    run_rows = functools.partial(_consumer_rows, wg, gm, sm, st, batch, head, cta_start,
+                                 ring)
     if not st.ragged:
-        rows()
+        run_rows()
         return ring + end_last - lo
     plgpu = _plgpu()
     depth = st.block_sizes.num_stages
     has_rows = cta_start + wg * st.block_sizes.rows < st.q_len
-    pl.when(has_rows)(rows)
+    pl.when(has_rows)(run_rows)
 
     @pl.when(jnp.logical_not(has_rows))
     def _():
