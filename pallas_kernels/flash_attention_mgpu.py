@@ -618,14 +618,15 @@ def _consumer_rows(wg, gm: _Gmem, sm: _Smem, st: _Static, batch, head, cta_start
         """[rows, bk] bool: query q_start + r sees key kv_tile_start(j) + c (see MaskSpec;
         the key tail hides the keys below j * bk)."""
         mask = st.mask
+        band = mask.lo is not None or mask.hi is not None
         ok = None
         first_key = st.kv_tile_start(j)
+        if st.key_tail or band:
+            c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
         if st.key_tail:
-            c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
             ok = c >= j * bk - first_key
-        if mask.lo is not None or mask.hi is not None:
+        if band:
             r = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 0))
-            c = in_wgmma_layout(lax.broadcasted_iota(jnp.int32, (rows, bk), 1))
             # key first_key + c minus the diagonal of query q_start + r is (c - r) - base
             base = q_start + st.offset - first_key
             if mask.hi is not None:
