@@ -113,6 +113,20 @@ def test_fused_kernels_lower():
         zeros(K, P, page, H))
 
 
+def _lift_hopper_checks(monkeypatch):
+    """The Mosaic kernels' argument checks without their check for a Hopper device (there is
+    none here); returns the forward's module."""
+    from pallas_kernels import flash_attention_mgpu as mgpu
+    from pallas_kernels import flash_attention_mgpu_bwd as mgpu_bwd
+
+    def without_device(check):
+        return lambda *a, **kw: check(*a, **{**kw, "require_device": False})
+
+    for module, name in ((mgpu, "check_supported"), (mgpu_bwd, "check_supported_backward")):
+        monkeypatch.setattr(module, name, without_device(getattr(module, name)))
+    return mgpu
+
+
 @pytest.mark.parametrize("causal,window,softcap,segments,H,backward", [
     (True, None, None, False, 128, "triton"),
     (False, None, None, False, 64, "triton"),
@@ -128,15 +142,7 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
     """The Hopper kernel (Mosaic GPU: wgmma layouts, TMA, barriers) lowers, with either
     backward (Triton, or Mosaic GPU). (Its checks for a Hopper device are lifted: there is
     none here.)"""
-    from pallas_kernels import flash_attention_mgpu as mgpu
-    from pallas_kernels import flash_attention_mgpu_bwd as mgpu_bwd
-
-    def without_device(check):
-        return lambda *a, **kw: check(*a, **{**kw, "require_device": False})
-
-    for module, name in ((mgpu, "check_supported"), (mgpu_bwd, "check_supported_backward")):
-        monkeypatch.setattr(module, name, without_device(getattr(module, name)))
-    flash_attention_mgpu = mgpu.flash_attention_mgpu
+    flash_attention_mgpu = _lift_hopper_checks(monkeypatch).flash_attention_mgpu
     T = S = 512
     q, k = zeros(1, T, 4, H), zeros(1, S, 2, H)
     seg = (jnp.zeros((1, T), jnp.int32), jnp.zeros((1, S), jnp.int32)) if segments else None
@@ -152,11 +158,7 @@ def test_mosaic_flash_attention_lowers(causal, window, softcap, segments, H, bac
 def test_mosaic_forward_key_tail_lowers(monkeypatch):
     """S = 520, not a multiple of the 128- or 192-key tiles: the last key tile starts at
     S - block_k (192-key tiles fit at H = 128 with the lse rows stored from registers)."""
-    from pallas_kernels import flash_attention_mgpu as mgpu
-
-    check = mgpu.check_supported
-    monkeypatch.setattr(mgpu, "check_supported",
-                        lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
+    mgpu = _lift_hopper_checks(monkeypatch)
     q, k = zeros(1, 512, 4, 128), zeros(1, 520, 2, 128)
     for bs in (mgpu.MosaicBlockSizes(block_k=128, num_stages=2, overlap_softmax=True),
                mgpu.MosaicBlockSizes(block_k=192, num_stages=2, overlap_softmax=True,
@@ -175,11 +177,7 @@ def test_mosaic_forward_schedules_lower(overlap_softmax, pingpong, persistent, c
                                         causal, window, segments, monkeypatch):
     """The forward's scheduling options lower for the GPU (the softmax under an in-flight
     PV product: a wgmma accumulator read while a later group runs, values out of run_state)."""
-    from pallas_kernels import flash_attention_mgpu as mgpu
-
-    check = mgpu.check_supported  # without its check for a Hopper device: there is none here
-    monkeypatch.setattr(mgpu, "check_supported",
-                        lambda *a, **kw: check(*a, **{**kw, "require_device": False}))
+    mgpu = _lift_hopper_checks(monkeypatch)
     # Three consumers: 192-query tiles, so T = 512 ends in a ragged tile (2 of 3 consumers).
     bs = mgpu.MosaicBlockSizes(block_q=192 if consumers == 3 else 256, block_k=64,
                                num_stages=4, pingpong=pingpong,
